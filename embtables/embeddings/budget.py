@@ -1,0 +1,63 @@
+"""Memory budgets: a fraction of the full tables' size, or bytes ("4MiB", "2GB")."""
+
+from __future__ import annotations
+
+import re
+
+from embtables.embeddings.spec import FeatureSpec
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def full_bytes(features: list[FeatureSpec], dim: int) -> int:
+    """Size a fractional budget refers to: sum(cardinality) * dim * 4 bytes (fp32)."""
+    return sum(f.cardinality for f in features) * dim * 4
+
+
+def parse_bytes(text: str) -> int:
+    """'4MiB' -> 4194304 (binary), '2GB' -> 2e9 (decimal), '1000' -> 1000."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"cannot read {text!r} as a size: use a number of bytes or a unit "
+            "(KiB, MiB, GiB, TiB binary; KB, MB, GB, TB decimal), e.g. '4MiB'"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def resolve_budget(budget: float | int | str | None, features: list[FeatureSpec], dim: int) -> int | None:
+    """Budget in bytes. A float in (0, 1] (or a string like '0.1', '1/16') is a
+    fraction of the full size; an int > 1 or a string with a unit is bytes."""
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        s = budget.strip()
+        if re.fullmatch(r"[0-9]+\s*/\s*[0-9]+", s):
+            num, den = (int(x) for x in s.split("/"))
+            budget = num / den
+        elif re.fullmatch(r"[0-9]*\.[0-9]+(?:[eE][+-]?[0-9]+)?", s):
+            budget = float(s)
+        else:
+            return parse_bytes(s)
+    if isinstance(budget, bool) or budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    if isinstance(budget, float) and budget <= 1.0:
+        return int(budget * full_bytes(features, dim))
+    if isinstance(budget, float):
+        raise ValueError(
+            f"budget {budget!r} is ambiguous: a fraction must be in (0, 1]; give bytes as an integer or with a unit"
+        )
+    return int(budget)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,254 @@
+"""The strict YAML schema of one experiment.
+
+One pydantic model per section; unknown keys, wrong types and missing values are
+errors naming the key path. Method knobs live under ``embedding.<method>`` and model
+knobs under ``model.<name>``, and are checked against the method's / model's own
+knobs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from embtables.sharding.config import ShardingConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    path: str = Field("data/synth-criteo", description="dataset directory (holds schema.json)")
+    train_split: str = "train"
+    valid_split: str | None = "valid"
+    test_split: str | None = "test"
+    shuffle: bool = True
+    shuffle_buffer: int = Field(65536, ge=0, description="rows in the shuffle buffer (0 = row-group order only)")
+    prefetch: int = Field(2, ge=0, description="batches read ahead in a background thread")
+    max_train_rows: int | None = Field(None, ge=1, description="use only the first N training rows")
+    max_eval_rows: int | None = Field(None, ge=1, description="evaluate on the first N rows of a split")
+
+
+class EmbeddingSection(Strict):
+    """``method``, ``dim``, ``budget``, ``dtype``, then ``<method>: {knobs}``."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    method: str = "full"
+    dim: int = Field(16, ge=4)
+    budget: float | int | str | None = Field(None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
+    dtype: Literal["fp32", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _check_method_and_knobs(self) -> EmbeddingSection:
+        from embtables.embeddings import list_methods, method_knobs
+
+        methods = list_methods()
+        if self.method not in methods:
+            raise ValueError(f"unknown method {self.method!r} at embedding.method; valid: {', '.join(methods)}")
+        for key, val in (self.model_extra or {}).items():
+            if key not in methods:
+                raise ValueError(
+                    f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, "
+                    f"or a method name holding its knobs ({', '.join(methods)})"
+                )
+            if val is None:
+                continue
+            if not isinstance(val, dict):
+                raise ValueError(f"embedding.{key} must be a mapping of knobs, got {type(val).__name__}")
+            valid = method_knobs(key)
+            bad = sorted(set(val) - set(valid))
+            if bad:
+                raise ValueError(f"unknown knob(s) {bad} at embedding.{key}; valid knobs: {', '.join(valid) or '(none)'}")
+        return self
+
+    def knobs(self, method: str | None = None) -> dict[str, Any]:
+        return dict((self.model_extra or {}).get(method or self.method) or {})
+
+
+class ModelSection(Strict):
+    """``name`` then ``<name>: {knobs}`` for that model."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "dlrm"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        from embtables.models import get_model, list_models
+
+        names = list_models()
+        if self.name not in names:
+            raise ValueError(f"unknown model {self.name!r} at model.name; valid: {', '.join(names)}")
+        for key, val in (self.model_extra or {}).items():
+            if key not in names:
+                raise ValueError(f"unknown key model.{key}; valid: name, or a model name ({', '.join(names)})")
+            try:
+                get_model(key).config_cls.model_validate(val or {})
+            except ValidationError as e:
+                raise ValueError(_format_validation(e, prefix=f"model.{key}", head=False)) from None
+        return self
+
+    def knobs(self) -> BaseModel:
+        entry = __import__("embtables.models", fromlist=["get_model"]).get_model(self.name)
+        return entry.config_cls.model_validate((self.model_extra or {}).get(self.name) or {})
+
+
+class OptimizerConfig(Strict):
+    name: str
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class EmbeddingOptimizerConfig(OptimizerConfig):
+    name: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    lr: float = Field(0.05, gt=0)
+
+
+class DenseOptimizerConfig(OptimizerConfig):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "linear_decay", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_factor: float = Field(0.0, ge=0, le=1, description="final LR as a fraction of the initial (decays)")
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(4096, ge=1, description="global batch; each process takes batch_size / world_size")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
+    eval_batch_size: int = Field(16384, ge=1)
+    embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig)
+    dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    threads: int | None = Field(None, ge=1, description="torch threads per process (default: cores / processes)")
+    checkpoint: bool = Field(True, description="checkpoint at each evaluation (for --resume)")
+    tensorboard: bool = False
+    log_every: int = Field(50, ge=1)
+    progress: bool = True
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def _format_validation(err: ValidationError, prefix: str = "", source: str = "", head: bool = True) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]) if p != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here)"
+        where = f"{loc}: " if loc else ""
+        got = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing", "value_error") else ""
+        lines.append(f"  {where}{msg}{got}")
+    if not head:
+        return "; ".join(line.strip() for line in lines)
+    title = f"invalid config{f' {source}' if source else ''}:"
+    return "\n".join([title, *lines])
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found")
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"no config file {name_or_path!r} and no shipped config of that name; shipped: {', '.join(shipped_configs())}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["embedding.method=qr", "train.batch_size=1024"]``: values parsed as YAML scalars."""
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    config: str | Path | dict[str, Any] | ExperimentConfig, overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """A shipped name, a YAML path, a dict or an ExperimentConfig, plus overrides."""
+    source = ""
+    if isinstance(config, ExperimentConfig):
+        data = config.model_dump(mode="json")
+    elif isinstance(config, dict):
+        data = config
+    else:
+        path = resolve_config_path(config)
+        source = f"({path})"
+        data = read_yaml(path)
+        data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source=source)) from None

@@ -1,0 +1,116 @@
+"""The `embtables` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import warnings
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.config is None and args.resume is None:
+        raise SystemExit("embtables run: give a CONFIG (file or shipped name) or --resume RUN_DIR")
+    if args.nproc and args.nproc > 1:
+        from embtables.sharding.launch import launch_run
+
+        return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc)
+    from embtables.experiments.runner import run
+
+    run(args.config, overrides=args.set, run_dir=args.run_dir, resume=args.resume)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from embtables.experiments.predict import predict
+
+    predict(args.run_dir, args.data, args.out, split=args.split)
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from embtables.doctor import main
+
+    return main()
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from embtables.embeddings import list_methods, method_knobs
+    from embtables.experiments.config import shipped_configs
+    from embtables.models import list_models
+
+    print("methods:", ", ".join(f"{m} ({', '.join(method_knobs(m)) or 'no knobs'})" for m in list_methods()))
+    print("models: ", ", ".join(list_models()))
+    print("configs:", ", ".join(shipped_configs()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="embtables", description="Memory-efficient embedding tables on TorchRec")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate one experiment")
+    r.add_argument("config", nargs="?", help="YAML file or shipped config name (e.g. quickstart)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    r.add_argument("--run-dir", help="write here instead of runs/<name>-<timestamp>/")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    r.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU, NCCL on GPU)")
+    r.set_defaults(fn=_cmd_run)
+
+    pr = sub.add_parser("predict", help="score a dataset with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("data", help="dataset directory (schema.json)")
+    pr.add_argument("--out", required=True, help="Parquet file of row ids and probabilities")
+    pr.add_argument("--split", default=None, help="split to score (default: every split)")
+    pr.set_defaults(fn=_cmd_predict)
+
+    d = sub.add_parser("doctor", help="versions, device, and whether FBGEMM loads")
+    d.set_defaults(fn=_cmd_doctor)
+    ls = sub.add_parser("list", help="embedding methods, models and shipped configs")
+    ls.set_defaults(fn=_cmd_list)
+
+    # Areas register their own commands.
+    for module in ("embtables.datasets.cli", "embtables.sharding.cli", "embtables.experiments.sweep_cli"):
+        try:
+            mod = __import__(module, fromlist=["register_commands"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        fn = getattr(args, "fn", None) or args.func  # areas' subcommands use either name
+        return int(fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user mistakes become one clear line
+        from embtables.errors import is_user_error
+
+        if args.debug or not is_user_error(e):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,6 +62,6 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]], factor: float) -> None:
-    for opt, bases in zip(optimizers, base_lrs):
-        for group, base in zip(opt.param_groups, bases):
+    for opt, bases in zip(optimizers, base_lrs, strict=True):
+        for group, base in zip(opt.param_groups, bases, strict=True):
             group["lr"] = base * factor

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny synthetic datasets and quiet, single-threaded torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """6,000 rows of synthetic Criteo-style data with small vocabularies."""
+    from embtables.datasets.synth import generate_synth
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    generate_synth(out, rows=6000, seed=1, scale=0.001, progress=False)
+    return out
+
+
+def tiny_overrides(data: Path, **extra) -> dict:
+    """A run small enough for a unit test (seconds)."""
+    o = {
+        "data.path": str(data),
+        "embedding.dim": 8,
+        "model.dlrm": {"bottom_mlp": [16], "top_mlp": [16]},
+        "train.batch_size": 256,
+        "train.eval_batch_size": 1024,
+        "train.threads": 1,
+        "train.progress": False,
+        "data.shuffle_buffer": 1024,
+    }
+    o.update(extra)
+    return o

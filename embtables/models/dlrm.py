@@ -29,8 +29,9 @@ class DLRM(nn.Module):
         self.bottom = mlp(num_dense, [*cfg.bottom_mlp, self.dim])
         n = self.num_sparse + 1
         rows, cols = torch.triu_indices(n, n, offset=0 if cfg.self_interaction else 1)
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
+        # index_select on the flattened matrix: its backward is a cheap index_add, where
+        # advanced indexing [:, rows, cols] backpropagates through a slow index_put.
+        self.register_buffer("_pairs", rows * n + cols, persistent=False)
         self.top = mlp(self.dim + rows.numel(), [*cfg.top_mlp, 1], last_activation=False)
 
     def embedding_modules(self) -> dict[str, nn.Module]:
@@ -40,7 +41,7 @@ class DLRM(nn.Module):
         d = self.bottom(dense)
         emb = self.embedding(sparse).values().view(-1, self.num_sparse, self.dim)
         x = torch.cat([d.unsqueeze(1), emb], dim=1)
-        inter = torch.bmm(x, x.transpose(1, 2))[:, self._rows, self._cols]
+        inter = torch.bmm(x, x.transpose(1, 2)).flatten(1).index_select(1, self._pairs)
         return self.top(torch.cat([d, inter], dim=1)).squeeze(-1)
 
 

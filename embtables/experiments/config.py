@@ -33,12 +33,12 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     path: str = Field("data/synth-criteo", description="dataset directory (holds schema.json)")
     train_split: str = "train"
-    valid_split: str | None = "valid"
-    test_split: str | None = "test"
-    shuffle: bool = True
+    valid_split: str | None = Field("valid", description="evaluated every train.eval_every steps; null = none")
+    test_split: str | None = Field("test", description="evaluated at the end; null = report validation")
+    shuffle: bool = Field(True, description="seeded per-epoch shuffle of row groups and a shuffle buffer")
     shuffle_buffer: int = Field(65536, ge=0, description="rows in the shuffle buffer (0 = row-group order only)")
     prefetch: int = Field(2, ge=0, description="batches read ahead in a background thread")
-    max_train_rows: int | None = Field(None, ge=1, description="use only the first N training rows")
+    max_train_rows: int | None = Field(None, ge=1, description="train on N rows per epoch (the first N, or a fresh shuffled N each epoch)")
     max_eval_rows: int | None = Field(None, ge=1, description="evaluate on the first N rows of a split")
 
 
@@ -46,10 +46,10 @@ class EmbeddingSection(Strict):
     """``method``, ``dim``, ``budget``, ``dtype``, then ``<method>: {knobs}``."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    method: str = "full"
-    dim: int = Field(16, ge=4)
+    method: str = Field("full", description="registered method: `embtables list` shows them")
+    dim: int = Field(16, ge=4, description="output width per feature (multiple of 4)")
     budget: float | int | str | None = Field(None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
-    dtype: Literal["fp32", "fp16"] = "fp32"
+    dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
 
     @model_validator(mode="after")
     def _check_method_and_knobs(self) -> EmbeddingSection:
@@ -130,23 +130,23 @@ class ScheduleConfig(Strict):
 
 class TrainConfig(Strict):
     batch_size: int = Field(4096, ge=1, description="global batch; each process takes batch_size / world_size")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
-    eval_batch_size: int = Field(16384, ge=1)
+    eval_batch_size: int = Field(16384, ge=1, description="global batch for evaluation")
     embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     threads: int | None = Field(None, ge=1, description="torch threads per process (default: cores / processes)")
     checkpoint: bool = Field(True, description="checkpoint at each evaluation (for --resume)")
-    tensorboard: bool = False
-    log_every: int = Field(50, ge=1)
-    progress: bool = True
+    tensorboard: bool = Field(False, description="write TensorBoard scalars to <run>/tensorboard (needs tensorboard)")
+    log_every: int = Field(50, ge=1, description="steps between progress-bar loss updates")
+    progress: bool = Field(True, description="show the progress bar")
 
 
 class ExperimentConfig(Strict):
-    name: str = "experiment"
-    seed: int = 0
+    name: str = Field("experiment", description="run name; the run directory is runs/<name>-<timestamp>")
+    seed: int = Field(0, description="seeds model init, data order and dropout")
     data: DataConfig = Field(default_factory=DataConfig)
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
     model: ModelSection = Field(default_factory=ModelSection)

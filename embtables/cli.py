@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=_cmd_list)
 
     # Areas register their own commands.
-    for module in ("embtables.datasets.cli", "embtables.sharding.cli", "embtables.experiments.sweep_cli"):
+    for module in ("embtables.datasets.cli", "embtables.embeddings.cli", "embtables.sharding.cli",
+                   "embtables.experiments.sweep_cli"):
         try:
             mod = __import__(module, fromlist=["register_commands"])
         except ModuleNotFoundError as e:

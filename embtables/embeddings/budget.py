@@ -61,3 +61,51 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+class BudgetTooSmall(ValueError):
+    """The budget is below what a method can build; the message names the minimum."""
+
+    def __init__(self, method: str, minimum: int, budget: int, detail: str = "") -> None:
+        self.minimum, self.budget = minimum, budget
+        super().__init__(
+            f"{method}: budget {format_bytes(budget)} ({budget} bytes) is below the minimum this method "
+            f"can build, {format_bytes(minimum)} ({minimum} bytes){': ' + detail if detail else ''}. "
+            f"Raise embedding.budget to at least {minimum} bytes or pick another method/knobs."
+        )
+
+
+def split_budget(total: float, weights: list[float], mins: list[float], caps: list[float]) -> list[float]:
+    """Water-filling: share_i = clip(lam * weights_i, mins_i, caps_i) with sum(share) = total.
+
+    ``caps`` are the collisionless (full) costs: a feature whose share would exceed
+    its cap keeps its full table and the excess flows to the others. If even the caps
+    fit, everyone gets the cap. The caller checks ``sum(mins) <= total`` first.
+    """
+    if sum(caps) <= total:
+        return list(caps)
+    if sum(mins) > total:
+        raise ValueError("split_budget: sum of minimums exceeds the total")
+
+    def shares(lam: float) -> list[float]:
+        return [min(c, max(m, lam * w)) for w, m, c in zip(weights, mins, caps, strict=True)]
+
+    lo, hi = 0.0, max(c / w for c, w in zip(caps, weights, strict=True) if w > 0)
+    for _ in range(200):  # bisection on the water level; sum(shares) is monotone in lam
+        mid = (lo + hi) / 2
+        if sum(shares(mid)) > total:
+            hi = mid
+        else:
+            lo = mid
+    return shares(lo)
+
+
+def feature_weights(cardinalities: list[int], power: float = 0.5) -> list[float]:
+    """Budget weights: cardinality ** 0.5 (see docs/readme/methods.md, "Budgets").
+
+    Shares proportional to cardinality itself would give every feature the same
+    fraction of its vocabulary (so no feature would ever be collisionless and a
+    4-id feature would get 0.4 rows at 10%); the square root favours small
+    features, which water-filling then caps at their full size.
+    """
+    return [float(n) ** power for n in cardinalities]

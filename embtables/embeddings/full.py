@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from embtables.embeddings.base import EmbeddingMethod
-from embtables.embeddings.budget import format_bytes
+from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
 
 
+@dataclass(frozen=True)
+class FullPlan:
+    rows: tuple[int, ...]
+    dim: int
+    bytes: int
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(self.rows) * self.dim
+
+
+def plan_full(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32") -> FullPlan:
+    """Pure sizing: cardinality rows x dim per feature; errors if over the budget."""
+    rows = tuple(f.cardinality for f in features)
+    nbytes = sum(rows) * dim * DTYPE_BYTES[dtype]
+    if budget_bytes is not None and nbytes > budget_bytes:
+        raise BudgetTooSmall("full", nbytes, budget_bytes,
+                             "`full` cannot compress; use a compressing method (hash, qr, unified, mch)")
+    return FullPlan(rows, dim, nbytes)
+
+
 @register("full")
 class FullEmbedding(EmbeddingMethod):
+    plan_fn = staticmethod(plan_full)  # pure sizing: registry.plan(...)
+
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -21,12 +46,10 @@ class FullEmbedding(EmbeddingMethod):
         dtype: str = "fp32",
         sequence: bool = False,
         device: torch.device | None = None,
+        weighted: bool = False,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device)
-        self._make_tables([(f"t_{f.name}", f.cardinality, dim, [f.name]) for f in self.features], device)
-        if budget_bytes is not None and self.memory_bytes() > budget_bytes:
-            raise ValueError(
-                f"full: the full tables need {format_bytes(self.memory_bytes())}, over the budget "
-                f"{format_bytes(budget_bytes)}; `full` cannot compress, so use a budget >= "
-                f"{self.memory_bytes()} bytes or a compressing method (hash, qr, unified)"
-            )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
+        self.plan = plan_full(self.features, dim, budget_bytes, dtype)
+        self._make_tables(
+            [(f"t_{f.name}", f.cardinality, dim, [f.name], None, f.pooling) for f in self.features], device)

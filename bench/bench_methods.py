@@ -1,0 +1,140 @@
+"""Forward+backward time of each embedding method vs a plain TorchRec EBC of the same size.
+
+    python bench/bench_methods.py            # 4096 x 26 single-id bags, dim 16, budget 1/8
+
+For every method M: a plain ``EmbeddingBagCollection`` with M's number of parameters
+(26 tables of equal rows, dim wide) is timed in the same run, repetitions interleaved
+(M, its EBC, M's remap alone, next method...), medians taken; the ratio M / EBC is what
+the targets bound: time <= (lookups per id + 0.3) x the plain EBC. Writes
+bench/results/methods.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from tqdm import tqdm
+
+from embtables.embeddings import FeatureSpec, build
+
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+# Criteo Kaggle cardinalities, capped at 300k so full fp32 tables stay ~130 MB at dim 16.
+CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+          5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+CONFIGS = [  # (label, method, knobs, lookups per id)
+    ("full", "full", {}, 1),
+    ("hash", "hash", {}, 1),
+    ("qr mult", "qr", {"operation": "mult"}, 2),
+    ("qr add", "qr", {"operation": "add"}, 2),
+    ("qr concat", "qr", {"operation": "concat"}, 2),
+    ("unified c=1", "unified", {"probes": 1}, 1),
+    ("unified c=2", "unified", {"probes": 2}, 2),
+    ("mch", "mch", {}, 1),
+    ("mch int=100", "mch", {"eviction_interval": 100}, 1),
+]
+
+
+def batch(cards: list[int], b: int, gen: torch.Generator, weights: bool = False) -> KeyedJaggedTensor:
+    vals = torch.cat([torch.randint(0, n, (b,), generator=gen) for n in cards])
+    return KeyedJaggedTensor.from_lengths_sync(
+        [f"C{i + 1}" for i in range(len(cards))], vals, torch.ones(len(cards) * b, dtype=torch.int64),
+        weights=torch.rand(vals.numel(), generator=gen) if weights else None)
+
+
+def plain_ebc(num_params: int, n_feat: int, dim: int) -> tuple[EmbeddingBagCollection, list[int]]:
+    rows = max(1, num_params // dim // n_feat)
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name=f"p{i}", num_embeddings=rows, embedding_dim=dim,
+                                                     feature_names=[f"C{i + 1}"]) for i in range(n_feat)])
+    return ebc, [rows] * n_feat
+
+
+def fwd_bwd(mod, x) -> float:
+    t = time.perf_counter()
+    out = mod(x)
+    out.values().sum().backward()
+    dt = time.perf_counter() - t
+    for p in mod.parameters():
+        p.grad = None
+    return dt
+
+
+def remap_time(mod, x) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        mod.remap(x)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--budget", default="1/8", help="fraction of the full size or bytes (default 1/8)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cap", type=int, default=300_000, help="cap on the Criteo cardinalities")
+    ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "methods.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cards = [min(n, args.cap) for n in CRITEO]
+    feats = [FeatureSpec(f"C{i + 1}", n) for i, n in enumerate(cards)]
+    gen = torch.Generator().manual_seed(0)
+    xs = [batch(cards, args.batch, gen) for _ in range(3)]
+
+    runs = []
+    for label, method, knobs, lookups in CONFIGS:
+        if args.only and label not in args.only:
+            continue
+        mod = build(feats, method=method, dim=args.dim, budget=None if method == "full" else args.budget, **knobs)
+        mod.train()
+        ebc, rows = plain_ebc(mod.num_parameters(), len(feats), args.dim)
+        bxs = [batch(rows, args.batch, gen) for _ in range(3)]
+        runs.append({"label": label, "method": method, "knobs": knobs, "lookups": lookups, "mod": mod,
+                     "ebc": ebc, "bxs": bxs, "t": [], "t_ebc": [], "t_remap": []})
+    for r in runs:  # warm-up (mch admits its first ids here)
+        fwd_bwd(r["mod"], xs[0])
+        fwd_bwd(r["ebc"], r["bxs"][0])
+    for i in tqdm(range(args.reps), desc="reps"):
+        for r in runs:  # interleaved: method, its plain EBC, its remap alone
+            r["t"].append(fwd_bwd(r["mod"], xs[i % 3]))
+            r["t_ebc"].append(fwd_bwd(r["ebc"], r["bxs"][i % 3]))
+            r["t_remap"].append(remap_time(r["mod"], xs[i % 3]))
+
+    rows_out = []
+    for r in runs:
+        t, te, tr = (statistics.median(r[k]) for k in ("t", "t_ebc", "t_remap"))
+        target = r["lookups"] + 0.3
+        rows_out.append({
+            "label": r["label"], "method": r["method"], "knobs": r["knobs"], "lookups_per_id": r["lookups"],
+            "params": r["mod"].num_parameters(), "bytes": r["mod"].memory_bytes(),
+            "ms": round(t * 1e3, 2), "ebc_ms": round(te * 1e3, 2), "ratio": round(t / te, 3),
+            "target": target, "meets_target": t / te <= target, "remap_share": round(tr / t, 3),
+        })
+    print(f"\nbatch {args.batch} x {len(feats)} features, single-id bags, dim {args.dim}, budget {args.budget}, "
+          f"{args.threads} thread(s), {args.reps} reps (medians)")
+    print(f"{'method':<13}{'params':>11}{'ms':>9}{'EBC ms':>9}{'ratio':>8}{'target':>8}{'ok':>5}{'remap':>8}")
+    for o in rows_out:
+        print(f"{o['label']:<13}{o['params']:>11,}{o['ms']:>9.1f}{o['ebc_ms']:>9.1f}{o['ratio']:>8.2f}"
+              f"{o['target']:>8.1f}{'yes' if o['meets_target'] else 'NO':>5}{o['remap_share']:>8.0%}")
+    result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "cardinalities": cards,
+              "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+              "results": rows_out}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

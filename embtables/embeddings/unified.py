@@ -1,0 +1,215 @@
+"""`unified`: Feature Multiplexing / Unified Embedding (Coleman et al., 2023).
+
+All features of a group share T tables (default 1) of B rows x d columns. Feature f
+makes c = dim / d lookups ("probes"); probe p hashes the id with the salt of
+(feature name, p), probes go round-robin over the group's tables, and the c vectors are
+concatenated to ``dim``. Parameters are T*B*d per group whatever the number of features.
+One TorchRec table serves several physical features (``EmbeddingBagConfig(feature_names=
+[...])``), which TorchRec shards as any other table.
+
+When the tables can hold every probe's vocabulary (no budget, or a budget >= full), the
+hash is replaced by disjoint offsets: collisionless, exactly a plain table per feature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from embtables.embeddings.base import EmbeddingMethod, select_features, uniform_init
+from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
+from embtables.embeddings.hashing import hash_to_rows, salt
+from embtables.embeddings.registry import register
+from embtables.embeddings.spec import FeatureSpec
+
+
+@dataclass(frozen=True)
+class UnifiedGroup:
+    features: tuple[str, ...]
+    table_rows: tuple[int, ...]                  # rows of each of the group's T tables
+    assignment: tuple[tuple[str, int, int], ...]  # (feature, probe, table index) in feature/probe order
+    offsets: tuple[int, ...] | None              # per assignment row offset (collisionless mode) or None (hashed)
+
+
+@dataclass(frozen=True)
+class UnifiedPlan:
+    groups: tuple[UnifiedGroup, ...]
+    probe_dim: int
+    bytes: int
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(sum(g.table_rows) for g in self.groups) * self.probe_dim
+
+
+def plan_unified(
+    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
+    probes: int = 1, num_tables: int = 1, rows: int | None = None, groups: list[list[str]] | None = None,
+) -> UnifiedPlan:
+    """Pure sizing. Each group gets T tables of B rows x d (d = dim / probes). B is the
+    ``rows`` knob, else the group's budget share / (T * d * bytes) (groups share the
+    budget in proportion to their summed cardinality), else (no budget) large enough to
+    be collisionless. If B covers every table's probe vocabulary the tables are cut to
+    exactly that and the remap uses offsets instead of hashes."""
+    if probes < 1 or dim % probes or (dim // probes) % 4:
+        raise ValueError(f"unified: knob probes={probes} must divide dim={dim} into probe widths that are "
+                         "multiples of 4 (FBGEMM)")
+    if num_tables < 1:
+        raise ValueError(f"unified: knob num_tables must be >= 1, got {num_tables}")
+    d, b = dim // probes, DTYPE_BYTES[dtype]
+    by_name = {f.name: f for f in features}
+    if groups is None:
+        groups = [[f.name for f in features]]
+    seen = [n for g in groups for n in g]
+    if sorted(seen) != sorted(by_name) or len(set(seen)) != len(seen):
+        raise ValueError(f"unified: knob groups must list every feature exactly once; features {sorted(by_name)}, "
+                         f"groups {groups}")
+    if any(len({by_name[n].pooling for n in g}) > 1 for g in groups):
+        raise ValueError("unified: features multiplexed in one group must share a pooling type")
+    # Round-robin (feature, probe) pairs over the group's tables; vocabulary per table.
+    assigns, needed = [], []
+    for g in groups:
+        a = [(n, p, (i * probes + p) % num_tables) for i, n in enumerate(g) for p in range(probes)]
+        need = [0] * num_tables
+        for n, _, t in a:
+            need[t] += by_name[n].cardinality
+        assigns.append(a)
+        needed.append(need)
+    T = num_tables
+    if rows is not None:
+        if rows < 1:
+            raise ValueError(f"unified: knob rows must be >= 1, got {rows}")
+        B = [rows] * len(groups)
+    elif budget_bytes is None:
+        B = [max(need) for need in needed]
+    else:
+        minimum = len(groups) * T * d * b
+        if budget_bytes < minimum:
+            raise BudgetTooSmall("unified", minimum, budget_bytes, f"1 row in each of {T} table(s) per group")
+        caps = [T * max(need) * d * b for need in needed]
+        shares = split_budget(budget_bytes, [float(sum(need)) for need in needed], [T * d * b] * len(groups), caps)
+        B = [max(1, math.floor(s / (T * d * b) + 1e-9)) for s in shares]
+    out = []
+    for g, a, need, bg in zip(groups, assigns, needed, B, strict=True):
+        if bg >= max(need):  # collisionless: every probe gets its own rows
+            offs, run = [], [0] * T
+            for n, _, t in a:
+                offs.append(run[t])
+                run[t] += by_name[n].cardinality
+            out.append(UnifiedGroup(tuple(g), tuple(need), tuple(a), tuple(offs)))
+        else:
+            out.append(UnifiedGroup(tuple(g), (bg,) * T, tuple(a), None))
+    nbytes = sum(sum(g.table_rows) for g in out) * d * b
+    if budget_bytes is not None and nbytes > budget_bytes:
+        raise BudgetTooSmall("unified", len(groups) * T * d * b, budget_bytes,
+                             f"rows={rows} needs {nbytes} bytes; lower `rows` or drop it to size from the budget")
+    return UnifiedPlan(tuple(out), d, nbytes)
+
+
+class UnifiedRemap(nn.Module):
+    """Raw ids -> one row id per probe (physical feature ``f#p``) in its shared table."""
+
+    def __init__(self, names: list[str], cards: dict[str, int], plan: UnifiedPlan, probes: int) -> None:
+        super().__init__()
+        self.names, self.probes = names, probes
+        how: dict[tuple[str, int], tuple[int, int, int | None]] = {}  # (f, p) -> (salt, rows, offset)
+        for g in plan.groups:
+            for j, (n, p, t) in enumerate(g.assignment):
+                off = None if g.offsets is None else g.offsets[j]
+                how[(n, p)] = (salt(n, p), g.table_rows[t], off)
+        self.how = [[how[(n, p)] for p in range(probes)] for n in names]
+        self.cards = [cards[n] for n in names]
+        self.physical = [f"{n}#{p}" for n in names for p in range(probes)]
+        # Emit physical features table by table (the EBC's own order), so a shared table's
+        # features are adjacent in the KJT and the unsharded lookup slices instead of permuting.
+        order = [f"{n}#{p}" for g in plan.groups for t in range(len(g.table_rows))
+                 for n, p, tt in g.assignment if tt == t]
+        pos = {pf: i for i, pf in enumerate(self.physical)}
+        self.emit = [pos[pf] for pf in order]
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        kjt = select_features(kjt, self.names)
+        lpk = kjt.length_per_key()
+        lens = torch.split(kjt.lengths(), kjt.stride())
+        w = kjt.weights_or_none()
+        ws = torch.split(w, lpk) if w is not None else None
+        ov, ol, ow = [], [], []
+        for i, v in enumerate(torch.split(kjt.values(), lpk)):
+            for s, r, off in self.how[i]:
+                ov.append(hash_to_rows(v, s, r) if off is None else v % self.cards[i] + off)
+                ol.append(lens[i])
+                if ws is not None:
+                    ow.append(ws[i])
+        e = self.emit
+        return KeyedJaggedTensor(
+            keys=[self.physical[i] for i in e], values=torch.cat([ov[i] for i in e]),
+            lengths=torch.cat([ol[i] for i in e]),
+            weights=torch.cat([ow[i] for i in e]) if ws is not None else None, stride=kjt.stride(),
+            length_per_key=[int(ov[i].numel()) for i in e],
+        )
+
+
+@register("unified")
+class UnifiedEmbedding(EmbeddingMethod):
+    plan_fn = staticmethod(plan_unified)  # pure sizing: registry.plan(...)
+
+    def __init__(
+        self,
+        features: list[FeatureSpec],
+        *,
+        dim: int,
+        budget_bytes: int | None = None,
+        dtype: str = "fp32",
+        sequence: bool = False,
+        device: torch.device | None = None,
+        weighted: bool = False,
+        probes: int = 1,
+        num_tables: int = 1,
+        rows: int | None = None,
+        groups: list[list[str]] | None = None,
+    ) -> None:
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
+        self.plan = plan_unified(self.features, dim, budget_bytes, dtype, probes=probes, num_tables=num_tables,
+                                 rows=rows, groups=groups)
+        self.probes = probes
+        cards = {f.name: f.cardinality for f in self.features}
+        pooling = {f.name: f.pooling for f in self.features}
+        self.remap = UnifiedRemap(self.feature_names, cards, self.plan, probes)
+        tables = []
+        for gi, g in enumerate(self.plan.groups):
+            for t, r in enumerate(g.table_rows):
+                feats = [f"{n}#{p}" for n, p, tt in g.assignment if tt == t]
+                if not feats:
+                    continue
+                # Like a plain table of the mean multiplexed vocabulary: U(+-sqrt(1/rows)).
+                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats,
+                               uniform_init(math.sqrt(1 / r)), pooling[g.features[0]]))
+        self._make_tables(tables, device)
+        # Column order of the EBC output (table by table) -> logical order (feature, probe).
+        order = [pf for c in self.table_configs() for pf in c.feature_names]
+        pos = {pf: i for i, pf in enumerate(order)}
+        d = self.plan.probe_dim
+        perm = [pos[pf] * d + j for pf in self.remap.physical for j in range(d)]
+        self._perm = None if perm == list(range(len(perm))) else perm
+        self._perm_t: torch.Tensor | None = None
+
+    def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        values = pooled.values()
+        if self._perm is not None:  # several tables or reordered groups: gather columns once
+            if self._perm_t is None or self._perm_t.device != values.device:
+                self._perm_t = torch.tensor(self._perm, device=values.device)
+            values = values.index_select(1, self._perm_t)
+        return self._keyed(values)
+
+    def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out = {}
+        for n in self.feature_names:
+            parts = [seq[f"{n}#{p}"] for p in range(self.probes)]
+            v = parts[0].values() if self.probes == 1 else torch.cat([jt.values() for jt in parts], dim=1)
+            out[n] = JaggedTensor(values=v, lengths=parts[0].lengths(), offsets=parts[0].offsets())
+        return out

@@ -20,7 +20,7 @@ def data_dir(tmp_path):
 @pytest.mark.parametrize(("method", "knobs"), [("hash", []), ("qr", ["--knob", "operation=concat"]),
                                                ("unified", ["--knob", "probes=2"]), ("mch", [])])
 def test_plan_prints_sizes_within_budget(data_dir, capsys, method, knobs):
-    assert main(["plan", str(data_dir), "--method", method, "--budget", "0.1", *knobs]) == 0
+    assert main(["size", str(data_dir), "--method", method, "--budget", "0.1", *knobs]) == 0
     out = capsys.readouterr().out
     total = int(re.search(r"\(([\d,]+) bytes\)", out).group(1).replace(",", ""))
     assert 0.5 * 0.1 * 204_153 * 16 * 4 < total <= 0.1 * 204_153 * 16 * 4
@@ -30,4 +30,4 @@ def test_plan_prints_sizes_within_budget(data_dir, capsys, method, knobs):
 
 def test_plan_rejects_unknown_knob(data_dir):
     with pytest.raises(ValueError, match="valid knobs: rows"):
-        main(["plan", str(data_dir), "--method", "hash", "--knob", "bogus=1"])
+        main(["size", str(data_dir), "--method", "hash", "--knob", "bogus=1"])

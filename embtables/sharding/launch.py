@@ -1,0 +1,149 @@
+"""`embtables run CONFIG --nproc N`: N local processes, torchrun-style.
+
+``launch(fn, nproc, args)`` starts N spawned processes, each with the environment
+torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), so ``init_distributed()`` inside ``fn`` joins one gloo/NCCL group. It
+returns every rank's return value. When one rank fails, every other rank is ended at
+once and ``LaunchError`` carries the failing rank's traceback: a rank blocked in a
+collective with a dead peer never hangs the launcher.
+
+Several machines: use torchrun itself, which sets the same variables, e.g.::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
+        --rdzv-endpoint HOST0:29500 --rdzv-id myjob -m embtables.cli run CONFIG
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+class LaunchError(RuntimeError):
+    """A rank failed (or the launch timed out); the message holds that rank's error."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, nproc: int, env: dict[str, str], args: Sequence[Any], results) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    try:
+        out = fn(*args)
+        results.put((rank, True, out))
+    except BaseException as e:  # noqa: BLE001 - reported to the launcher, which ends every rank
+        results.put((rank, False, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"))
+    finally:
+        # Leave the process group so that the ok ranks exit promptly.
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def launch(
+    fn: Callable[..., Any],
+    nproc: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float | None = None,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    threads_per_proc: int | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``nproc`` local processes; returns the results by rank.
+
+    ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s``
+    bounds the whole launch (None: no bound; a failing rank still ends all at once).
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
+    env = {
+        "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0",
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port or free_port()),
+        # Oversubscribed cores make gloo 5-60x slower (TORCHREC-NOTES.md).
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+    }
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(fn, r, nproc, env, args, results), daemon=False)
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    done: dict[int, Any] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while len(done) < nproc:
+            try:
+                rank, ok, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                # A rank that died without reporting (killed, segfault, os._exit).
+                for r, p in enumerate(procs):
+                    if r not in done and p.exitcode not in (None, 0):
+                        time.sleep(0.5)  # its report may still be in the queue
+                        if results.empty():
+                            raise LaunchError(f"rank {r} died with exit code {p.exitcode} and no report", r) from None
+                        break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LaunchError(f"launch timed out after {timeout_s:.0f} s; ranks done: {sorted(done)}") from None
+                continue
+            if not ok:
+                raise LaunchError(f"rank {rank} of {nproc} failed: {payload}", rank)
+            done[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(done) == nproc else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [done[r] for r in range(nproc)]
+
+
+def _run_rank(config, overrides, run_dir, resume) -> dict[str, Any] | None:
+    try:  # the same quiet logs as `embtables run` in the parent
+        from embtables.cli import _quiet_libraries
+
+        _quiet_libraries()
+    except ImportError:
+        pass
+    from embtables.experiments.runner import run
+
+    summary = run(config, overrides=overrides, run_dir=run_dir, resume=resume)
+    return summary if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def launch_run(config, overrides: list[str] | None, run_dir: str | None, resume: str | None, nproc: int,
+               timeout_s: float | None = None) -> int:
+    """`embtables run CONFIG --nproc N`: the runner in N local processes, one run directory."""
+    if resume is None and run_dir is None:
+        # Every rank must write to the same directory: name it once, here.
+        from embtables.experiments.config import load_config
+        from embtables.experiments.runner import new_run_dir
+
+        run_dir = str(new_run_dir(load_config(config, overrides)))
+    launch(_run_rank, nproc, (config, overrides, run_dir, resume), timeout_s=timeout_s)
+    return 0

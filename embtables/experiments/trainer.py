@@ -23,6 +23,7 @@ from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
 from embtables.experiments.optim import attach_embedding_optimizer, dense_optimizer, lr_factor, set_lr
 from embtables.sharding import DistContext, shard_model
+from embtables.sharding.collectives_metrics import gather_predictions
 
 
 class TrainingDiverged(RuntimeError):
@@ -189,10 +190,9 @@ class Trainer:
         p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
         y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
         if self.ctx.world_size > 1:
-            gathered: list = [None] * self.ctx.world_size
-            dist.all_gather_object(gathered, (p, y))
-            p = np.concatenate([g[0] for g in gathered])
-            y = np.concatenate([g[1] for g in gathered])
+            # Metrics over every rank's predictions together, never an average of per-rank AUCs.
+            pt, yt = gather_predictions(torch.from_numpy(p), torch.from_numpy(y))
+            p, y = pt.numpy().astype(np.float32), yt.numpy().astype(np.float32)
         return p, y
 
     def evaluate(self, split: str) -> dict[str, float | None]:

@@ -27,10 +27,12 @@ class CategoricalFeature:
     """One categorical column.
 
     ``cardinality`` is the number of distinct ids seen at conversion (counted in both
-    modes). In ``vocab`` mode ids are dense in ``[0, num_embeddings)``, where
-    ``num_embeddings`` includes the reserved OOV/missing rows; in ``raw`` mode ids are
-    arbitrary non-negative 64-bit integers and ``num_embeddings`` is None (only hashing
-    methods can consume them).
+    modes, exactly; "missing" is not counted). In ``vocab`` mode ids are dense in
+    ``[0, num_embeddings)``, where ``num_embeddings`` includes the reserved OOV/missing rows
+    (Criteo converter: 0 = OOV, 1 = missing); in ``raw`` mode ids are arbitrary
+    non-negative 64-bit integers (0 = missing) and ``num_embeddings`` is None (only hashing
+    methods can consume them), unless the ids are known to be bounded, as in synthetic
+    data, where ``num_embeddings`` is set so that every id is in ``[0, num_embeddings)``.
     """
 
     name: str

@@ -1,0 +1,684 @@
+"""Criteo click logs -> Parquet parts + schema.json.
+
+Inputs: the official files (Kaggle ``train.txt``, Terabyte ``day_N``: tab-separated, no
+header, ``label``, 13 integer columns, 26 hex-string columns, empty field = missing), plain
+or gzip (detected by magic bytes), and the CSV/TSV-with-header variant (header
+``label,I1..I13,C1..C26``; this variant writes dense values as floats, so its dense columns
+are parsed as numbers, ``1.0`` and ``2.5`` alike, while an official file's dense columns
+must be integers: ``1.5`` there is a bad row).
+
+How it runs: the (decompressed) byte stream is cut into blocks of whole lines (``block_mb``)
+and each block is parsed by pyarrow's multithreaded CSV reader with explicit column types
+(no Python per line). A block that fails to parse or to validate, or that holds bytes a
+clean Criteo block never holds (space, ``x``/``X``, anything above ``f``, which pyarrow would
+silently accept as ``" 5"`` or ``0x5``), is re-scanned line by line to find the exact bad
+lines and why; the good lines are parsed again the fast way. (We feed pyarrow one block at a
+time rather than one ``open_csv`` stream because only then do we know which lines a failing
+block holds, and can go on after skipping them.)
+
+Bad rows (``on_bad_row``): ``column_count``, ``bad_label`` (not 0/1), ``bad_dense``
+(non-numeric, or non-integer in an official file), ``bad_categorical`` (not a hex id below
+2**63), ``bad_encoding`` (not UTF-8). ``error`` stops at the first one with file, line number
+and text; ``skip`` drops them and counts them per reason in schema.json. Empty lines are
+ignored. Output goes to ``OUT.tmp-*`` and is renamed to ``OUT`` only when complete.
+
+Categorical modes: ``raw`` stores the hex value as int64 (missing -> 0); ``vocab`` stores ids
+by descending frequency: 0 = OOV (values seen fewer than ``min_count`` times, or unseen when
+mapping with another dataset's vocabulary), 1 = missing, 2.. = kept values. The vocabulary is
+saved in ``OUT/vocab/C*.parquet`` (columns ``raw``, ``count``; id = 2 + row), counted over all
+converted rows (as the DLRM reference preprocessing does), or taken from ``vocab_from``.
+Distinct counts (``cardinality``, missing not counted) are exact in both modes (sets of int64:
+8 bytes per distinct id).
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from embtables.datasets.criteo_format import (
+    CAT_NAMES,
+    DENSE_NAMES,
+    DENSE_TRANSFORMS,
+    LABEL,
+    NUM_CAT,
+    NUM_DENSE,
+    RAW_MISSING_ID,
+    arrow_dense_transform,
+    parse_hex,
+)
+from embtables.datasets.parquet_out import PartWriter, atomic_output_dir, split_counts
+from embtables.datasets.schema import CategoricalFeature, DatasetSchema, load_schema
+
+COLUMNS = [LABEL] + DENSE_NAMES + CAT_NAMES
+NUM_COLUMNS = len(COLUMNS)
+BAD_REASONS = ("column_count", "bad_label", "bad_dense", "bad_categorical", "bad_encoding")
+VOCAB_DIR = "vocab"
+OOV_ID = 0
+VOCAB_MISSING_ID = 1
+FIRST_VOCAB_ID = 2
+SPLITS = ("train", "valid", "test")
+
+_INT_RE = re.compile(r"-?[0-9]+\Z")
+_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+_HEX_RE = re.compile(r"[0-9a-fA-F]{1,16}\Z")
+
+
+class BadRowError(ValueError):
+    """A bad input row under ``on_bad_row="error"``; the message names file, line, text."""
+
+    def __init__(self, path: Path, line: int, reason: str, detail: str, text: str):
+        self.path, self.line, self.reason, self.detail, self.text = path, line, reason, detail, text
+        super().__init__(f"{path}:{line}: bad row ({reason}: {detail}): {text!r} "
+                         "(use --on-bad-row skip to drop and count such rows)")
+
+
+@dataclass(frozen=True)
+class _Format:
+    delimiter: str
+    header: bool
+
+    @property
+    def dense_type(self) -> pa.DataType:  # the header variant writes dense values as floats
+        return pa.float64() if self.header else pa.int64()
+
+
+# ---- input ----------------------------------------------------------------------------
+
+
+def _open(path: Path) -> tuple[pa.NativeFile, pa.NativeFile]:
+    """(decompressed stream, raw file whose tell() is the compressed position)."""
+    raw = pa.OSFile(str(path), "rb")
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == b"\x1f\x8b":
+        return pa.CompressedInputStream(raw, "gzip"), raw
+    return raw, raw
+
+
+def _detect_format(path: Path) -> _Format:
+    stream, raw = _open(path)
+    try:
+        head = stream.read(1 << 16)
+    finally:
+        stream.close()
+        raw.close()
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    delimiter = "\t" if "\t" in first else ","
+    fields = first.split(delimiter)
+    if fields and fields[0].strip().lower() == LABEL:
+        if [f.strip() for f in fields] != COLUMNS:
+            raise ValueError(f"{path}:1: header {first!r} is not the Criteo header "
+                             f"{delimiter.join(COLUMNS)!r}")
+        return _Format(delimiter, True)
+    return _Format(delimiter, False)
+
+
+def _blocks(path: Path, fmt: _Format, block_bytes: int) -> Iterator[tuple[bytes, int, int, int]]:
+    """(block of whole lines, file line number of its first line, its number of lines,
+    compressed bytes read so far)."""
+    stream, raw = _open(path)
+    try:
+        carry, line = b"", 1
+        if fmt.header:
+            while b"\n" not in carry:
+                chunk = stream.read(1 << 16)
+                if not chunk:
+                    break
+                carry += chunk
+            carry = carry.split(b"\n", 1)[1] if b"\n" in carry else b""
+            line = 2
+        while True:
+            chunk = stream.read(block_bytes)
+            if not chunk:
+                if carry.strip(b"\r\n"):
+                    yield carry + b"\n", line, 1, raw.tell()
+                return
+            buf = carry + chunk if carry else chunk
+            cut = buf.rfind(b"\n")
+            if cut < 0:
+                carry = buf
+                continue
+            block, carry = buf[: cut + 1], buf[cut + 1 :]
+            nlines = block.count(b"\n")
+            yield block, line, nlines, raw.tell()
+            line += nlines
+    finally:
+        stream.close()
+        raw.close()
+
+
+def _count_lines(path: Path, fmt: _Format, block_bytes: int, bar: tqdm) -> int:
+    """Data lines of a file (for sequential fraction splits), header excluded."""
+    n, last = 0, 0
+    stream, raw = _open(path)
+    try:
+        tail = b""
+        while True:
+            chunk = stream.read(block_bytes)
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            tail = chunk[-1:]
+            pos = raw.tell()
+            bar.update(pos - last)
+            last = pos
+    finally:
+        stream.close()
+        raw.close()
+    if tail and tail != b"\n":
+        n += 1
+    return n - (1 if fmt.header else 0)
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Parsed:
+    label: np.ndarray  # float32
+    dense: list[np.ndarray]  # float32 per dense column
+    cats: list[np.ndarray]  # raw int64 ids per categorical column (missing -> 0)
+    lines: np.ndarray  # file line number of each row
+
+
+def _suspicious(block: bytes) -> bool:
+    """Bytes a clean block never holds but pyarrow would accept (" 5", "0x5", "0X5")."""
+    return bool(np.frombuffer(block, dtype=np.uint8).max(initial=0) > 0x66 or b" " in block or b"X" in block)
+
+
+def _arrow_parse(block: bytes, fmt: _Format) -> pa.Table:
+    types = {LABEL: fmt.dense_type}
+    types.update({n: fmt.dense_type for n in DENSE_NAMES})
+    types.update({n: pa.binary() for n in CAT_NAMES})  # validated as hex below; binary skips a UTF-8 pass
+    return pacsv.read_csv(
+        pa.BufferReader(block),
+        read_options=pacsv.ReadOptions(column_names=COLUMNS, use_threads=True, block_size=1 << 22),
+        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, double_quote=False,
+                                         escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+        convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
+                                             quoted_strings_can_be_null=False, check_utf8=False,
+                                             include_columns=COLUMNS),
+    )
+
+
+def _validate(t: pa.Table, fmt: _Format, transform: str) -> _Parsed | None:
+    lab = t.column(LABEL)
+    if lab.null_count:
+        return None
+    y = lab.to_numpy()
+    if not ((y == 0) | (y == 1)).all():
+        return None
+    dense = []
+    for n in DENSE_NAMES:
+        col = t.column(n)
+        if fmt.header:  # floats: "1e999" parses to inf; nothing non-finite is stored
+            vals = col.drop_null()
+            if len(vals) and not pc.all(pc.is_finite(vals)).as_py():
+                return None
+        dense.append(arrow_dense_transform(col, transform))
+    cats = []
+    for n in CAT_NAMES:
+        ids, ok = parse_hex(t.column(n))
+        if not ok.all():
+            return None
+        cats.append(ids)
+    return _Parsed(y.astype(np.float32), dense, cats, np.zeros(0, np.int64))
+
+
+def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
+    """Why a line is bad (reason, detail), or None. The strict rules the fast path enforces."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "bad_encoding", f"invalid UTF-8 at byte {e.start}"
+    fields = text.rstrip("\r").split(fmt.delimiter)
+    if len(fields) != NUM_COLUMNS:
+        return "column_count", f"expected {NUM_COLUMNS} fields, got {len(fields)}"
+    lab = fields[0]
+    good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None and float(lab) in (0.0, 1.0))
+    if not good_label:
+        return "bad_label", f"label {lab!r} is not 0 or 1"
+    for name, v in zip(DENSE_NAMES, fields[1 : 1 + NUM_DENSE], strict=True):
+        if v == "":
+            continue
+        if fmt.header:
+            if _FLOAT_RE.match(v) is None or not np.isfinite(float(v)):
+                return "bad_dense", f"{name}={v!r} is not a number"
+        elif _INT_RE.match(v) is None or not -(2**63) <= int(v) < 2**63:
+            return "bad_dense", f"{name}={v!r} is not an integer"
+    for name, v in zip(CAT_NAMES, fields[1 + NUM_DENSE :], strict=True):
+        if v != "" and (_HEX_RE.match(v) is None or int(v, 16) >= 2**63):
+            return "bad_categorical", f"{name}={v!r} is not a hex id below 2**63"
+    return None
+
+
+class _Parser:
+    """Block -> validated rows, with the slow line-by-line path for failing blocks."""
+
+    def __init__(self, fmt: _Format, transform: str, on_bad_row: str):
+        self.fmt, self.transform, self.on_bad_row = fmt, transform, on_bad_row
+        self.bad = dict.fromkeys(BAD_REASONS, 0)
+        self.examples: list[str] = []
+
+    def parse(self, path: Path, block: bytes, first_line: int, nlines: int) -> _Parsed:
+        if not _suspicious(block):
+            try:
+                t = _arrow_parse(block, self.fmt)
+                # fewer rows than lines: empty lines, which would shift row -> line numbers
+                p = _validate(t, self.fmt, self.transform) if t.num_rows == nlines else None
+            except (pa.ArrowInvalid, ValueError):
+                p = None
+            if p is not None:
+                p.lines = np.arange(first_line, first_line + len(p.label), dtype=np.int64)
+                return p
+        return self._slow(path, block, first_line)
+
+    def _slow(self, path: Path, block: bytes, first_line: int) -> _Parsed:
+        good, good_lines = [], []
+        lines = block.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for i, line in enumerate(lines):
+            if line in (b"", b"\r"):
+                continue
+            why = _classify(line, self.fmt)
+            if why is None:
+                good.append(line)
+                good_lines.append(first_line + i)
+                continue
+            text = line.decode("utf-8", errors="backslashreplace")
+            text = text if len(text) <= 300 else text[:300] + "..."
+            if self.on_bad_row == "error":
+                raise BadRowError(path, first_line + i, why[0], why[1], text)
+            self.bad[why[0]] += 1
+            if len(self.examples) < 20:
+                self.examples.append(f"{path}:{first_line + i}: {why[0]}: {why[1]}")
+        if not good:
+            return _Parsed(np.zeros(0, np.float32), [np.zeros(0, np.float32)] * NUM_DENSE,
+                           [np.zeros(0, np.int64)] * NUM_CAT, np.zeros(0, np.int64))
+        p = _validate(_arrow_parse(b"\n".join(good) + b"\n", self.fmt), self.fmt, self.transform)
+        if p is None or len(p.label) != len(good):  # would be a bug: the line rules disagree with pyarrow
+            raise RuntimeError(f"{path}: lines {good_lines[0]}-{good_lines[-1]} pass the line checks "
+                               "but not pyarrow's parse")
+        p.lines = np.asarray(good_lines, dtype=np.int64)
+        return p
+
+
+# ---- threads -----------------------------------------------------------------------------
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run ``it`` (block reading, decompression) one or two items ahead in a thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def work() -> None:
+        try:
+            for x in it:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="criteo-read")
+    t.start()
+    try:
+        while (x := q.get()) is not done:
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        t.join()
+
+
+class _Worker:
+    """A thread applying ``fn`` to queued items in order (Parquet writing, distinct counts);
+    its first error is raised in the caller at the next ``put`` or at exit."""
+
+    def __init__(self, fn, depth: int = 2):
+        self.fn, self.q = fn, queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, daemon=True, name="criteo-write")
+
+    def _run(self) -> None:
+        while (x := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.fn(x)
+                except BaseException as e:
+                    self.error = e
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def __enter__(self) -> _Worker:
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
+# ---- counting -----------------------------------------------------------------------------
+
+
+class _Distinct:
+    """Exact distinct int64 values, merged lazily (amortised) to keep the cost linear-ish."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros(0, np.int64)
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        u = pc.unique(pa.array(ids)).to_numpy()
+        self.pending.append(u)
+        self.pending_n += len(u)
+        if self.pending_n > max(len(self.values), 1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.pending:
+            self.values = pc.unique(pa.chunked_array([self.values, *self.pending], pa.int64())).to_numpy()
+            self.pending, self.pending_n = [], 0
+
+    def count(self, exclude: int | None = None) -> int:
+        self._merge()
+        return int(len(self.values) - (1 if exclude is not None and (self.values == exclude).any() else 0))
+
+
+class _Counts:
+    """Exact value -> count over a stream (vocab pass)."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_n = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        vc = pc.value_counts(pa.array(ids))
+        k, c = vc.field("values").to_numpy(), vc.field("counts").to_numpy().astype(np.int64)
+        self.pending.append((k, c))
+        self.pending_n += len(k)
+        if self.pending_n > max(len(self.keys), 1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.pending:
+            keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
+            counts = np.concatenate([self.counts] + [c for _, c in self.pending])
+            self.keys, inv = np.unique(keys, return_inverse=True)
+            self.counts = np.bincount(inv, weights=counts, minlength=len(self.keys)).astype(np.int64)
+            self.pending, self.pending_n = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._merge()
+        return self.keys, self.counts
+
+
+@dataclass
+class _Vocab:
+    """Kept raw values in id order (id = FIRST_VOCAB_ID + position) and their counts."""
+
+    raw: np.ndarray
+    count: np.ndarray
+
+    def __post_init__(self) -> None:
+        order = np.argsort(self.raw, kind="stable")
+        self._sorted = self.raw[order]
+        self._ids = (order + FIRST_VOCAB_ID).astype(np.int64)
+
+    @property
+    def num_embeddings(self) -> int:
+        return FIRST_VOCAB_ID + len(self.raw)
+
+    def map(self, ids: np.ndarray) -> np.ndarray:
+        """Raw ids (0 = missing) -> vocabulary ids."""
+        if len(self._sorted) == 0:
+            out = np.full(len(ids), OOV_ID, np.int64)
+        else:
+            pos = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
+            out = np.where(self._sorted[pos] == ids, self._ids[pos], OOV_ID)
+        out[ids == RAW_MISSING_ID] = VOCAB_MISSING_ID
+        return out
+
+    @classmethod
+    def build(cls, keys: np.ndarray, counts: np.ndarray, min_count: int) -> _Vocab:
+        keep = (counts >= min_count) & (keys != RAW_MISSING_ID)
+        k, c = keys[keep], counts[keep]
+        order = np.lexsort((k, -c))  # most frequent first, ties by value: deterministic
+        return cls(k[order], c[order])
+
+    def save(self, path: Path) -> None:
+        pq.write_table(pa.table({"raw": self.raw, "count": self.count}), path)
+
+    @classmethod
+    def load(cls, path: Path) -> _Vocab:
+        t = pq.read_table(path)
+        return cls(t.column("raw").to_numpy(), t.column("count").to_numpy())
+
+
+# ---- conversion ---------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _normalise_sources(sources) -> tuple[list[tuple[Path, str | None]], str]:
+    """[(file, fixed split or None)], split method."""
+    if isinstance(sources, dict):
+        unknown = set(sources) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split names {sorted(unknown)}; use {SPLITS}")
+        files = [(Path(f), s) for s in SPLITS for f in sources.get(s, []) or []]
+        method = "file"
+    else:
+        if isinstance(sources, (str, Path)):
+            sources = [sources]
+        files = [(Path(f), None) for f in sources]
+        method = "fraction"
+    if not files:
+        raise ValueError("no input files")
+    for f, _ in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"input file {f} not found")
+    return files, method
+
+
+def convert_criteo(
+    sources, out: str | Path, *, cat_mode: str = "vocab", min_count: int = 1, vocab_from: str | Path | None = None,
+    dense_transform: str = "log1p", split: tuple[float, ...] = (0.8, 0.1, 0.1), random_split: bool = False,
+    seed: int = 0, on_bad_row: str = "error", overwrite: bool = False, progress: bool = True,
+    name: str | None = None, block_mb: float = 16.0,
+) -> DatasetSchema:
+    """Convert Criteo files to ``out`` (Parquet parts + schema.json); returns the schema.
+
+    ``sources``: a list of files, split into train/valid/test by ``split`` fractions of
+    their lines (sequential: the tail is held out; or at random per line with
+    ``random_split``/``seed``), or a dict ``{"train": [...], "valid": [...], "test": [...]}``
+    (split by file).
+    """
+    if cat_mode not in ("raw", "vocab"):
+        raise ValueError(f"cat_mode must be 'raw' or 'vocab', got {cat_mode!r}")
+    if dense_transform not in DENSE_TRANSFORMS:
+        raise ValueError(f"dense_transform must be one of {DENSE_TRANSFORMS}, got {dense_transform!r}")
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if vocab_from is not None and cat_mode != "vocab":
+        raise ValueError("vocab_from needs cat_mode='vocab'")
+    files, method = _normalise_sources(sources)
+    if method == "fraction":
+        fr = tuple(float(f) for f in split)
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"split must be 3 non-negative fractions summing to 1, got {split}")
+        method = "random" if random_split else "fraction"
+    block_bytes = max(int(block_mb * (1 << 20)), 1 << 16)
+    fmts = [_detect_format(f) for f, _ in files]
+    sizes = [f.stat().st_size for f, _ in files]
+
+    def bar(desc: str) -> tqdm:
+        return tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                    disable=not progress, smoothing=0.1)
+
+    # sequential fraction split: boundaries on input line positions, known before writing
+    line_offsets, bounds = [0] * len(files), None
+    if method == "fraction":
+        with bar("count lines") as b:
+            counts = [_count_lines(f, fmt, block_bytes, b) for (f, _), fmt in zip(files, fmts, strict=True)]
+        line_offsets = np.cumsum([0] + counts[:-1]).tolist()
+        bounds = np.cumsum([0] + split_counts(sum(counts), split))
+
+    vocabs: list[_Vocab] | None = None
+    if cat_mode == "vocab" and vocab_from is not None:
+        vocabs = _load_vocabs(Path(vocab_from))
+    elif cat_mode == "vocab":
+        counters = [_Counts() for _ in range(NUM_CAT)]
+        with bar("vocab pass") as b:
+            for (f, _), fmt in zip(files, fmts, strict=True):
+                parser, last = _Parser(fmt, dense_transform, on_bad_row), 0
+                for block, first_line, nlines, pos in _prefetch(_blocks(f, fmt, block_bytes)):
+                    p = parser.parse(f, block, first_line, nlines)
+                    for k in range(NUM_CAT):
+                        counters[k].add(p.cats[k])
+                    b.update(pos - last)
+                    last = pos
+        vocabs = [_Vocab.build(*c.result(), min_count) for c in counters]
+
+    pa_schema = pa.schema([(LABEL, pa.float32())] + [(n, pa.float32()) for n in DENSE_NAMES]
+                          + [(n, pa.int64()) for n in CAT_NAMES])
+    distinct = [_Distinct() for _ in range(NUM_CAT)]
+    bad = dict.fromkeys(BAD_REASONS, 0)
+    examples: list[str] = []
+    with atomic_output_dir(out, overwrite) as tmp:
+        split_names = list(SPLITS) if method != "file" else [s for s in SPLITS if any(x == s for _, x in files)]
+        writers = {s: PartWriter(tmp, s, pa_schema) for s in split_names}
+        total_rows = 0
+
+        def consume(item) -> None:  # runs in the writer thread, overlapping the next parse
+            raw_cats, pieces = item
+            for k in range(NUM_CAT):
+                distinct[k].add(raw_cats[k])
+            for s, t in pieces:
+                writers[s].write(t)
+
+        with bar("convert") as b, _Worker(consume) as sink:
+            for fi, ((f, fixed), fmt) in enumerate(zip(files, fmts, strict=True)):
+                parser, last = _Parser(fmt, dense_transform, on_bad_row), 0
+                data_start = 2 if fmt.header else 1
+                for block, first_line, nlines, pos in _prefetch(_blocks(f, fmt, block_bytes)):
+                    p = parser.parse(f, block, first_line, nlines)
+                    n = len(p.label)
+                    if n:
+                        cats = p.cats if vocabs is None else [v.map(c) for v, c in zip(vocabs, p.cats, strict=True)]
+                        table = pa.Table.from_arrays([pa.array(p.label)] + [pa.array(d) for d in p.dense]
+                                                     + [pa.array(c) for c in cats], schema=pa_schema)
+                        if method == "file":
+                            sink.put((p.cats, [(fixed, table)]))
+                        else:
+                            g = line_offsets[fi] + (p.lines - data_start)  # input line position
+                            if method == "fraction":
+                                which = np.searchsorted(bounds, g, side="right") - 1
+                            else:
+                                u = (_splitmix64(g ^ np.int64(fi << 48) ^ np.int64(seed * 0x9E3779B1))
+                                     >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+                                which = np.searchsorted(np.cumsum(split)[:-1], u, side="right")
+                            pieces = []
+                            for si, s in enumerate(SPLITS):
+                                sel = which == si
+                                if sel.all():
+                                    pieces.append((s, table))
+                                elif sel.any():
+                                    if method == "fraction":  # contiguous: slice, no copy
+                                        idx = np.flatnonzero(sel)
+                                        pieces.append((s, table.slice(int(idx[0]), len(idx))))
+                                    else:
+                                        pieces.append((s, table.filter(pa.array(sel))))
+                            sink.put((p.cats, pieces))
+                        total_rows += n
+                    b.update(pos - last)
+                    last = pos
+                    b.set_postfix(rows=f"{total_rows:,}", refresh=False)
+                for r in BAD_REASONS:
+                    bad[r] += parser.bad[r]
+                examples += parser.examples[: max(0, 20 - len(examples))]
+        for w in writers.values():
+            w.close()
+        if vocabs is not None:
+            (tmp / VOCAB_DIR).mkdir()
+            for name_k, v in zip(CAT_NAMES, vocabs, strict=True):
+                v.save(tmp / VOCAB_DIR / f"{name_k}.parquet")
+        cats = [CategoricalFeature(n, distinct[k].count(exclude=RAW_MISSING_ID), mode=cat_mode,
+                                   num_embeddings=None if vocabs is None else vocabs[k].num_embeddings)
+                for k, n in enumerate(CAT_NAMES)]
+        extra = {
+            "source": "criteo",
+            "files": [{"path": str(f), "split": fixed, "header": fmt.header,
+                       "delimiter": "tab" if fmt.delimiter == "\t" else fmt.delimiter}
+                      for (f, fixed), fmt in zip(files, fmts, strict=True)],
+            "split_method": method, "split": list(split) if method != "file" else None,
+            "seed": seed if method == "random" else None,
+            "cat_mode": cat_mode, "dense_transform": dense_transform,
+            "missing_id": RAW_MISSING_ID if cat_mode == "raw" else VOCAB_MISSING_ID,
+            "bad_rows": bad, "bad_row_examples": examples, "on_bad_row": on_bad_row,
+        }
+        if vocabs is not None:
+            extra["vocab"] = {"dir": VOCAB_DIR, "oov_id": OOV_ID, "missing_id": VOCAB_MISSING_ID,
+                              "first_id": FIRST_VOCAB_ID,
+                              "min_count": _vocab_min_count(vocab_from) if vocab_from else min_count,
+                              "from": str(vocab_from) if vocab_from else None,
+                              "kept": [len(v.raw) for v in vocabs]}
+        schema = DatasetSchema(name=name or "criteo", dense=list(DENSE_NAMES), categorical=cats,
+                               splits={s: w.files for s, w in writers.items()},
+                               rows={s: w.rows for s, w in writers.items()}, extra=extra)
+        schema.save(tmp)
+    return schema
+
+
+def _load_vocabs(root: Path) -> list[_Vocab]:
+    schema = load_schema(root)
+    info = schema.extra.get("vocab")
+    if not info:
+        raise ValueError(f"{root}: dataset has no vocabulary (was it converted with --cat-mode vocab?)")
+    return [_Vocab.load(root / info["dir"] / f"{n}.parquet") for n in CAT_NAMES]
+
+
+def _vocab_min_count(root) -> int:
+    return int(load_schema(root).extra["vocab"]["min_count"])
+

@@ -1,0 +1,198 @@
+"""The Criteo column layout and the value conventions shared by the synthetic
+generator and the converter (so that synth -> TSV -> convert reproduces synth exactly).
+
+Conventions (both paths use these functions, never their own copies):
+
+* Dense: raw values are integer counts (some negative, some missing). Stored value =
+  ``log1p(max(x, 0))`` with missing -> 0, computed in float64 and cast to float32
+  (``dense_transform="none"`` stores ``x`` itself, missing -> 0).
+* Categorical, ``raw`` mode: the 64-bit integer of the hex string; a missing (empty)
+  field is :data:`RAW_MISSING_ID` = 0. Criteo's values are 32-bit hashes written as 8 hex
+  digits, so a literal ``00000000`` would share id 0 with "missing" (not seen in the
+  public data; documented). Synthetic ids start at 1 for the same reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+NUM_DENSE = 13
+NUM_CAT = 26
+DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
+CAT_NAMES = [f"C{i}" for i in range(1, NUM_CAT + 1)]
+LABEL = "label"
+PROB = "prob"
+RAW_MISSING_ID = 0
+DENSE_TRANSFORMS = ("log1p", "none")
+
+# Cardinalities of the Criteo Kaggle (Display Advertising Challenge) categoricals, as
+# listed by the DLRM reference implementation; the synthetic generator scales these.
+CRITEO_KAGGLE_CARDINALITIES = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+
+
+def dense_transform(values: np.ndarray, missing: np.ndarray | None, transform: str = "log1p") -> np.ndarray:
+    """Raw dense values (int64 or float64) -> stored float32. ``missing`` marks empty fields."""
+    if transform not in DENSE_TRANSFORMS:
+        raise ValueError(f"dense transform must be one of {DENSE_TRANSFORMS}, got {transform!r}")
+    x = values.astype(np.float64, copy=True)
+    if missing is not None:
+        x[missing] = 0.0
+    if transform == "log1p":
+        np.maximum(x, 0.0, out=x)  # negative counts -> 0 (DLRM convention)
+        np.log1p(x, out=x)
+    return x.astype(np.float32)
+
+
+def arrow_dense_transform(arr: pa.Array | pa.ChunkedArray, transform: str = "log1p") -> np.ndarray:
+    """Same as :func:`dense_transform` for a nullable Arrow int64/float64 column."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    missing = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    values = arr.fill_null(0).to_numpy(zero_copy_only=False)
+    return dense_transform(values, missing, transform)
+
+
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_LUT[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_LUT[_c] = 10 + _i
+_HEX_CHARS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def parse_hex(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Nullable Arrow string/binary column of hex strings -> (int64 ids, ok mask).
+
+    Vectorised: left-pad every value to 8 (or 16) digits with pyarrow, then read the
+    fixed-width digit matrix with a lookup table and view nibble pairs as big-endian
+    integers. Null -> :data:`RAW_MISSING_ID`. ``ok`` is False for non-hex text, empty
+    strings that are not null, more than 16 digits, or values >= 2**63.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.int64), np.ones(0, bool)
+    fast = _parse_hex8(arr)
+    if fast is not None:
+        return fast
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.string() if pa.types.is_binary(arr.type) else pa.large_string(), safe=False)
+    null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    lengths = pc.binary_length(arr).fill_null(1).to_numpy(zero_copy_only=False)
+    maxlen = int(lengths.max())
+    ok = (lengths >= 1) & (lengths <= 16)
+    width = 8 if maxlen <= 8 else 16
+    if maxlen > 16:  # invalid anyway; truncate them out of the way so the matrix stays fixed-width
+        arr = pc.if_else(pa.array(lengths <= 16), arr, pa.scalar("0", arr.type))
+    padded = pc.utf8_lpad(arr.fill_null("0"), width, "0")
+    if padded.offset or pa.types.is_large_string(padded.type):
+        padded = padded.cast(pa.string())
+    padded = pa.concat_arrays([padded]) if padded.offset else padded
+    bufs = padded.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=padded.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0] : offsets[0] + n * width]
+    if offsets[-1] - offsets[0] != n * width:  # an empty string or oversize value slipped in
+        lens = np.diff(offsets)
+        ok &= lens == width
+        idx = (offsets[:-1, None] + np.arange(width)[None, :]).clip(max=max(len(np.frombuffer(bufs[2], np.uint8)) - 1, 0))
+        mat = np.frombuffer(bufs[2], dtype=np.uint8)[idx]
+    else:
+        mat = data.reshape(n, width)
+    nib = _HEX_LUT[mat]
+    ok &= (nib != 255).all(axis=1)
+    nib = np.where(nib == 255, 0, nib).astype(np.uint8) if not ok.all() else nib
+    packed = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2])
+    if width == 8:
+        ids = packed.view(">u4").reshape(n).astype(np.int64)
+    else:
+        u = packed.view(">u8").reshape(n)
+        ok &= u < np.uint64(1 << 63)
+        ids = u.astype(np.int64)
+    if null is not None:
+        ids[null] = RAW_MISSING_ID
+        ok |= null
+    ids[~ok] = RAW_MISSING_ID
+    return ids, ok
+
+
+_M0F = np.uint64(0x0F0F0F0F0F0F0F0F)
+_M01 = np.uint64(0x0101010101010101)
+_MLO = np.uint64(0x000F000F000F000F)
+_MHI = np.uint64(0x0F000F000F000F00)
+_M06 = np.uint64(0x0606060606060606)
+_MF0 = np.uint64(0xF0F0F0F0F0F0F0F0)
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M30 = np.uint64(0x3030303030303030)
+
+
+def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fast path for Criteo's case: every non-null value is exactly 8 hex digits. The
+    values then lie back to back in the data buffer, so each one is a little-endian
+    uint64 of 8 ASCII digits, decoded with a few whole-array bit operations (SWAR).
+    Returns None when the column does not fit this case."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
+        return None
+    n = len(arr)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    first, last = int(offsets[0]), int(offsets[-1])
+    valid = None
+    if arr.null_count:  # validity bitmap -> bools, cheaper than is_null().to_numpy()
+        bits = np.frombuffer(bufs[0], dtype=np.uint8)
+        valid = np.unpackbits(bits, bitorder="little", count=arr.offset + n)[arr.offset :].view(bool)
+    lens = np.diff(offsets)
+    if last - first == 8 * n and (lens == 8).all():
+        packed_nulls = True  # null slots hold 8 bytes too (e.g. arrays built by format_hex)
+    else:
+        packed_nulls = False
+        nvalid = n if valid is None else int(valid.sum())
+        if valid is None or last - first != 8 * nvalid or not np.array_equal(lens, valid.view(np.uint8) * np.int32(8)):
+            return None
+    if last == first:
+        return np.zeros(n, np.int64), np.ones(n, bool)
+    chars = np.frombuffer(bufs[2], dtype=np.uint8, count=last - first, offset=first)
+    x = chars.view("<u8")
+    letter = (x >> np.uint64(6)) & _M01  # 1 in each byte holding a letter
+    nib = (x & _M0F) + (letter << np.uint64(3)) + letter  # '0'-'9' -> 0-9, 'a'-'f' -> 10-15
+    # validate by re-encoding the nibbles as lower-case hex and comparing with the input
+    # (cheaper than a byte lookup table); anything else (upper case, junk) -> general path
+    over9 = ((nib + _M06) >> np.uint64(4)) & _M01
+    if (nib & _MF0).any() or not np.array_equal(nib + _M30 + over9 * np.uint64(0x27), x):
+        return None
+    pairs = ((nib & _MHI) >> np.uint64(8)) | ((nib & _MLO) << np.uint64(4))  # digit pairs -> bytes in 16-bit lanes
+    quads = (pairs | (pairs >> np.uint64(8))) & _M16  # -> 2 bytes in 32-bit lanes
+    val = ((quads | (quads >> np.uint64(16))).astype(np.uint32)).byteswap()  # 4 bytes, first digit most significant
+    if valid is None:
+        return val.astype(np.int64), np.ones(n, bool)
+    if packed_nulls:
+        ids = val.astype(np.int64)
+        ids[~valid] = RAW_MISSING_ID
+        return ids, np.ones(n, bool)
+    ids = np.full(n, RAW_MISSING_ID, dtype=np.int64)
+    ids[valid] = val.astype(np.int64)
+    return ids, np.ones(n, bool)
+
+
+def format_hex(ids: np.ndarray) -> pa.Array:
+    """int64 ids (< 2**32) -> Arrow string column of 8 lower-case hex digits; the missing
+    id becomes null (an empty TSV field)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+        raise ValueError("format_hex writes 8-digit (32-bit) ids only")
+    u = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
+    chars = np.empty((len(ids), 8), dtype=np.uint8)
+    chars[:, 0::2] = _HEX_CHARS[u >> 4]
+    chars[:, 1::2] = _HEX_CHARS[u & 15]
+    offsets = np.arange(0, 8 * len(ids) + 1, 8, dtype=np.int32)
+    mask = ids == RAW_MISSING_ID
+    validity = pa.array(~mask).buffers()[1] if mask.any() else None
+    return pa.Array.from_buffers(
+        pa.string(), len(ids), [validity, pa.py_buffer(offsets), pa.py_buffer(chars.tobytes())],
+        null_count=int(mask.sum()),
+    )

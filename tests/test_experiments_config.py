@@ -17,7 +17,7 @@ from embtables.experiments.config import ConfigError, load_config, shipped_confi
         ({"embedding": {"method": "nope"}}, "valid: full"),
         ({"embedding": {"full": {"speed": 1}}}, "embedding.full"),
         ({"embedding": {"zzz": {}}}, "unknown key embedding.zzz"),
-        ({"model": {"name": "transformer"}}, "valid: dcn, dlrm"),
+        ({"model": {"name": "transformer"}}, "unknown model 'transformer' at model.name; valid: "),
         ({"model": {"dlrm": {"top": [1]}}}, "model.dlrm.top: unknown key"),
         ({"train": {"embedding_optimizer": {"name": "lion"}}}, "train.embedding_optimizer.name"),
         ({"sharding": {"offload": "ssd"}}, "sharding.offload"),

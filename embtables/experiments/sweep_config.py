@@ -1,0 +1,476 @@
+"""The strict schema of a comparison file: a base experiment plus a ``sweep:`` section.
+
+A comparison file holds the same sections as a run config (``name``, ``seed``, ``data``,
+``embedding``, ``model``, ``train``, ``sharding``) and a ``sweep`` section::
+
+    sweep:
+      methods:                     # a name, or a mapping with the method's knobs
+        - full
+        - hash
+        - {method: qr, qr: {operation: mult}}
+        - {method: unified, label: unified-2t, unified: {num_tables: 2}, set: {train.epochs: 2}}
+      budgets: [1, 1/4, 1/16, "4MiB"]   # fractions of the full tables, or bytes
+      seeds: [0, 1, 2]
+      models: [dlrm, {name: dcn, dcn: {cross_layers: 2}}]       # optional
+      datasets: [data/synth-criteo, {path: data/other, label: other}]  # optional
+      quick:                       # what --quick changes
+        budgets: [1, 1/16]
+        seeds: [0]
+        set: {data.max_train_rows: 100000}
+        knobs: {optembed: {generations: 2}}
+
+Every (method, budget, seed, model, dataset) combination is one cell: one ordinary run
+of the base config with overrides. Unknown keys are errors naming the key path, in
+the style of :mod:`embtables.experiments.config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from embtables.experiments.config import (
+    ConfigError,
+    ExperimentConfig,
+    _format_validation,
+    apply_overrides,
+    load_config,
+    read_yaml,
+    resolve_config_path,
+)
+
+_LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
+# Config fields that never change a result: a rerun with another --jobs finds the same cells.
+_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_label(v: str | None) -> str | None:
+    if v is not None and not _LABEL_OK.fullmatch(v):
+        raise ValueError(f"label {v!r} must be letters, digits, '.', '+' or '-' (it names directories)")
+    return v
+
+
+class MethodEntry(BaseModel):
+    """``{method: qr, qr: {operation: mult}, label: qr-mult, set: {...}}``."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    label: str | None = None
+    set: dict[str, Any] = Field(default_factory=dict, description="extra overrides for this method's cells")
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str | None) -> str | None:
+        return _check_label(v)
+
+    @model_validator(mode="after")
+    def _knobs_only_under_own_name(self) -> MethodEntry:
+        for key, val in (self.model_extra or {}).items():
+            if key != self.method:
+                raise ValueError(f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}")
+            if val is not None and not isinstance(val, dict):
+                raise ValueError(f"{key} must be a mapping of knobs, got {type(val).__name__}")
+        return self
+
+    def knobs(self) -> dict[str, Any]:
+        return dict((self.model_extra or {}).get(self.method) or {})
+
+
+class ModelEntry(BaseModel):
+    """``{name: dcn, dcn: {...}, label: dcn-small}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    label: str | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str | None) -> str | None:
+        return _check_label(v)
+
+    @model_validator(mode="after")
+    def _knobs_only_under_own_name(self) -> ModelEntry:
+        for key in self.model_extra or {}:
+            if key != self.name:
+                raise ValueError(f"unknown key {key!r}: an entry holds name, label and {self.name}: {{knobs}}")
+        return self
+
+
+class DatasetEntry(_Strict):
+    """``{path: data/x, label: x, set: {data.max_train_rows: 1000}}``."""
+
+    path: str
+    label: str | None = None
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str | None) -> str | None:
+        return _check_label(v)
+
+
+Budget = float | int | str
+
+
+class QuickSection(_Strict):
+    methods: list[MethodEntry | str] | None = None
+    budgets: list[Budget] | None = None
+    seeds: list[int] | None = None
+    models: list[ModelEntry | str] | None = None
+    datasets: list[DatasetEntry | str] | None = None
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides of the base config")
+    knobs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method -> knobs merged into its entries")
+
+
+class SweepSection(_Strict):
+    methods: list[MethodEntry | str] = Field(min_length=1)
+    budgets: list[Budget] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    models: list[ModelEntry | str] | None = None
+    datasets: list[DatasetEntry | str] | None = None
+    quick: QuickSection | None = None
+
+
+# ---- budgets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """One budget: a fraction of the full tables (``fraction``) or bytes (``text``)."""
+
+    label: str  # as written: "1", "1/16", "4MiB"
+    fraction: Fraction | None
+    nbytes_text: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace("/", "-").replace(" ", "")
+
+    def override(self) -> float | str:
+        """The value for ``embedding.budget`` (a float in (0, 1] is a fraction there)."""
+        return float(self.fraction) if self.fraction is not None else self.nbytes_text  # type: ignore[return-value]
+
+    def resolve(self, full_bytes: int) -> int:
+        if self.fraction is not None:
+            return int(float(self.fraction) * full_bytes)
+        from embtables.embeddings import parse_bytes
+
+        return parse_bytes(self.nbytes_text or "")
+
+    def sort_key(self, full_bytes: int | None) -> float:
+        if self.fraction is not None:
+            return -float(self.fraction)
+        return -float(self.resolve(0)) / max(full_bytes or 1, 1)
+
+
+def parse_budget(value: Budget, where: str) -> BudgetSpec:
+    """``1``, ``0.25``, ``"1/16"`` -> a fraction; ``4194304``, ``"4MiB"`` -> bytes.
+
+    Unlike ``embedding.budget``, the integer 1 means the whole full size here: a sweep's
+    budgets are read as a column of fractions, and 1 byte is never a useful budget."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: a budget is a fraction or a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ConfigError(f"{where}: budget must be positive, got {value!r}")
+        if value <= 1:
+            frac = Fraction(value).limit_denominator(1 << 20)
+            return BudgetSpec(_frac_label(frac, value), frac)
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: budget {value!r} is neither a fraction in (0, 1] nor whole bytes")
+        return BudgetSpec(str(int(value)), None, str(int(value)))
+    s = str(value).strip()
+    m = re.fullmatch(r"([0-9]+)\s*/\s*([0-9]+)", s)
+    if m:
+        num, den = int(m.group(1)), int(m.group(2))
+        if num <= 0 or den <= 0 or num > den:
+            raise ConfigError(f"{where}: fraction {s!r} must be in (0, 1]")
+        return BudgetSpec(f"{num}/{den}", Fraction(num, den))
+    try:
+        as_float = float(s)
+    except ValueError:
+        as_float = None
+    if as_float is not None:
+        return parse_budget(int(as_float) if as_float.is_integer() else as_float, where)
+    from embtables.embeddings import parse_bytes
+
+    try:
+        parse_bytes(s)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return BudgetSpec(s.replace(" ", ""), None, s)
+
+
+def _frac_label(frac: Fraction, value: float) -> str:
+    if frac == 1:
+        return "1"
+    if frac.numerator == 1 and float(frac) == float(value):
+        return f"1/{frac.denominator}"
+    return repr(float(value))
+
+
+# ---- cells --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method / model / dataset choice: its label and the overrides it adds."""
+
+    label: str
+    overrides: dict[str, Any]
+    name: str = ""  # method or model name, dataset path
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    cell_id: str
+    method: Variant
+    budget: BudgetSpec
+    seed: int
+    model: Variant | None
+    dataset: Variant | None
+    overrides: dict[str, Any]
+    config: ExperimentConfig
+    full_bytes: int | None = None  # the full tables' size fractional budgets refer to (None: data absent)
+    skip_reason: str | None = None  # set when the cell is not run by design
+
+    def meta(self) -> dict[str, Any]:
+        """What cell.json holds: enough to rebuild the report without the comparison file."""
+        return {
+            "cell_id": self.cell_id,
+            "method_label": self.method.label,
+            "method": self.method.name,
+            "knobs": self.method.knobs,
+            "budget": self.budget.label,
+            "budget_fraction": float(self.budget.fraction) if self.budget.fraction is not None else None,
+            "seed": self.seed,
+            "model_label": self.model.label if self.model else self.config.model.name,
+            "dataset_label": self.dataset.label if self.dataset else Path(self.config.data.path).name,
+            "data_path": self.config.data.path,
+            "full_bytes": self.full_bytes,
+            "budget_bytes": self.budget.resolve(self.full_bytes) if self.full_bytes or self.budget.fraction is None
+            else None,
+            "overrides": self.overrides,
+            "config_hash": cell_hash(self.config),
+        }
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    source: str
+    base: ExperimentConfig
+    cells: list[Cell]
+    budgets: list[BudgetSpec]
+    method_labels: list[str]
+    quick: bool
+
+
+def cell_hash(cfg: ExperimentConfig) -> str:
+    """Short hash of everything in the resolved config that can change a result."""
+    d = cfg.model_dump(mode="json")
+    for section, key in _HASH_IGNORED:
+        d.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9.+-]+", "-", str(text)).strip("-")
+    return s or "x"
+
+
+def _method_variant(entry: MethodEntry | str, base: ExperimentConfig, extra_knobs: dict[str, dict[str, Any]]) -> Variant:
+    if isinstance(entry, str):
+        entry = MethodEntry(method=entry)
+    knobs = {**base.embedding.knobs(entry.method), **extra_knobs.get(entry.method, {}), **entry.knobs()}
+    label = entry.label or "-".join([entry.method, *(_slug(v) for v in entry.knobs().values())])
+    ov: dict[str, Any] = {"embedding.method": entry.method, f"embedding.{entry.method}": knobs or None}
+    ov.update(entry.set)
+    return Variant(label, ov, entry.method, knobs)
+
+
+def _model_variant(entry: ModelEntry | str) -> Variant:
+    if isinstance(entry, str):
+        entry = ModelEntry(name=entry)
+    ov: dict[str, Any] = {"model.name": entry.name}
+    knobs = (entry.model_extra or {}).get(entry.name)
+    if knobs is not None:
+        ov[f"model.{entry.name}"] = knobs
+    return Variant(entry.label or entry.name, ov, entry.name, dict(knobs or {}))
+
+
+def _dataset_variant(entry: DatasetEntry | str) -> Variant:
+    if isinstance(entry, str):
+        entry = DatasetEntry(path=entry)
+    return Variant(entry.label or _slug(Path(entry.path).name), {"data.path": entry.path, **entry.set}, entry.path)
+
+
+def _validate_sweep(raw: Any, source: str) -> SweepSection:
+    if raw is None:
+        raise ConfigError(f"{source or 'comparison file'}: no `sweep:` section; a comparison file is a run config "
+                          "plus sweep: {methods: [...], budgets: [...], seeds: [...]}")
+    try:
+        return SweepSection.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, prefix="sweep", source=source).replace(
+            "invalid config", "invalid comparison file", 1)) from None
+
+
+def load_sweep(
+    path_or_data: str | Path | dict[str, Any],
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    quick: bool = False,
+    methods: list[str] | None = None,
+    data_root_for_sizes: bool = True,
+) -> SweepPlan:
+    """Read a comparison file (a path, a shipped name or a dict) into a plan of cells.
+
+    Every cell's config is validated here, before anything trains, so a typo in a
+    knob fails in a second with the cell and key named rather than an hour in.
+    ``methods`` keeps only the entries whose label or method name is listed.
+    """
+    if isinstance(path_or_data, dict):
+        data, source = copy.deepcopy(path_or_data), ""
+        data.setdefault("name", "compare")
+    else:
+        path = resolve_config_path(path_or_data)
+        data, source = read_yaml(path), f"({path})"
+        data.setdefault("name", path.stem)
+    sweep = _validate_sweep(data.pop("sweep", None), source)
+    name = str(data["name"]) + ("-quick" if quick else "")
+    q = sweep.quick or QuickSection()
+    if quick and sweep.quick is None:
+        raise ConfigError(f"--quick: {source or 'the comparison file'} has no sweep.quick section")
+    base_overrides: dict[str, Any] = {}
+    if quick:
+        base_overrides.update(q.set)
+    base_data = apply_overrides(data, base_overrides)
+    base_data = apply_overrides(base_data, overrides)
+    try:
+        base = load_config(base_data)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(
+            "invalid config:", f"invalid comparison file{' ' + source if source else ''}: base config:", 1)) from None
+
+    method_entries = (q.methods if quick and q.methods is not None else sweep.methods)
+    budget_values = (q.budgets if quick and q.budgets is not None else sweep.budgets)
+    seeds = (q.seeds if quick and q.seeds is not None else sweep.seeds)
+    model_entries = (q.models if quick and q.models is not None else sweep.models)
+    dataset_entries = (q.datasets if quick and q.datasets is not None else sweep.datasets)
+    extra_knobs = q.knobs if quick else {}
+
+    mvars = [_method_variant(m, base, extra_knobs) for m in method_entries]
+    _unique([v.label for v in mvars], "sweep.methods", "label")
+    if methods:
+        wanted = set(methods)
+        unknown = wanted - {v.label for v in mvars} - {v.name for v in mvars}
+        if unknown:
+            raise ConfigError(f"--methods: {sorted(unknown)} not in sweep.methods ({', '.join(v.label for v in mvars)})")
+        mvars = [v for v in mvars if v.label in wanted or v.name in wanted]
+    budgets = [parse_budget(b, f"sweep.budgets[{i}]") for i, b in enumerate(budget_values)]
+    _unique([b.slug for b in budgets], "sweep.budgets", "value")
+    _unique([str(s) for s in seeds], "sweep.seeds", "seed")
+    models = [_model_variant(m) for m in model_entries] if model_entries else [None]
+    datasets = [_dataset_variant(d) for d in dataset_entries] if dataset_entries else [None]
+    if model_entries:
+        _unique([m.label for m in models if m], "sweep.models", "label")
+    if dataset_entries:
+        _unique([d.label for d in datasets if d], "sweep.datasets", "label")
+
+    cells: list[Cell] = []
+    full_sizes: dict[str, int | None] = {}
+    for dvar in datasets:
+        for mod in models:
+            for mi, mvar in enumerate(mvars):
+                for budget in budgets:
+                    for seed in seeds:
+                        ov: dict[str, Any] = {}
+                        for v in (dvar, mod):
+                            if v is not None:
+                                ov.update(v.overrides)
+                        ov.update(mvar.overrides)
+                        ov["embedding.budget"] = budget.override()
+                        ov["seed"] = seed
+                        ov["name"] = name
+                        where = f"sweep.methods[{mi}] ({mvar.label}), budget {budget.label}, seed {seed}"
+                        try:
+                            cfg = load_config(base.model_dump(mode="json"), ov)
+                        except ConfigError as e:
+                            hint = ("\n  (leave a method out with --methods, e.g. --methods "
+                                    + ",".join(v.label for v in mvars if v is not mvar) + ")"
+                                    if "at embedding.method" in str(e) else "")
+                            raise ConfigError(f"invalid comparison file{' ' + source if source else ''}, cell {where}:\n"
+                                              + str(e).split("\n", 1)[-1] + hint) from None
+                        parts = [mvar.label, f"b{budget.slug}", f"s{seed}"]
+                        if mod is not None:
+                            parts.append(f"m{mod.label}")
+                        if dvar is not None:
+                            parts.append(f"d{dvar.label}")
+                        cell = Cell(f"{'_'.join(parts)}-{cell_hash(cfg)}", mvar, budget, seed, mod, dvar, ov, cfg)
+                        if data_root_for_sizes:
+                            cell.full_bytes = _full_size_cached(cfg, full_sizes)
+                        cell.skip_reason = _skip_reason(cell)
+                        cells.append(cell)
+    return SweepPlan(name, source.strip("()"), base, cells, budgets, [v.label for v in mvars], quick)
+
+
+def _unique(values: list[str], where: str, what: str) -> None:
+    seen = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise ConfigError(f"{where}[{i}]: duplicate {what} {v!r} (give entries distinct `label`s)")
+        seen.add(v)
+
+
+def full_size_of(cfg: ExperimentConfig) -> int | None:
+    """Bytes of the full tables the fractional budgets refer to (None if the data is absent)."""
+    from embtables.datasets.schema import load_schema
+    from embtables.embeddings import features_from_schema, full_bytes
+
+    root = Path(cfg.data.path).expanduser()
+    if not (root / "schema.json").exists():
+        return None
+    return full_bytes(features_from_schema(load_schema(root)), cfg.embedding.dim)
+
+
+def _full_size_cached(cfg: ExperimentConfig, cache: dict[str, int | None]) -> int | None:
+    key = f"{cfg.data.path}|{cfg.embedding.dim}"
+    if key not in cache:
+        cache[key] = full_size_of(cfg)
+    return cache[key]
+
+
+def _skip_reason(cell: Cell) -> str | None:
+    """`full` stores every row, so it runs only where the budget holds the full tables.
+
+    By design such cells are not run at all (no point training a model only to learn
+    it does not fit); the report shows them as "n/a (cannot compress)".
+    """
+    if cell.method.name != "full":
+        return None
+    if cell.budget.fraction is not None:
+        return None if cell.budget.fraction >= 1 else "cannot compress: `full` needs the whole table size (budget 1)"
+    if cell.full_bytes is None:
+        return None  # data absent: the run itself will say so
+    from embtables.embeddings import format_bytes
+    from embtables.embeddings.budget import DTYPE_BYTES
+
+    need = cell.full_bytes * DTYPE_BYTES[cell.config.embedding.dtype] // 4
+    have = cell.budget.resolve(cell.full_bytes)
+    if have < need:
+        return f"cannot compress: `full` needs {format_bytes(need)}, budget is {format_bytes(have)}"
+    return None

@@ -53,6 +53,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods:", ", ".join(f"{m} ({', '.join(method_knobs(m)) or 'no knobs'})" for m in list_methods()))
     print("models: ", ", ".join(list_models()))
     print("configs:", ", ".join(shipped_configs()))
+    print("comparisons:", ", ".join(shipped_configs("compare")))
     return 0
 
 

@@ -124,3 +124,26 @@ def test_run_dir_default_is_under_runs(tiny_synth, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}), quiet=True)
     assert Path(s["run_dir"]).parent == Path("runs") and Path(s["run_dir"]).name.startswith("quickstart-")
+
+
+@pytest.mark.parametrize("method, budget", [("hash", 0.25), ("qr", 0.25), ("unified", 0.25), ("mch", 0.5)])
+def test_every_method_trains_through_the_runner(tiny_synth, tmp_path, method, budget):
+    """The drop-in promise: `--set embedding.method=M --set embedding.budget=B` just works,
+    and summary.json reports the method's real size (checked against its sizing plan)."""
+    from embtables.embeddings import features_from_schema, plan
+
+    o = tiny_overrides(tiny_synth, **{"embedding.method": method, "embedding.budget": budget, "train.max_steps": 6})
+    s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
+    feats = features_from_schema(load_schema(tiny_synth))
+    p = plan(feats, method, dim=8, budget=budget)
+    assert s["method"] == method and s["steps"] == 6 and np.isfinite(s["logloss"])
+    assert s["embedding_bytes"] <= budget * sum(f.cardinality for f in feats) * 8 * 4
+    if method != "mch":  # mch's history buffer appears once it has seen a batch
+        assert s["embedding_bytes"] == p.bytes
+    assert s["embedding_params"] == p.num_parameters
+
+
+def test_adam_tables_on_cpu_is_a_clear_error(tiny_synth, tmp_path):
+    o = tiny_overrides(tiny_synth, **{"train.embedding_optimizer": {"name": "adam", "lr": 0.001}})
+    with pytest.raises(ValueError, match="train.embedding_optimizer.name: adam is not available"):
+        run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)

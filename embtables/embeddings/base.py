@@ -168,7 +168,9 @@ class EmbeddingMethod(nn.Module):
                 features = KeyedJaggedTensor(
                     keys=features.keys(), values=features.values(), lengths=features.lengths(),
                     weights=features.weights().to(TORCH_DTYPE[self.dtype]), stride=features.stride())
-        looked_up = self.lookup(self.remap(features))
+        remapped = self.remap(features)
+        self.before_lookup()
+        looked_up = self.lookup(remapped)
         if self.sequence:
             return self.combine_sequence(looked_up, features)
         return self.combine(looked_up, features)
@@ -225,6 +227,10 @@ class EmbeddingMethod(nn.Module):
             return seq
         return KeyedTensor(keys=names, length_per_key=[c.embedding_dim for c in cfgs for _ in c.feature_names],
                            values=torch.cat(pooled, dim=1))
+
+    def before_lookup(self) -> None:
+        """Hook between remap and lookup (``mch`` re-initialises evicted rows here: after
+        the lookup, an in-place write would invalidate the weights autograd saved)."""
 
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         """Physical pooled lookups -> one ``dim`` vector per logical feature."""

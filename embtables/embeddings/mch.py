@@ -141,11 +141,10 @@ class MCHEmbedding(EmbeddingMethod):
                     if hasattr(m, "_history_accumulator"))
         return super().buffer_bytes() + extra
 
-    def forward(self, features: KeyedJaggedTensor):
-        out = super().forward(features)
+    def before_lookup(self) -> None:
+        # The remap just admitted/evicted ids; reset the evicted rows before they are read.
         if self.training:
             self._reset_evicted()
-        return out
 
     @torch.no_grad()
     def _reset_evicted(self) -> None:

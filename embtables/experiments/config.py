@@ -180,8 +180,14 @@ def _format_validation(err: ValidationError, prefix: str = "", source: str = "",
     return "\n".join([title, *lines])
 
 
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def shipped_configs(kind: str = "run") -> list[str]:
+    """Shipped experiment configs (``kind="run"``) or comparison files (``"compare"``)."""
+    out = []
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):
+        is_sweep = "sweep" in (yaml.safe_load(p.read_text()) or {})
+        if is_sweep == (kind == "compare"):
+            out.append(p.stem)
+    return out
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -247,6 +253,9 @@ def load_config(
         source = f"({path})"
         data = read_yaml(path)
         data.setdefault("name", path.stem)
+        if "sweep" in data:
+            raise ConfigError(f"{path} is a comparison file (it has a `sweep:` section): run it with "
+                              f"`embtables compare {config}`")
     data = apply_overrides(data, overrides)
     try:
         return ExperimentConfig.model_validate(data)

@@ -30,8 +30,15 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def attach_embedding_optimizer(model: nn.Module, cfg: EmbeddingOptimizerConfig) -> None:
+def attach_embedding_optimizer(model: nn.Module, cfg: EmbeddingOptimizerConfig, device: str = "cpu") -> None:
     """Attach the embedding optimizer in backward, so DMP fuses it into FBGEMM's kernels."""
+    if cfg.name == "adam" and device == "cpu":
+        # FBGEMM's CPU kernels have no fused Adam: say so now, not from deep inside DMP.
+        raise ValueError(
+            "train.embedding_optimizer.name: adam is not available for embedding tables on CPU "
+            "(FBGEMM's CPU kernels fuse only sgd, adagrad and rowwise_adagrad); use rowwise_adagrad or adagrad, "
+            "or run with sharding.device: cuda"
+        )
     kwargs: dict = {"lr": cfg.lr}
     if cfg.name in ("rowwise_adagrad", "adagrad", "adam"):
         kwargs["eps"] = cfg.eps

@@ -73,7 +73,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         model = build_model(cfg, schema)
         self.sizes = measure_sizes(model)
-        attach_embedding_optimizer(model, cfg.train.embedding_optimizer)
+        attach_embedding_optimizer(model, cfg.train.embedding_optimizer, ctx.device.type)
         self.model = shard_model(model, cfg.sharding, ctx)
         dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters(), include=False)]
         self.dense_opt = dense_optimizer(dense_params, cfg.train.dense_optimizer)

@@ -97,6 +97,8 @@ def init_distributed(device: str = "cpu", timeout_s: int = 300) -> DistContext:
         dist.init_process_group(backend, timeout=timeout)
     else:
         # A file store needs no free port, so concurrent single-process runs never clash.
+        # TorchRec's managed-collision code reads LOCAL_WORLD_SIZE and warns without it.
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         fd, path = tempfile.mkstemp(prefix="embtables-pg-")
         os.close(fd)
         os.unlink(path)

@@ -73,14 +73,14 @@ def _schema_for(cfg):
     )
 
 
-def build_meta_model(cfg) -> torch.nn.Module:
+def build_meta_model(cfg, device: str | None = None) -> torch.nn.Module:
     """The configured model with its tables on ``meta`` and the embedding optimizer attached."""
     from embtables.experiments.build import build_model
     from embtables.experiments.optim import attach_embedding_optimizer
 
     schema, _ = _schema_for(cfg)
     model = build_model(cfg, schema, device=torch.device("meta"))
-    attach_embedding_optimizer(model, cfg.train.embedding_optimizer)
+    attach_embedding_optimizer(model, cfg.train.embedding_optimizer, device or cfg.sharding.device)
     return model
 
 
@@ -100,7 +100,7 @@ def plan_config(
 
     cfg = load_config(config, overrides)
     scfg = _sharding_for(cfg, world_size, device, hbm, host_memory, offload)
-    model = build_meta_model(cfg)
+    model = build_meta_model(cfg, scfg.device)
     try:
         return plan_model_offline(model, scfg, cfg.name)
     except PlannerError as e:

@@ -36,7 +36,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embtables.embeddings.base import TORCHREC_DTYPE, EmbeddingMethod, select_features
-from embtables.embeddings.budget import DTYPE_BYTES
+from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
 
@@ -137,6 +137,22 @@ def plan_optembed(features: list[FeatureSpec], dim: int, dims: list[int] | None 
     return OptEmbedPlan(card, kept, dims, dim, dtype)
 
 
+def plan_optembed_method(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None,
+                         dtype: str = "fp32", artefact: str | Path | dict[str, Any] | None = None) -> OptEmbedPlan:
+    """``registry.plan(..., method="optembed")``: the exported table an artefact
+    describes, or without one the supernet (every row at ``dim``)."""
+    if artefact is None:
+        if budget_bytes is not None:
+            raise ValueError("optembed: a budget is met by the exported table after the search; size a searched "
+                             "table with artefact=RUN_DIR/optembed/export.pt")
+        return plan_optembed(features, dim, dtype=dtype)
+    art = load_artefact(artefact)
+    p = plan_optembed(features, dim, art["dims"], art["kept"], dtype)
+    if budget_bytes is not None and p.bytes > budget_bytes:
+        raise BudgetTooSmall("optembed", p.bytes, budget_bytes, f"the table searched in {artefact}")
+    return p
+
+
 # ---- remap ------------------------------------------------------------------------------
 
 
@@ -186,6 +202,8 @@ class OptEmbed(EmbeddingMethod):
     """Knobs used by the module: ``artefact`` (exported form), ``alpha`` and
     ``dim_step`` (supernet). The others configure the pipeline's stages
     (docs/readme/optembed.md) and are ignored here."""
+
+    plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
 
     def __init__(
         self,
@@ -323,7 +341,7 @@ class OptEmbed(EmbeddingMethod):
             full = cache[key] = super().forward(features).values().detach()
             self.eval_dims = dims
         nf, stride = len(self.features), features.stride()
-        keep = torch.arange(self.dim).unsqueeze(0) < self.eval_dims.unsqueeze(1)  # [F, dim]
+        keep = torch.arange(self.dim, device=full.device).unsqueeze(0) < self.eval_dims.to(full.device).unsqueeze(1)
         return self._keyed(full * keep.to(full.dtype).reshape(1, nf * self.dim).expand(stride, -1))
 
     def enable_lookup_cache(self, on: bool = True) -> None:

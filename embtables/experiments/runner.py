@@ -108,6 +108,12 @@ def _run(cfg, ctx, run_dir, resume, stop_after_step, quiet) -> dict[str, Any]:
         if not quiet:
             print(f"== {cfg.name}: method={cfg.embedding.method} model={cfg.model.name} data={data_root} "
                   f"world_size={ctx.world_size} threads={threads}\n== run directory: {run_dir}")
+    # --- OptEmbed hook: three stages (supernet, search, retrain) in its own pipeline ---
+    if cfg.embedding.method == "optembed":
+        from embtables.experiments.optembed_pipeline import run_optembed
+
+        return run_optembed(cfg, ctx, run_dir, data_root, schema, resume, stop_after_step, quiet, threads)
+    # --- end OptEmbed hook ---
     trainer = Trainer(cfg, schema, data_root, ctx, run_dir)
     if resume is not None:
         ckpt = latest_checkpoint(run_dir)

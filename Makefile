@@ -14,7 +14,7 @@ FBGEMM_VERSION := 1.8.0
 # local wheel), never from PyPI's default CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DATA := data/synth-criteo
-DEMO_ROWS ?= 400000
+DEMO_ROWS ?= 1000000
 STAMP := $(VENV)/.stamp-installed-$(DEVICE)
 
 .PHONY: setup demo test data lint bench clean doctor

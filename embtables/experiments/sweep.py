@@ -84,8 +84,6 @@ def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], th
     overrides: dict[str, Any] = {"train.progress": False}
     if threads and not config.get("train", {}).get("threads"):
         overrides["train.threads"] = threads
-    # A one-process run: say so, or TorchRec warns once per cell that it had to guess.
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
     t0 = time.perf_counter()
     try:
         if _resumable(cdir):
@@ -179,6 +177,12 @@ def run_sweep(
             write_json(cdir / STATUS_FILE, {"status": "skipped", "error": cell.skip_reason})
             already += 1
         elif state == "done" or (state == "failed" and not retry_failed):
+            st = read_json(cdir / STATUS_FILE) or {}
+            if state == "done" and st.get("status") != "done":
+                # Killed between writing summary.json and status.json: the run finished.
+                summary = read_json(cdir / SUMMARY_FILE) or {}
+                st.update(status="done", auc=summary.get("auc"), repaired=True)
+                write_json(cdir / STATUS_FILE, st)
             already += 1
         else:
             todo.append(cell)

@@ -50,6 +50,15 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
 
 
+def _not_local_world_size_guess(record: logging.LogRecord) -> bool:
+    # TorchRec's managed-collision module warns on the root logger when a single process
+    # has no LOCAL_WORLD_SIZE; setting the variable instead would leak into later planning.
+    return "Could not determine LOCAL_WORLD_SIZE" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_not_local_world_size_guess)
+
+
 class ShardingError(ValueError):
     """A table cannot be sharded the way the `sharding:` block asks; raised before planning."""
 
@@ -97,8 +106,6 @@ def init_distributed(device: str = "cpu", timeout_s: int = 300) -> DistContext:
         dist.init_process_group(backend, timeout=timeout)
     else:
         # A file store needs no free port, so concurrent single-process runs never clash.
-        # TorchRec's managed-collision code reads LOCAL_WORLD_SIZE and warns without it.
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         fd, path = tempfile.mkstemp(prefix="embtables-pg-")
         os.close(fd)
         os.unlink(path)

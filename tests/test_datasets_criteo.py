@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from embtables.datasets.cli import main as cli_main
+from embtables.cli import main as cli_main
 from embtables.datasets.criteo import BadRowError, convert_criteo
 from embtables.datasets.criteo_format import CAT_NAMES, DENSE_NAMES
 from embtables.datasets.schema import load_schema

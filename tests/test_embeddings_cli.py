@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from embtables.cli import main
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema
-from embtables.embeddings.cli import main
 
 
 @pytest.fixture

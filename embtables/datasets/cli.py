@@ -1,8 +1,4 @@
-"""`embtables data ...` commands: ``synth`` and ``criteo``.
-
-The lead wires :func:`register_commands` into ``embtables/cli.py``; until then (and for
-scripts) ``python -m embtables.datasets.cli data synth ...`` works too.
-"""
+"""`embtables data ...` commands: ``synth`` and ``criteo`` (wired into `embtables/cli.py`)."""
 
 from __future__ import annotations
 
@@ -112,14 +108,3 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_criteo)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embtables")
-    register_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,11 @@
 """`embtables size DATA --method M --budget B`: what a method would allocate for a dataset,
 per feature, without building it (the methods' pure sizing functions).
-
-The lead wires :func:`register_commands` into ``embtables/cli.py``; until then
-``python -m embtables.embeddings.cli size ...`` works too.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from pathlib import Path
 
 
@@ -69,14 +65,3 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--knob", type=_knob, action="append", default=[], metavar="KEY=VALUE",
                    help="a method knob, repeatable (e.g. --knob operation=concat --knob partitions=3)")
     p.set_defaults(func=_run_plan)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embtables")
-    register_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

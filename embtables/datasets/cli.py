@@ -108,3 +108,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_criteo)
+
+    from embtables.datasets.seq_cli import add_sequence_data_commands
+
+    add_sequence_data_commands(sub)  # movielens, behavior, synth-seq

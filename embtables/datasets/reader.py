@@ -51,9 +51,9 @@ class _RowGroup:
     rows: int
 
 
-def _row_groups(root: Path, schema: DatasetSchema, split: str) -> list[_RowGroup]:
+def _row_groups(root: Path, schema: DatasetSchema, split: str, files: list[Path] | None = None) -> list[_RowGroup]:
     out = []
-    for f in schema.files(root, split):
+    for f in files if files is not None else schema.files(root, split):
         md = pq.ParquetFile(f).metadata
         out += [_RowGroup(f, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
     return out
@@ -115,7 +115,8 @@ class BatchReader:
 
     def __init__(self, root: str | Path, split: str = "train", batch_size: int = 1024, *, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, prefetch: int = 2, start_batch: int = 0, epoch: int = 0):
+                 drop_last: bool = False, prefetch: int = 2, start_batch: int = 0, epoch: int = 0,
+                 files: list[Path] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -128,7 +129,9 @@ class BatchReader:
         self.shuffle_buffer = max(int(shuffle_buffer), batch_size)
         self.rank, self.world_size = rank, world_size
         self.drop_last, self.prefetch = drop_last, prefetch
-        self.groups = _row_groups(self.root, self.schema, split)
+        # ``files`` replaces the split's parts (same columns), e.g. a dataset's training
+        # rows with negatives redrawn for this epoch.
+        self.groups = _row_groups(self.root, self.schema, split, files)
         self.total_rows = sum(g.rows for g in self.groups)
         self.epoch, self.start_batch = epoch, start_batch
         s = self.schema

@@ -165,7 +165,7 @@ def make_summary(cfg, trainer: Trainer, final: dict, data_root: Path, world_size
         "test_auc": finite_or_none(final.get("test_auc")),
         "valid_logloss": finite_or_none(final.get("valid_logloss")),
         "test_logloss": finite_or_none(final.get("test_logloss")),
-        "gauc": final.get("gauc"),
+        "gauc": finite_or_none(final.get("test_gauc") if has_test else final.get("valid_gauc")),
         "oracle_auc": oracle_auc(trainer.schema, data_root, split, cfg.data.max_eval_rows) if split else None,
         "embedding_dim": cfg.embedding.dim,
         "embedding_budget": cfg.embedding.budget,

@@ -23,7 +23,7 @@ from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
 from embtables.experiments.optim import attach_embedding_optimizer, dense_optimizer, lr_factor, set_lr
 from embtables.sharding import DistContext, shard_model
-from embtables.sharding.collectives_metrics import gather_predictions
+from embtables.sharding.collectives_metrics import all_gather_1d, gather_predictions
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +72,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         model = build_model(cfg, schema)
+        if hasattr(model, "load_dataset_stats"):
+            model.load_dataset_stats(data_root)  # e.g. id frequencies for DIN's mini-batch aware L2
         self.sizes = measure_sizes(model)
         attach_embedding_optimizer(model, cfg.train.embedding_optimizer, ctx.device.type)
         self.model = shard_model(model, cfg.sharding, ctx)
@@ -89,16 +91,19 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_samples = 0
         self.last_checkpoint: Path | None = None
+        self.last_users: np.ndarray | None = None
         tc = cfg.train
         self.local_batch = max(1, tc.batch_size // ctx.world_size)
         self.tb = None
         if not for_training:
             return
-        self.reader = BatchReader(
-            data_root, split=cfg.data.train_split, batch_size=self.local_batch, shuffle=cfg.data.shuffle,
-            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=ctx.rank, world_size=ctx.world_size,
-            drop_last=ctx.world_size > 1, prefetch=cfg.data.prefetch,
-        )
+        neg = schema.extra.get("negatives") or {}
+        self.negatives = None
+        if neg.get("resample_per_epoch") and cfg.data.train_split == "train":
+            from embtables.datasets.sequences import EpochNegatives
+
+            self.negatives = EpochNegatives(data_root, schema)
+        self.reader = self._train_reader(0)
         self.steps_per_epoch = self.reader.num_batches
         if cfg.data.max_train_rows:
             # N rows per epoch: the first N in file order, or a fresh shuffled N each epoch.
@@ -117,6 +122,20 @@ class Trainer:
             except ImportError as e:
                 raise RuntimeError("train.tensorboard: true needs the tensorboard package: pip install tensorboard") from e
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _train_reader(self, epoch: int) -> BatchReader:
+        """The training stream of an epoch; sampled-negative datasets draw fresh negatives
+        for each epoch (seeded by (seed, epoch), so resuming redraws the same ones)."""
+        files = None
+        if self.negatives is not None:
+            cache = (self.run_dir or Path(self.data_root)) / "negatives"
+            files = self.negatives.files(epoch, self.cfg.seed, cache) if epoch > 0 else None
+        cfg, ctx = self.cfg, self.ctx
+        return BatchReader(
+            self.data_root, split=cfg.data.train_split, batch_size=self.local_batch, shuffle=cfg.data.shuffle,
+            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=ctx.rank, world_size=ctx.world_size,
+            drop_last=ctx.world_size > 1, prefetch=cfg.data.prefetch, files=files,
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _ckpt_dir(self) -> Path | None:
@@ -159,7 +178,8 @@ class Trainer:
         bs = max(1, self.cfg.train.eval_batch_size // self.ctx.world_size)
         reader = BatchReader(root, split=split, batch_size=bs, shuffle=False, seed=0, rank=self.ctx.rank,
                              world_size=self.ctx.world_size, drop_last=False, prefetch=self.cfg.data.prefetch)
-        probs, labels = [], []
+        probs, labels, users = [], [], []
+        user_key = self.schema.extra.get("user_feature")
         batches = iter(reader)
         n_local = reader.num_batches
         if max_rows:
@@ -186,28 +206,39 @@ class Trainer:
             if real:
                 probs.append(torch.sigmoid(logits[:n].float()).numpy())
                 labels.append(batch.labels[:n].numpy())
+                if user_key in batch.sparse_features.keys():
+                    users.append(batch.sparse_features[user_key].values()[:n].numpy())
         self.model.train()
         p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
         y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+        u = np.concatenate(users) if users else None
         if self.ctx.world_size > 1:
             # Metrics over every rank's predictions together, never an average of per-rank AUCs.
             pt, yt = gather_predictions(torch.from_numpy(p), torch.from_numpy(y))
             p, y = pt.numpy().astype(np.float32), yt.numpy().astype(np.float32)
+            if u is not None:
+                u = all_gather_1d(torch.from_numpy(u)).numpy()
+        self.last_users = u
         return p, y
 
     def evaluate(self, split: str) -> dict[str, float | None]:
         p, y = self.predict_split(split, max_rows=self.cfg.data.max_eval_rows)
-        return {"auc": M.auc(y, p), "logloss": M.logloss(y, p), "rows": int(y.size)}
+        out = {"auc": M.auc(y, p), "logloss": M.logloss(y, p), "rows": int(y.size), "gauc": None}
+        if self.last_users is not None:
+            from embtables.experiments.metrics_gauc import gauc
+
+            out["gauc"] = gauc(self.last_users, y, p)
+        return out
 
     # ---- training ---------------------------------------------------------------------------
     def _log_eval(self, final: bool = False) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "final": final}
         if self.cfg.data.valid_split and self.cfg.data.valid_split in self.schema.splits:
             v = self.evaluate(self.cfg.data.valid_split)
-            rec.update(valid_auc=v["auc"], valid_logloss=v["logloss"])
+            rec.update(valid_auc=v["auc"], valid_logloss=v["logloss"], valid_gauc=v["gauc"])
         if final and self.cfg.data.test_split and self.cfg.data.test_split in self.schema.splits:
             t = self.evaluate(self.cfg.data.test_split)
-            rec.update(test_auc=t["auc"], test_logloss=t["logloss"])
+            rec.update(test_auc=t["auc"], test_logloss=t["logloss"], test_gauc=t["gauc"])
         rec["train_seconds"] = round(self.train_seconds, 3)
         self.history.append(rec)
         if self.ctx.is_main and self.run_dir is not None:
@@ -226,6 +257,8 @@ class Trainer:
                    disable=not (tc.progress and self.ctx.is_main), mininterval=1.0)
         loss_ema = None
         while self.step < self.total_steps:
+            if self.negatives is not None:
+                self.reader = self._train_reader(self.epoch)
             self.reader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             t0 = time.perf_counter()
             for batch in self.reader:

@@ -6,7 +6,7 @@ most 50, one sampled negative per positive), in training rows per second.
 
 Two numbers: ``step`` (forward + backward + Adam on ready batches: the model's own
 speed) and ``end_to_end`` (the same plus building each Batch from the in-memory
-Arrow table, as bench/seq_table.py trains), each also per second of this process's
+Arrow table), each also per second of this process's
 CPU time (``*_per_cpu_s``): on a shared, loaded machine that, with ``--threads 1``, is
 what one idle core does. Target: >= 15k rows/s on a 2-core CPU
 (RecBole's / DeepCTR-Torch's DIN: ~1.5k rows/s there). The load average is printed
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import yaml
-    from seq_table import _register_models, ensure_data
 
-    _register_models()
     from embtables.datasets import load_schema
     from embtables.datasets.sequences import EpochNegatives, TableBatcher
     from embtables.experiments.config import EmbeddingSection
@@ -111,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ensure_data(args.data)
+    if not (Path(args.data) / "schema.json").exists():
+        raise SystemExit(f"no dataset at {args.data}: run `embtables data movielens ../shared/data/ml-100k "
+                         f"--out {args.data}` first")
     schema = load_schema(args.data)
     entry = get_model(args.model)
     knobs = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}

@@ -27,12 +27,6 @@ class PoolModel(BehaviorModel):
         n_ctx = len(self.inputs.context) * (context.dim if context is not None else 0)
         self.head = head_mlp(n_ctx + 2 * d + self.num_dense, cfg.mlp, cfg.activation, cfg.dropout)
 
-    def embedding_modules(self) -> dict[str, nn.Module]:
-        mods = {"behavior": self.behavior_embedding}
-        if self.context_embedding is not None:
-            mods["context"] = self.context_embedding
-        return mods
-
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
         e = self.lookup(self.behavior_embedding, packed, self.inputs.behavior)
         target, hist = e[:b], e[b:]

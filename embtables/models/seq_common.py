@@ -276,6 +276,13 @@ class BehaviorModel(nn.Module):
         raise NotImplementedError
 
     # -- lookups
+    def embedding_modules(self) -> dict[str, nn.Module]:
+        """DIN and pooling: one behaviour module (+ context); DARE overrides with two roles."""
+        mods = {"behavior": self.behavior_embedding}
+        if self.context_embedding is not None:
+            mods["context"] = self.context_embedding
+        return mods
+
     def lookup(self, module: nn.Module, kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
         """Sequence lookup -> ``[values, sum of widths]`` (features concatenated).
 

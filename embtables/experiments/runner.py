@@ -17,7 +17,7 @@ import yaml
 
 from embtables.datasets.schema import load_schema
 from embtables.experiments.config import ExperimentConfig, load_config
-from embtables.experiments.trainer import StopRequested, Trainer, finite_or_none, peak_rss_bytes
+from embtables.experiments.trainer import StopRequested, Trainer, finite_or_none, peak_rss_bytes, state_bytes
 from embtables.sharding import init_distributed
 
 
@@ -151,7 +151,6 @@ def make_summary(cfg, trainer: Trainer, final: dict, data_root: Path, world_size
     ll = final.get("test_logloss") if has_test else final.get("valid_logloss")
     fused_state = trainer.fused_opt.state_dict()
     dense_state = trainer.dense_opt.state_dict()
-    from embtables.experiments.trainer import _state_bytes
 
     return {
         "name": cfg.name,
@@ -171,7 +170,7 @@ def make_summary(cfg, trainer: Trainer, final: dict, data_root: Path, world_size
         "embedding_budget": cfg.embedding.budget,
         "embedding_params": trainer.sizes.embedding_params,
         "embedding_bytes": trainer.sizes.embedding_bytes,
-        "optimizer_state_bytes": _state_bytes(fused_state) + _state_bytes(dense_state),
+        "optimizer_state_bytes": state_bytes(fused_state) + state_bytes(dense_state),
         "dense_params": trainer.sizes.dense_params,
         "steps": trainer.step,
         "train_samples": trainer.train_samples,

@@ -52,16 +52,16 @@ def measure_sizes(model: nn.Module) -> ModelSizes:
     return ModelSizes(emb_params, sum(v["bytes"] for v in per.values()), dense, per)
 
 
-def _state_bytes(obj: Any) -> int:
+def state_bytes(obj: Any) -> int:
     """Bytes of the tensors in an optimizer state dict (local shards of ShardedTensors)."""
     if isinstance(obj, torch.Tensor):
         if hasattr(obj, "local_shards"):
             return sum(s.tensor.numel() * s.tensor.element_size() for s in obj.local_shards())
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_state_bytes(v) for v in obj.values())
+        return sum(state_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v) for v in obj)
+        return sum(state_bytes(v) for v in obj)
     return 0
 
 

@@ -15,6 +15,7 @@ from embtables.sharding.checkpoint import CheckpointError, load_checkpoint, save
 from embtables.sharding.testing import (
     attach_table_optimizer,
     dense_optimizer,
+    gather_full,
     make_batch,
     tiny_dlrm,
     train_step,
@@ -39,20 +40,6 @@ def _fresh(ctx, seed: int, cfg: ShardingConfig, table_opt: str):
     return dmp, dense_optimizer(dmp)
 
 
-def _state(dmp) -> dict[str, torch.Tensor]:
-    """Full tensors of every weight (ShardedTensor shards gathered on this one rank)."""
-    out = {}
-    for k, v in dmp.state_dict().items():
-        if hasattr(v, "local_shards"):
-            full = torch.zeros(v.size())
-            for s in v.local_shards():
-                idx = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets, s.metadata.shard_sizes, strict=True))
-                full[idx] = s.tensor
-            v = full
-        out[k] = v.detach().clone()
-    return out
-
-
 @pytest.mark.parametrize(
     ("table_opt", "sharding_type"), [("rowwise_adagrad", "table_wise"), ("adagrad", "row_wise")]
 )
@@ -60,7 +47,7 @@ def test_resume_equals_uninterrupted(ctx, tmp_path, table_opt, sharding_type):
     cfg = ShardingConfig(sharding_types=[sharding_type])
     dmp, opt = _fresh(ctx, 0, cfg, table_opt)
     ref_losses = [train_step(dmp, opt, make_batch(s, BATCH)) for s in range(STEPS)]
-    ref_state = _state(dmp)
+    ref_state = gather_full(dmp)
 
     dmp, opt = _fresh(ctx, 0, cfg, table_opt)
     losses = [train_step(dmp, opt, make_batch(s, BATCH)) for s in range(SPLIT)]
@@ -81,7 +68,7 @@ def test_resume_equals_uninterrupted(ctx, tmp_path, table_opt, sharding_type):
     losses += [train_step(dmp2, opt2, make_batch(s, BATCH)) for s in range(SPLIT, STEPS)]
 
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-6)
-    state = _state(dmp2)
+    state = gather_full(dmp2)
     assert state.keys() == ref_state.keys()
     for k in ref_state:
         torch.testing.assert_close(state[k], ref_state[k], rtol=0, atol=1e-6, msg=k)

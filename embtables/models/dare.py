@@ -28,6 +28,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
+from embtables.models.segment_ops import GatherPlan, gather
+from embtables.models.segment_ops import segment_sum as plan_segment_sum
 from embtables.models.seq_common import (
     BehaviorModel,
     SeqModelConfig,
@@ -73,8 +75,8 @@ class DARE(BehaviorModel):
         """Attention logits of every history behaviour (jagged, ``[N]``): the attention path."""
         a = self.lookup(self.attention_embedding, packed, self.inputs.behavior)
         target, hist = a[:b], a[b:]
-        row = row_index(lengths, hist.shape[0])
-        return (hist * target[row]).sum(1) / math.sqrt(self.d_att)
+        rows = GatherPlan.from_lengths(lengths, hist.shape[0])
+        return (hist * gather(target, rows)).sum(1) / math.sqrt(self.d_att)
 
     def select(self, scores: torch.Tensor, lengths: torch.Tensor, b: int):
         """Weights of the aggregated behaviours: ``(flat index [M] into the jagged
@@ -98,7 +100,10 @@ class DARE(BehaviorModel):
         r = self.lookup(self.representation_embedding, packed, self.inputs.behavior)
         target, hist = r[:b], r[b:]
         flat, row, w = self.select(s, lengths, b)
-        pooled = segment_sum(hist[flat] * w.unsqueeze(1), row, b)
+        if flat.numel() == hist.shape[0]:  # every behaviour, in order: rows are the jagged rows
+            pooled = plan_segment_sum(hist * w.unsqueeze(1), GatherPlan.from_lengths(lengths, hist.shape[0]))
+        else:
+            pooled = segment_sum(hist[flat] * w.unsqueeze(1), row, b)
         if self.target_product:
             pooled = torch.cat([pooled, pooled * target], dim=1)
         return target, pooled

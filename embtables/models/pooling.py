@@ -11,7 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
-from embtables.models.seq_common import BehaviorModel, SeqModelConfig, head_mlp, row_index, segment_sum
+from embtables.models.segment_ops import GatherPlan, segment_sum
+from embtables.models.seq_common import BehaviorModel, SeqModelConfig, head_mlp
 
 
 class PoolConfig(SeqModelConfig):
@@ -30,7 +31,7 @@ class PoolModel(BehaviorModel):
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
         e = self.lookup(self.behavior_embedding, packed, self.inputs.behavior)
         target, hist = e[:b], e[b:]
-        pooled = segment_sum(hist, row_index(lengths, hist.shape[0]), b)
+        pooled = segment_sum(hist, GatherPlan.from_lengths(lengths, hist.shape[0]))
         if self.pooling == "mean":
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
         return target, pooled

@@ -38,6 +38,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.embeddings.spec import FeatureSpec
+from embtables.models.segment_ops import GatherPlan, gather
 
 
 class SeqModelConfig(BaseModel):
@@ -93,11 +94,51 @@ def pad_jagged(values: torch.Tensor, lengths: torch.Tensor, max_len: int, pad: f
 # ---- activations --------------------------------------------------------------------------
 
 
+class _DiceTrain(torch.autograd.Function):
+    """Dice in training mode with hand-written backward. Autograd through BatchNorm1d +
+    sigmoid + addcmul + mul makes ~25 passes over ``[N, H]`` and reduces columns with
+    slow column sums; this makes ~15 and reduces with GEMVs (``ones @ X``). DIN's
+    attention unit applies Dice to every history position (~80k x 36 per batch), where
+    this was the largest single cost of a step. Returns (y, batch mean, biased var)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, eps: float):  # type: ignore[override]
+        n = x.shape[0]
+        ones = x.new_ones(1, n)
+        mean = (ones @ x).squeeze(0) / n
+        xc = x - mean
+        var = (ones @ (xc * xc)).squeeze(0) / n
+        rstd = torch.rsqrt(var + eps)
+        p = torch.sigmoid_(xc.mul_(rstd))
+        y = torch.addcmul(alpha, p, 1 - alpha).mul_(x)
+        ctx.save_for_backward(x, p, alpha, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _gm, _gv):  # type: ignore[override]
+        x, p, alpha, mean, rstd = ctx.saved_tensors
+        n = x.shape[0]
+        ones = x.new_ones(1, n)
+        g = g.contiguous()
+        grad_x = torch.addcmul(alpha, p, 1 - alpha).mul_(g)     # direct path: dy/dx at fixed p
+        t = g * x
+        tp = t * p
+        grad_alpha = (ones @ t - ones @ tp).squeeze(0)          # sum g * x * (1 - p)
+        dxh = torch.addcmul(tp, tp, p, value=-1).mul_(1 - alpha)  # g * x * (1 - alpha) * p * (1 - p)
+        xh = (x - mean).mul_(rstd)
+        m1 = (ones @ dxh).squeeze(0) / n
+        m2 = (ones @ (dxh * xh)).squeeze(0) / n
+        dxh.sub_(m1).sub_(xh.mul_(m2)).mul_(rstd)               # batch-norm backward
+        return grad_x.add_(dxh), grad_alpha, None
+
+
 class Dice(nn.Module):
     """Dice (DIN paper, eq. 9): ``p(s) * s + (1 - p(s)) * alpha * s`` with
     ``p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps))`` per unit. In training E and Var
     are the mini-batch statistics (biased variance), in eval the running averages —
-    exactly BatchNorm1d without affine parameters."""
+    exactly BatchNorm1d without affine parameters (its buffers hold the running
+    statistics, updated as BatchNorm1d updates them)."""
 
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1) -> None:
         super().__init__()
@@ -105,10 +146,19 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:  # a single value has no batch statistics
-            norm = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, training=False, eps=self.bn.eps)
-        else:
+        if self.training and x.shape[0] >= 2 and x.dim() == 2 and x.dtype == self.alpha.dtype:
+            y, mean, var = _DiceTrain.apply(x, self.alpha, self.bn.eps)
+            with torch.no_grad():
+                n = x.shape[0]
+                m = self.bn.momentum
+                self.bn.running_mean.lerp_(mean, m)
+                self.bn.running_var.lerp_(var * (n / (n - 1)), m)
+                self.bn.num_batches_tracked.add_(1)
+            return y
+        if self.training and x.shape[0] >= 2:
             norm = self.bn(x)
+        else:  # eval, or a single value: no batch statistics
+            norm = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, training=False, eps=self.bn.eps)
         # p * x + (1 - p) * alpha * x == x * (alpha + p * (1 - alpha)): two passes, not four
         return x * torch.addcmul(self.alpha, torch.sigmoid(norm), 1 - self.alpha)
 
@@ -287,7 +337,8 @@ class BehaviorModel(nn.Module):
         """Sequence lookup -> ``[values, sum of widths]`` (features concatenated).
 
         With ``dedup`` each distinct id of a feature is looked up once (a KJT of one
-        bag per feature holding the distinct ids) and expanded with ``index_select``:
+        bag per feature holding the distinct ids) and expanded by a gather (whose
+        backward is an SpMM, see segment_ops):
         a batch of 2048 histories of 50 holds ~100k item ids but at most a few
         thousand distinct ones, and the table's backward then touches each row once.
         The values are identical to a direct lookup for every embtables method (a
@@ -301,15 +352,15 @@ class BehaviorModel(nn.Module):
                 for k, e in zip(keys, embs, strict=True):
                     self.mba_l2.record(k, seg[k][0], e)
             return embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
-        uniq, inv = zip(*(torch.unique(seg[k][0], return_inverse=True) for k in keys), strict=True)
+        uniq, plans = zip(*(GatherPlan.unique(seg[k][0]) for k in keys), strict=True)
         lengths = torch.tensor([len(u) for u in uniq], dtype=kjt.lengths().dtype)
         out = module(KeyedJaggedTensor(keys=list(keys), values=torch.cat(uniq), lengths=lengths, stride=1))
         embs = []
-        for k, u, i in zip(keys, uniq, inv, strict=True):
+        for k, u, plan in zip(keys, uniq, plans, strict=True):
             e = out[k].values()
             if self.mba_l2.active:
                 self.mba_l2.record(k, u, e)  # already one row per distinct id
-            embs.append(e.index_select(0, i))
+            embs.append(gather(e, plan))
         return embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Gathers and segment sums whose backward is a sparse-matrix product, not a scatter.
+
+Behaviour models expand small tables to one row per history position and reduce back:
+``x.index_select(0, index)`` (each distinct id's embedding to every position holding
+it; each target row's query to its behaviours) and ``sum over each row's behaviours``.
+On CPU, autograd's backward of a gather is ``index_add_``, which runs serially: with
+~80k behaviours per batch it was ~30% of a DIN step. The same reduction written as a
+CSR matrix (one row per output row, one column per position) times the gradient is a
+parallel SpMM, 4-15x faster here. The forward results are identical; the gradients
+equal ``index_add_``'s up to float summation order.
+
+:class:`GatherPlan` holds the CSR matrix for one index and is built once per batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class GatherPlan:
+    """``index [N]`` into ``num_rows`` rows, with its CSR reduction matrix ``[num_rows, N]``."""
+
+    def __init__(self, index: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, num_rows: int) -> None:
+        self.index = index
+        self.num_rows = num_rows
+        self._crow, self._col = crow, col
+        self._csr: dict[torch.dtype, torch.Tensor] = {}
+
+    def csr(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._csr:
+            n = self.index.numel()
+            self._csr[dtype] = torch.sparse_csr_tensor(
+                self._crow, self._col, torch.ones(n, dtype=dtype, device=self.index.device),
+                size=(self.num_rows, n), check_invariants=False)
+        return self._csr[dtype]
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, total: int | None = None) -> GatherPlan:
+        """Row ``r`` repeated ``lengths[r]`` times (jagged values in row order)."""
+        n = int(lengths.sum()) if total is None else total
+        index = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=n)
+        crow = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+        return cls(index, crow, torch.arange(n, device=lengths.device), len(lengths))
+
+    @classmethod
+    def unique(cls, values: torch.Tensor) -> tuple[torch.Tensor, GatherPlan]:
+        """``torch.unique(values, return_inverse=True)`` as (distinct values, plan of the
+        inverse), from a single sort."""
+        srt, perm = torch.sort(values, stable=True)
+        uniq, inv_sorted, counts = torch.unique_consecutive(srt, return_inverse=True, return_counts=True)
+        inverse = torch.empty_like(inv_sorted).scatter_(0, perm, inv_sorted)
+        crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return uniq, cls(inverse, crow, perm, len(uniq))
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: GatherPlan) -> torch.Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        return x.index_select(0, plan.index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.plan.csr(grad.dtype) @ grad.contiguous(), None
+
+
+class _SegmentSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, plan: GatherPlan) -> torch.Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        return plan.csr(values.dtype) @ values.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad.index_select(0, ctx.plan.index), None
+
+
+def gather(x: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """``x.index_select(0, plan.index)`` with an SpMM backward."""
+    if x.dim() != 2:
+        return x.index_select(0, plan.index)
+    return _Gather.apply(x, plan)
+
+
+def segment_sum(values: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """``out[r] = sum of values[i] with plan.index[i] == r`` (``[plan.num_rows, D]``)."""
+    if values.dim() != 2 or values.shape[0] == 0:
+        out = values.new_zeros((plan.num_rows, *values.shape[1:]))
+        return out.index_add_(0, plan.index, values)
+    return _SegmentSum.apply(values, plan)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embtables.models.segment_ops import GatherPlan, gather, segment_sum
+from embtables.models.segment_ops import GatherPlan, gather, gather_split, segment_sum
 from embtables.models.seq_common import Dice
 
 
@@ -68,3 +68,21 @@ def test_dice_training_backward_equals_batchnorm_autograd():
         torch.testing.assert_close(a, b)
     small = x[:30].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: dice(a), (small,))
+
+
+def test_interleaved_gather_split_equals_concatenated_lookups():
+    torch.manual_seed(3)
+    vals = [torch.randint(0, 6, (30,)), torch.randint(0, 4, (30,))]
+    plans, tables = [], []
+    for v in vals:
+        u, p = GatherPlan.unique(v)
+        plans.append(p)
+        tables.append(torch.randn(len(u), 3, dtype=torch.double, requires_grad=True))
+    ref = torch.cat([t.index_select(0, p.index) for t, p in zip(tables, plans, strict=True)], dim=1)
+    head, tail = gather_split(torch.cat(tables), GatherPlan.interleave(plans), 6, 7)
+    assert torch.equal(head, ref[:7]) and torch.equal(tail, ref[7:])
+    g = torch.randn(30, 6, dtype=torch.double)
+    want = torch.autograd.grad(ref, tables, g)
+    got = torch.autograd.grad((head * g[:7]).sum() + (tail * g[7:]).sum(), tables)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

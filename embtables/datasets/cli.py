@@ -59,7 +59,7 @@ def _run_criteo(args: argparse.Namespace) -> int:
             sources, args.out, cat_mode=args.cat_mode, min_count=args.min_count, vocab_from=args.vocab_from,
             dense_transform=args.dense_transform, split=args.split, random_split=args.random_split,
             seed=args.seed, on_bad_row=args.on_bad_row, overwrite=args.overwrite, progress=not args.quiet,
-            name=args.name, block_mb=args.block_mb)
+            name=args.name, block_mb=args.block_mb, workers=args.workers)
     except BadRowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -105,6 +105,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="error: stop at the first bad row (file, line, text); skip: drop and count per reason")
     p.add_argument("--name", default=None, help="dataset name in schema.json (default: criteo)")
     p.add_argument("--block-mb", type=float, default=16.0, help="bytes parsed per block (MB)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="blocks parsed at once, one thread each (default: CPU count, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_criteo)

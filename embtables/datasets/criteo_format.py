@@ -48,10 +48,17 @@ def dense_transform(values: np.ndarray, missing: np.ndarray | None, transform: s
     return x.astype(np.float32)
 
 
+def single_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous Arrow array; a one-chunk column is taken as is (``combine_chunks``
+    copies even then)."""
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    return arr
+
+
 def arrow_dense_transform(arr: pa.Array | pa.ChunkedArray, transform: str = "log1p") -> np.ndarray:
     """Same as :func:`dense_transform` for a nullable Arrow int64/float64 column."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+    arr = single_array(arr)
     missing = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
     values = arr.fill_null(0).to_numpy(zero_copy_only=False)
     return dense_transform(values, missing, transform)
@@ -73,8 +80,7 @@ def parse_hex(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     integers. Null -> :data:`RAW_MISSING_ID`. ``ok`` is False for non-hex text, empty
     strings that are not null, more than 16 digits, or values >= 2**63.
     """
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+    arr = single_array(arr)
     n = len(arr)
     if n == 0:
         return np.zeros(0, np.int64), np.ones(0, bool)
@@ -121,21 +127,19 @@ def parse_hex(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return ids, ok
 
 
-_M0F = np.uint64(0x0F0F0F0F0F0F0F0F)
-_M01 = np.uint64(0x0101010101010101)
-_MLO = np.uint64(0x000F000F000F000F)
-_MHI = np.uint64(0x0F000F000F000F00)
-_M06 = np.uint64(0x0606060606060606)
-_MF0 = np.uint64(0xF0F0F0F0F0F0F0F0)
-_M16 = np.uint64(0x0000FFFF0000FFFF)
-_M30 = np.uint64(0x3030303030303030)
+# Two ASCII characters read as one little-endian uint16 -> the byte they spell in lower-case
+# hex, or 0xFFFF. A 128 KiB table (stays in L2): one gather per two digits decodes and
+# validates at once, ~2.5x faster than bit-twiddling whole uint64 words in numpy.
+_HEX_PAIR_LUT = np.full(1 << 16, 0xFFFF, dtype=np.uint16)
+for _hi, _a in enumerate(b"0123456789abcdef"):
+    for _lo, _b in enumerate(b"0123456789abcdef"):
+        _HEX_PAIR_LUT[_a | (_b << 8)] = (_hi << 4) | _lo
 
 
 def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     """Fast path for Criteo's case: every non-null value is exactly 8 hex digits. The
-    values then lie back to back in the data buffer, so each one is a little-endian
-    uint64 of 8 ASCII digits, decoded with a few whole-array bit operations (SWAR).
-    Returns None when the column does not fit this case."""
+    values then lie back to back in the data buffer, and each pair of digits is one
+    lookup in :data:`_HEX_PAIR_LUT`. Returns None when the column does not fit this case."""
     if not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
         return None
     n = len(arr)
@@ -157,17 +161,10 @@ def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     if last == first:
         return np.zeros(n, np.int64), np.ones(n, bool)
     chars = np.frombuffer(bufs[2], dtype=np.uint8, count=last - first, offset=first)
-    x = chars.view("<u8")
-    letter = (x >> np.uint64(6)) & _M01  # 1 in each byte holding a letter
-    nib = (x & _M0F) + (letter << np.uint64(3)) + letter  # '0'-'9' -> 0-9, 'a'-'f' -> 10-15
-    # validate by re-encoding the nibbles as lower-case hex and comparing with the input
-    # (cheaper than a byte lookup table); anything else (upper case, junk) -> general path
-    over9 = ((nib + _M06) >> np.uint64(4)) & _M01
-    if (nib & _MF0).any() or not np.array_equal(nib + _M30 + over9 * np.uint64(0x27), x):
+    pairs = _HEX_PAIR_LUT[chars.view("<u2")]
+    if pairs.max() > 0xFF:  # not lower-case hex (upper case, junk): general path
         return None
-    pairs = ((nib & _MHI) >> np.uint64(8)) | ((nib & _MLO) << np.uint64(4))  # digit pairs -> bytes in 16-bit lanes
-    quads = (pairs | (pairs >> np.uint64(8))) & _M16  # -> 2 bytes in 32-bit lanes
-    val = ((quads | (quads >> np.uint64(16))).astype(np.uint32)).byteswap()  # 4 bytes, first digit most significant
+    val = pairs.astype(np.uint8).view(">u4")  # 4 bytes per value, first digit most significant
     if valid is None:
         return val.astype(np.int64), np.ones(n, bool)
     if packed_nulls:

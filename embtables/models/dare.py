@@ -73,8 +73,7 @@ class DARE(BehaviorModel):
 
     def scores(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int) -> torch.Tensor:
         """Attention logits of every history behaviour (jagged, ``[N]``): the attention path."""
-        a = self.lookup(self.attention_embedding, packed, self.inputs.behavior)
-        target, hist = a[:b], a[b:]
+        target, hist = self.lookup(self.attention_embedding, packed, self.inputs.behavior, b)
         rows = GatherPlan.from_lengths(lengths, hist.shape[0])
         return (hist * gather(target, rows)).sum(1) / math.sqrt(self.d_att)
 
@@ -97,8 +96,7 @@ class DARE(BehaviorModel):
 
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
         s = self.scores(packed, lengths, b)
-        r = self.lookup(self.representation_embedding, packed, self.inputs.behavior)
-        target, hist = r[:b], r[b:]
+        target, hist = self.lookup(self.representation_embedding, packed, self.inputs.behavior, b)
         flat, row, w = self.select(s, lengths, b)
         if flat.numel() == hist.shape[0]:  # every behaviour, in order: rows are the jagged rows
             pooled = plan_segment_sum(hist * w.unsqueeze(1), GatherPlan.from_lengths(lengths, hist.shape[0]))

@@ -78,8 +78,7 @@ class DIN(BehaviorModel):
 
     def attention(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
         """-> (target [B, D], history [N, D], rows of the history, weights [N])."""
-        e = self.lookup(self.behavior_embedding, packed, self.inputs.behavior)
-        target, hist = e[:b], e[b:]
+        target, hist = self.lookup(self.behavior_embedding, packed, self.inputs.behavior, b)
         rows = GatherPlan.from_lengths(lengths, hist.shape[0])
         if hist.shape[0] == 0:
             return target, hist, rows, hist.new_zeros(0)

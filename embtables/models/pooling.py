@@ -29,8 +29,7 @@ class PoolModel(BehaviorModel):
         self.head = head_mlp(n_ctx + 2 * d + self.num_dense, cfg.mlp, cfg.activation, cfg.dropout)
 
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
-        e = self.lookup(self.behavior_embedding, packed, self.inputs.behavior)
-        target, hist = e[:b], e[b:]
+        target, hist = self.lookup(self.behavior_embedding, packed, self.inputs.behavior, b)
         pooled = segment_sum(hist, GatherPlan.from_lengths(lengths, hist.shape[0]))
         if self.pooling == "mean":
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)

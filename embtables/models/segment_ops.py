@@ -57,6 +57,48 @@ class GatherPlan:
         return uniq, cls(inverse, crow, perm, len(uniq))
 
 
+    @classmethod
+    def interleave(cls, plans: list[GatherPlan]) -> GatherPlan:
+        """K plans over the same n positions, into K stacked tables (table k's rows follow
+        tables 0..k-1), as one plan over ``n * K`` positions ordered (position, k):
+        gathering with it and viewing ``[n, K * d]`` concatenates the K lookups per
+        position without a ``torch.cat`` (and its copies in both directions)."""
+        if len(plans) == 1:
+            return plans[0]
+        k, n = len(plans), plans[0].index.numel()
+        offs = [0]
+        for p in plans[:-1]:
+            offs.append(offs[-1] + p.num_rows)
+        index = torch.stack([p.index + o for p, o in zip(plans, offs, strict=True)], dim=1).reshape(-1)
+        crow = torch.cat([plans[0]._crow[:1]] + [p._crow[1:] + i * n for i, p in enumerate(plans)])
+        col = torch.cat([p._col * k + i for i, p in enumerate(plans)])
+        return cls(index, crow, col, offs[-1] + plans[-1].num_rows)
+
+
+class _GatherSplit(torch.autograd.Function):
+    """``x[plan.index]`` viewed ``[n, width]`` and split at row ``at``, as two tensors whose
+    backward is one SpMM (slicing one gathered tensor instead would zero-fill a full-size
+    gradient per slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: GatherPlan, width: int, at: int):  # type: ignore[override]
+        ctx.plan, ctx.d = plan, x.shape[1]
+        per_row = width // x.shape[1]
+        head, tail = plan.index[: at * per_row], plan.index[at * per_row:]
+        return x.index_select(0, head).view(-1, width), x.index_select(0, tail).view(-1, width)
+
+    @staticmethod
+    def backward(ctx, g_head: torch.Tensor, g_tail: torch.Tensor):  # type: ignore[override]
+        g = torch.cat([g_head.reshape(-1, ctx.d), g_tail.reshape(-1, ctx.d)])
+        return ctx.plan.csr(g.dtype) @ g, None, None, None
+
+
+def gather_split(x: torch.Tensor, plan: GatherPlan, width: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.index_select(0, plan.index).view(-1, width)`` split into rows ``[:at]`` and
+    ``[at:]``, with an SpMM backward."""
+    return _GatherSplit.apply(x, plan, width, at)
+
+
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: GatherPlan) -> torch.Tensor:  # type: ignore[override]

@@ -38,7 +38,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.embeddings.spec import FeatureSpec
-from embtables.models.segment_ops import GatherPlan, gather
+from embtables.models.segment_ops import GatherPlan, gather, gather_split
 
 
 class SeqModelConfig(BaseModel):
@@ -333,12 +333,14 @@ class BehaviorModel(nn.Module):
             mods["context"] = self.context_embedding
         return mods
 
-    def lookup(self, module: nn.Module, kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
-        """Sequence lookup -> ``[values, sum of widths]`` (features concatenated).
+    def lookup(self, module: nn.Module, kjt: KeyedJaggedTensor, keys: list[str],
+               b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence lookup of the packed KJT -> (targets ``[B, W]``, history ``[N, W]``),
+        W the sum of the features' widths (features concatenated).
 
         With ``dedup`` each distinct id of a feature is looked up once (a KJT of one
-        bag per feature holding the distinct ids) and expanded by a gather (whose
-        backward is an SpMM, see segment_ops):
+        bag per feature holding the distinct ids) and expanded by one gather over the
+        stacked per-feature results (whose backward is an SpMM, see segment_ops):
         a batch of 2048 histories of 50 holds ~100k item ids but at most a few
         thousand distinct ones, and the table's backward then touches each row once.
         The values are identical to a direct lookup for every embtables method (a
@@ -351,17 +353,21 @@ class BehaviorModel(nn.Module):
             if self.mba_l2.active:
                 for k, e in zip(keys, embs, strict=True):
                     self.mba_l2.record(k, seg[k][0], e)
-            return embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+            e = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+            return e[:b], e[b:]
         uniq, plans = zip(*(GatherPlan.unique(seg[k][0]) for k in keys), strict=True)
         lengths = torch.tensor([len(u) for u in uniq], dtype=kjt.lengths().dtype)
         out = module(KeyedJaggedTensor(keys=list(keys), values=torch.cat(uniq), lengths=lengths, stride=1))
-        embs = []
-        for k, u, plan in zip(keys, uniq, plans, strict=True):
-            e = out[k].values()
-            if self.mba_l2.active:
+        tables = [out[k].values() for k in keys]
+        if self.mba_l2.active:
+            for k, u, e in zip(keys, uniq, tables, strict=True):
                 self.mba_l2.record(k, u, e)  # already one row per distinct id
-            embs.append(gather(e, plan))
-        return embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+        if len({e.shape[1] for e in tables}) != 1:  # unequal widths: gather each, then concatenate
+            parts = [gather(e, p) for e, p in zip(tables, plans, strict=True)]
+            e = torch.cat(parts, dim=1)
+            return e[:b], e[b:]
+        stacked = tables[0] if len(tables) == 1 else torch.cat(tables)
+        return gather_split(stacked, GatherPlan.interleave(list(plans)), sum(e.shape[1] for e in tables), b)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         self.mba_l2.terms = []

@@ -126,6 +126,22 @@ def test_ranks_cover_every_row_once_with_equal_batch_counts(root, world, bs, shu
     assert len(np.unique(rows)) == len(rows)
 
 
+def test_fewer_rows_than_ranks_still_reads_every_row_once(tmp_path):
+    """3 rows over 5 ranks: K = 1, ranks 0-2 yield their row, ranks 3-4 nothing (the
+    evaluation loop pads for them); before, K = 0 and every row was lost."""
+    t = pa.table({"label": pa.array([1.0, 0.0, 1.0], pa.float32()), "C1": pa.array([10, 11, 12], pa.int64())})
+    w = PartWriter(tmp_path, "valid", t.schema)
+    w.write(t)
+    w.close()
+    DatasetSchema(name="tiny", dense=[], categorical=[CategoricalFeature("C1", 13, "vocab", 13)],
+                  splits={"valid": w.files}, rows={"valid": w.rows}).save(tmp_path)
+    assert num_batches(tmp_path, "valid", 8, world_size=5) == 1
+    per_rank = [list(BatchReader(tmp_path, split="valid", batch_size=8, rank=r, world_size=5, prefetch=0))
+                for r in range(5)]
+    assert [len(b) for b in per_rank] == [1, 1, 1, 0, 0]
+    assert sorted(int(x) for b in per_rank if b for x in _rows(b)) == [10, 11, 12]
+
+
 def test_prefetch_off_gives_same_stream(root):
     d, _ = root
     a = _rows(BatchReader(d, batch_size=30, shuffle=True, prefetch=0))

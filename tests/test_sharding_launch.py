@@ -112,3 +112,25 @@ def test_quickstart_dist_two_processes_reach_the_one_process_auc(tmp_path):
 
         aucs.append(json.loads((run_dir / "summary.json").read_text())["auc"])
     assert abs(aucs[0] - aucs[1]) < 0.005, aucs
+
+
+def test_two_ranks_evaluate_a_split_smaller_than_the_world(tmp_path):
+    """A 1-row validation split and 2 ranks: rank 1 holds no row of it but must still join
+    every sharded lookup; the metrics cover exactly the one row."""
+    import json
+
+    from embtables.datasets.synth import generate_synth
+    from embtables.sharding.launch import launch_run
+
+    data = tmp_path / "tiny"
+    schema = generate_synth(data, 400, split=(0.99, 0.0025, 0.0075), progress=False, scale=0.001)
+    assert schema.rows["valid"] == 1 and schema.rows["test"] == 3
+    run_dir = tmp_path / "run"
+    launch_run("quickstart", [f"data.path={data}", "train.progress=false", "train.batch_size=64",
+                              "train.eval_every=0"], str(run_dir), None, 2, timeout_s=600)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r.get("final")][-1]
+    assert final["valid_auc"] is None  # one row: one class, AUC undefined, not a crash
+    assert summary["logloss"] is not None and np.isfinite(summary["logloss"])

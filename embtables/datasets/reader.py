@@ -16,7 +16,8 @@ The stream of one (epoch, rank):
    ``drop_last=False``: ``K = ceil((N // W) / batch_size)``; the last batch of a rank holds
    all its remaining rows (usually fewer than ``batch_size``; ``batch_size + 1`` in the
    rare case that a remainder row would otherwise need a batch of its own), so every row
-   is read exactly once. ``drop_last=True``: ``K = (N // W) // batch_size`` full batches
+   is read exactly once. With fewer rows than ranks, ``K = 1`` and the ranks without a
+   row yield nothing (evaluation pads for them). ``drop_last=True``: ``K = (N // W) // batch_size`` full batches
    per rank; the other rows are skipped this epoch.
 
 Memory: one window (``shuffle_buffer`` rows) plus one cached row group, plus
@@ -68,7 +69,11 @@ def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def batches_per_rank(total: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
     base = total // world_size
-    return base // batch_size if drop_last else math.ceil(base / batch_size)
+    if drop_last:
+        return base // batch_size
+    if base == 0:  # fewer rows than ranks: one batch on the ranks that hold a row, none elsewhere
+        return 1 if total else 0
+    return math.ceil(base / batch_size)
 
 
 def num_batches(root: str | Path, split: str = "train", batch_size: int = 1024, *, world_size: int = 1,
@@ -238,7 +243,7 @@ class BatchReader:
 
     def _generate(self, stop_event: threading.Event | None = None) -> Iterator[Batch]:
         starts, end = self._batch_bounds()
-        if not starts or self.start_batch >= len(starts):
+        if not starts or self.start_batch >= len(starts) or end == 0:
             return
         segs = self._segments()
         n_rows = sum(b - a for _, a, b in segs)

@@ -196,6 +196,8 @@ class Trainer:
             if self.ctx.world_size > 1:
                 # Sharded lookups are collectives: every rank runs the same number of
                 # equal-sized steps, padding with copies of a real batch and dropping them.
+                if not real and template is None:  # this rank holds no rows of the split
+                    template = self._any_batch(root, split)
                 batch = batch if real else template
                 template = template or batch
                 n = batch.labels.numel()
@@ -220,6 +222,13 @@ class Trainer:
                 u = all_gather_1d(torch.from_numpy(u)).numpy()
         self.last_users = u
         return p, y
+
+    def _any_batch(self, root: Path, split: str):
+        """One row of ``split`` (whatever rank holds it): the padding batch of a rank that
+        holds none of the split, so that it can still join the other ranks' lookups."""
+        reader = BatchReader(root, split=split, batch_size=1, shuffle=False, seed=0, rank=0, world_size=1,
+                             drop_last=False, prefetch=0)
+        return next(iter(reader))
 
     def evaluate(self, split: str) -> dict[str, float | None]:
         p, y = self.predict_split(split, max_rows=self.cfg.data.max_eval_rows)

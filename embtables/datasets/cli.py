@@ -106,7 +106,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="dataset name in schema.json (default: criteo)")
     p.add_argument("--block-mb", type=float, default=16.0, help="bytes parsed per block (MB)")
     p.add_argument("--workers", type=int, default=None,
-                   help="blocks parsed at once, one thread each (default: CPU count, at most 4)")
+                   help="blocks parsed at once, one thread each (default 1: one block at a time, "
+                        "parsed by pyarrow's threads)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_criteo)

@@ -246,3 +246,24 @@ def test_cli(synth, tmp_path, capsys):
     assert load_schema(tmp_path / "s").rows["test"] == 50
     with pytest.raises(FileExistsError):
         convert_criteo([synth / "synth.tsv"], tmp_path / "o", cat_mode="raw", progress=False)
+
+
+def test_parallel_workers_write_the_same_dataset_and_report_the_first_bad_row(synth, tmp_path):
+    """--workers 3: blocks parsed on three threads, taken in file order: the same Parquet
+    and counts as one block at a time, and the error names the first bad line of the file
+    even when a later block fails first."""
+    src = synth / "synth.tsv"
+    one = convert_criteo([src], tmp_path / "w1", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False)
+    three = convert_criteo([src], tmp_path / "w3", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False, workers=3)
+    assert one.rows == three.rows and one.categorical == three.categorical
+    for sp in ("train", "valid", "test"):
+        assert pq.read_table(tmp_path / "w1" / sp).equals(pq.read_table(tmp_path / "w3" / sp)), sp
+    cases = [BAD_KINDS[5], BAD_KINDS[0], BAD_KINDS[7]]  # lines 7, 2103, 2804 in different blocks
+    path, where, _ = _bad_file(synth, tmp_path, cases)
+    with pytest.raises(BadRowError) as e:
+        convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False, workers=3)
+    assert e.value.line == min(where)
+    s = convert_criteo([path], tmp_path / "s", cat_mode="raw", on_bad_row="skip", block_mb=SMALL_BLOCK,
+                       progress=False, workers=3)
+    assert s.extra["bad_rows"] == {"column_count": 1, "bad_label": 1, "bad_dense": 0, "bad_categorical": 1,
+                                   "bad_encoding": 0}

@@ -14,7 +14,8 @@ clean Criteo block never holds (space, ``x``/``X``, anything above ``f``, which 
 silently accept as ``" 5"`` or ``0x5``), is re-scanned line by line to find the exact bad
 lines and why; the good lines are parsed again the fast way. (We feed pyarrow one block at a
 time rather than one ``open_csv`` stream because only then do we know which lines a failing
-block holds, and can go on after skipping them.)
+block holds, and can go on after skipping them.) With ``workers > 1`` several blocks are
+parsed and transformed at once, one thread each, and taken in file order.
 
 Bad rows (``on_bad_row``): ``column_count``, ``bad_label`` (not 0/1), ``bad_dense``
 (non-numeric, or non-integer in an official file), ``bad_categorical`` (not a hex id below

@@ -184,7 +184,8 @@ def test_top_k_never_selects_padding():
     n = int(lengths.sum())
     torch.manual_seed(1)
     scores = torch.randn(n) - 100.0  # every real score far below 0: padding (-inf) still must lose
-    flat, row, w = model.select(scores, lengths, 5)
+    flat, rows, w = model.select(scores, lengths, 5)
+    row = rows.index
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     counts = torch.bincount(row, minlength=5)
     assert counts.tolist() == [3, 2, 0, 3, 1]  # min(length, k)

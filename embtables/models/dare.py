@@ -28,18 +28,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
-from embtables.models.segment_ops import GatherPlan, gather
-from embtables.models.segment_ops import segment_sum as plan_segment_sum
-from embtables.models.seq_common import (
-    BehaviorModel,
-    SeqModelConfig,
-    head_mlp,
+from embtables.models.segment_ops import (
+    GatherPlan,
+    gather,
     offsets_from_lengths,
-    pad_jagged,
-    row_index,
     segment_softmax,
     segment_sum,
 )
+from embtables.models.seq_common import BehaviorModel, SeqModelConfig, head_mlp, pad_jagged
 
 
 class DAREConfig(SeqModelConfig):
@@ -78,30 +74,27 @@ class DARE(BehaviorModel):
         return (hist * gather(target, rows)).sum(1) / math.sqrt(self.d_att)
 
     def select(self, scores: torch.Tensor, lengths: torch.Tensor, b: int):
-        """Weights of the aggregated behaviours: ``(flat index [M] into the jagged
-        history, row [M], weight [M])``. With ``top_k``: the k best of each row among its
-        real behaviours (all of them when it has fewer than k)."""
+        """Weights of the aggregated behaviours: ``(flat index [M] into the jagged history,
+        or None for all of them in order; their rows; weight [M])``. With ``top_k``: the k
+        best of each row among its real behaviours (all of them when it has fewer than k)."""
         n = scores.shape[0]
-        row = row_index(lengths, n)
         max_len = int(lengths.max()) if b else 0
         if self.top_k is None or self.top_k >= max_len:
-            return torch.arange(n, device=scores.device), row, segment_softmax(scores, row, b)
+            rows = GatherPlan.from_lengths(lengths, n)
+            return None, rows, segment_softmax(scores, rows)
         k = self.top_k
         padded = pad_jagged(scores, lengths, max_len, pad=float("-inf"))  # padding can never win
         top, pos = padded.topk(k, dim=1)  # [B, k]
         valid = pos < lengths.unsqueeze(1)  # False only where a row has < k behaviours
         flat = (offsets_from_lengths(lengths)[:-1].unsqueeze(1) + pos)[valid]
-        sel_row = torch.arange(b, device=scores.device).unsqueeze(1).expand(b, k)[valid]
-        return flat, sel_row, segment_softmax(top[valid], sel_row, b)
+        rows = GatherPlan.from_lengths(valid.sum(1))  # row-major: the selected values are in row order
+        return flat, rows, segment_softmax(top[valid], rows)
 
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):
         s = self.scores(packed, lengths, b)
         target, hist = self.lookup(self.representation_embedding, packed, self.inputs.behavior, b)
-        flat, row, w = self.select(s, lengths, b)
-        if flat.numel() == hist.shape[0]:  # every behaviour, in order: rows are the jagged rows
-            pooled = plan_segment_sum(hist * w.unsqueeze(1), GatherPlan.from_lengths(lengths, hist.shape[0]))
-        else:
-            pooled = segment_sum(hist[flat] * w.unsqueeze(1), row, b)
+        flat, rows, w = self.select(s, lengths, b)
+        pooled = segment_sum((hist if flat is None else hist[flat]) * w.unsqueeze(1), rows)
         if self.target_product:
             pooled = torch.cat([pooled, pooled * target], dim=1)
         return target, pooled

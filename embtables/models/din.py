@@ -24,13 +24,12 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.models.registry import register_model
-from embtables.models.segment_ops import GatherPlan, gather, segment_sum
+from embtables.models.segment_ops import GatherPlan, gather, segment_softmax, segment_sum
 from embtables.models.seq_common import (
     BehaviorModel,
     SeqModelConfig,
     activation,
     head_mlp,
-    segment_softmax,
 )
 
 
@@ -84,7 +83,7 @@ class DIN(BehaviorModel):
             return target, hist, rows, hist.new_zeros(0)
         w = self.unit(hist, target, rows)
         if self.softmax:
-            w = segment_softmax(w, rows.index, b)
+            w = segment_softmax(w, rows)
         return target, hist, rows, w
 
     def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int):

@@ -21,6 +21,16 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def row_index(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Row id of every jagged value: ``[0]*l0 + [1]*l1 + ...``."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                   output_size=total)
+
+
 class GatherPlan:
     """``index [N]`` into ``num_rows`` rows, with its CSR reduction matrix ``[num_rows, N]``."""
 
@@ -42,9 +52,8 @@ class GatherPlan:
     def from_lengths(cls, lengths: torch.Tensor, total: int | None = None) -> GatherPlan:
         """Row ``r`` repeated ``lengths[r]`` times (jagged values in row order)."""
         n = int(lengths.sum()) if total is None else total
-        index = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=n)
-        crow = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-        return cls(index, crow, torch.arange(n, device=lengths.device), len(lengths))
+        return cls(row_index(lengths, n), offsets_from_lengths(lengths), torch.arange(n, device=lengths.device),
+                   len(lengths))
 
     @classmethod
     def unique(cls, values: torch.Tensor) -> tuple[torch.Tensor, GatherPlan]:
@@ -134,3 +143,14 @@ def segment_sum(values: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
         out = values.new_zeros((plan.num_rows, *values.shape[1:]))
         return out.index_add_(0, plan.index, values)
     return _SegmentSum.apply(values, plan)
+
+
+def segment_softmax(scores: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    """Softmax of jagged scores ``[N]`` within each row of ``plan`` (rows with no values
+    produce nothing)."""
+    if scores.numel() == 0:
+        return scores
+    row = plan.index
+    mx = scores.new_full((plan.num_rows,), float("-inf")).scatter_reduce(0, row, scores.detach(), "amax")
+    e = torch.exp(scores - mx[row])
+    return e / segment_sum(e, plan)[row]

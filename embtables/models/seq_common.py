@@ -38,7 +38,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables.embeddings.spec import FeatureSpec
-from embtables.models.segment_ops import GatherPlan, gather, gather_split
+from embtables.models.segment_ops import GatherPlan, gather, gather_split, offsets_from_lengths, row_index
 
 
 class SeqModelConfig(BaseModel):
@@ -55,30 +55,6 @@ class SeqModelConfig(BaseModel):
 
 
 # ---- jagged helpers -----------------------------------------------------------------------
-
-
-def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-
-
-def row_index(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """Row id of every jagged value: ``[0]*l0 + [1]*l1 + ...``."""
-    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
-                                   output_size=total)
-
-
-def segment_sum(values: torch.Tensor, row: torch.Tensor, num_rows: int) -> torch.Tensor:
-    out = values.new_zeros((num_rows, *values.shape[1:]))
-    return out.index_add_(0, row, values)
-
-
-def segment_softmax(scores: torch.Tensor, row: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Softmax of jagged scores within each row (rows with no values produce nothing)."""
-    if scores.numel() == 0:
-        return scores
-    mx = scores.new_full((num_rows,), float("-inf")).scatter_reduce(0, row, scores.detach(), "amax")
-    e = torch.exp(scores - mx[row])
-    return e / segment_sum(e, row, num_rows)[row]
 
 
 def pad_jagged(values: torch.Tensor, lengths: torch.Tensor, max_len: int, pad: float = 0.0) -> torch.Tensor:

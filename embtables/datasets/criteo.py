@@ -63,6 +63,7 @@ from embtables.datasets.criteo_format import (
     single_array,
 )
 from embtables.datasets.parquet_out import PartWriter, atomic_output_dir, split_counts
+from embtables.datasets.prefetch import prefetch
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, load_schema
 
 COLUMNS = [LABEL] + DENSE_NAMES + CAT_NAMES
@@ -332,43 +333,6 @@ class _Parser:
 # ---- threads -----------------------------------------------------------------------------
 
 
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run ``it`` (block reading, decompression) one or two items ahead in a thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def work() -> None:
-        try:
-            for x in it:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True, name="criteo-read")
-    t.start()
-    try:
-        while (x := q.get()) is not done:
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        t.join()
-
-
 def _ordered_map(fn, items: Iterator, workers: int) -> Iterator:
     """``map(fn, items)`` on ``workers`` threads, results in input order, at most
     ``2 * workers`` items in flight (bounded memory). With several workers each block is
@@ -620,7 +584,7 @@ def convert_criteo(
                     block, first_line, nlines, pos = item
                     return parser.parse(f, block, first_line, nlines), pos
 
-                for p, pos in _ordered_map(parse_only, _prefetch(_blocks(f, fmt, block_bytes)), workers):
+                for p, pos in _ordered_map(parse_only, prefetch(_blocks(f, fmt, block_bytes), 2, "criteo-read"), workers):
                     for k in range(NUM_CAT):
                         counters[k].add(p.cats[k])
                     b.update(pos - last)
@@ -659,7 +623,7 @@ def convert_criteo(
                                                      + [pa.array(c) for c in cats], schema=pa_schema)
                     return p, table, pos
 
-                for p, table, pos in _ordered_map(parse_block, _prefetch(_blocks(f, fmt, block_bytes)), workers):
+                for p, table, pos in _ordered_map(parse_block, prefetch(_blocks(f, fmt, block_bytes), 2, "criteo-read"), workers):
                     for r in BAD_REASONS:
                         bad[r] += p.bad.get(r, 0)
                     examples += p.examples[: max(0, 20 - len(examples))]

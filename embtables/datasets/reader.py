@@ -27,8 +27,6 @@ Memory: one window (``shuffle_buffer`` rows) plus one cached row group, plus
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.datasets.prefetch import prefetch
 from embtables.datasets.schema import DatasetSchema, load_schema
 
 DEFAULT_SHUFFLE_BUFFER = 262144  # 4 row groups of 64k rows
@@ -241,7 +240,7 @@ class BatchReader:
         return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense)), sparse_features=kjt,
                      labels=torch.from_numpy(np.ascontiguousarray(labels)))
 
-    def _generate(self, stop_event: threading.Event | None = None) -> Iterator[Batch]:
+    def _generate(self) -> Iterator[Batch]:
         starts, end = self._batch_bounds()
         if not starts or self.start_batch >= len(starts) or end == 0:
             return
@@ -251,8 +250,6 @@ class BatchReader:
         cur_w, cur = -1, None
         prev_w, prev = -1, None
         for i in range(self.start_batch, len(starts)):
-            if stop_event is not None and stop_event.is_set():
-                return
             a, b = starts[i], (starts[i + 1] if i + 1 < len(starts) else end)
             pieces = []
             for w in range(a // ws, (b - 1) // ws + 1):
@@ -269,40 +266,5 @@ class BatchReader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.prefetch <= 0:
-            yield from self._generate()
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def work() -> None:
-            try:
-                for batch in self._generate(stop):
-                    while not stop.is_set():
-                        try:
-                            q.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                q.put(done)
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-
-        t = threading.Thread(target=work, name="embtables-reader", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():  # drain so the worker can see the stop flag
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            t.join()
+            return self._generate()
+        return prefetch(self._generate(), self.prefetch, "embtables-reader")

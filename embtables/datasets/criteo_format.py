@@ -56,12 +56,60 @@ def single_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
+# pyarrow's Array.to_numpy() and pa.array(ndarray) import pandas on their first use (~0.5 s
+# of a conversion that never needs it), so the converter's hot path reads and builds
+# primitive arrays through their buffers with these instead.
+_NP_OF_ARROW = {pa.int64(): np.int64, pa.int32(): np.int32, pa.uint64(): np.uint64, pa.float64(): np.float64,
+                pa.float32(): np.float32}
+
+
+def np_values(arr: pa.Array) -> np.ndarray:
+    """A primitive Arrow array's values as a read-only numpy view (zero copy). A null's
+    slot holds whatever the builder left there: mask it with :func:`np_nulls`."""
+    dt = np.dtype(_NP_OF_ARROW[arr.type])
+    if len(arr) == 0:
+        return np.zeros(0, dt)
+    return np.frombuffer(arr.buffers()[1], dtype=dt, count=len(arr), offset=arr.offset * dt.itemsize)
+
+
+def np_nulls(arr: pa.Array) -> np.ndarray | None:
+    """Boolean mask of an Arrow array's nulls, or None when it has none."""
+    if not arr.null_count:
+        return None
+    bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+    return ~np.unpackbits(bits, bitorder="little", count=arr.offset + len(arr))[arr.offset :].view(bool)
+
+
+def arrow_array(a: np.ndarray) -> pa.Array:
+    """A null-free primitive Arrow array over a numpy array's memory (zero copy when
+    contiguous); ``bool`` is bit-packed."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.bool_:
+        return pa.Array.from_buffers(pa.bool_(), len(a), [None, pa.py_buffer(np.packbits(a, bitorder="little"))])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+
+
+def np_column(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A null-free primitive column as one numpy array (a copy only when chunked)."""
+    chunks = _chunks(arr)
+    if len(chunks) == 1:
+        return np_values(chunks[0])
+    return np.concatenate([np_values(c) for c in chunks]) if chunks else np.zeros(0, _NP_OF_ARROW[arr.type])
+
+
+def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
 def arrow_dense_transform(arr: pa.Array | pa.ChunkedArray, transform: str = "log1p") -> np.ndarray:
-    """Same as :func:`dense_transform` for a nullable Arrow int64/float64 column."""
-    arr = single_array(arr)
-    missing = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
-    values = arr.fill_null(0).to_numpy(zero_copy_only=False)
-    return dense_transform(values, missing, transform)
+    """Same as :func:`dense_transform` for a nullable Arrow int64/float64 column (chunk by
+    chunk into one output: no concatenated copy of the input)."""
+    out = np.empty(len(arr), np.float32)
+    at = 0
+    for c in _chunks(arr):
+        out[at : at + len(c)] = dense_transform(np_values(c), np_nulls(c), transform)
+        at += len(c)
+    return out
 
 
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
@@ -80,10 +128,19 @@ def parse_hex(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     integers. Null -> :data:`RAW_MISSING_ID`. ``ok`` is False for non-hex text, empty
     strings that are not null, more than 16 digits, or values >= 2**63.
     """
-    arr = single_array(arr)
     n = len(arr)
     if n == 0:
         return np.zeros(0, np.int64), np.ones(0, bool)
+    if pa.types.is_fixed_size_binary(arr.type) and arr.type.byte_width == 8:
+        ids = parse_hex_fixed8(arr)
+        if ids is not None:
+            return ids, np.ones(n, bool)
+    if isinstance(arr, pa.ChunkedArray) and arr.num_chunks > 1:
+        parts = [parse_hex(c) for c in arr.chunks]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([ok for _, ok in parts])
+    arr = single_array(arr)
+    if pa.types.is_fixed_size_binary(arr.type):
+        arr = arr.cast(pa.binary())
     fast = _parse_hex8(arr)
     if fast is not None:
         return fast
@@ -134,6 +191,32 @@ _HEX_PAIR_LUT = np.full(1 << 16, 0xFFFF, dtype=np.uint16)
 for _hi, _a in enumerate(b"0123456789abcdef"):
     for _lo, _b in enumerate(b"0123456789abcdef"):
         _HEX_PAIR_LUT[_a | (_b << 8)] = (_hi << 4) | _lo
+
+
+# The same with two NUL bytes -> 0: the zero-filled slot of a null in a fixed-width column
+# decodes to RAW_MISSING_ID with no mask. The converter sends blocks holding a NUL byte to
+# its line-by-line path, so a NUL pair here can only be such a slot.
+_HEX_PAIR_LUT_NUL0 = _HEX_PAIR_LUT.copy()
+_HEX_PAIR_LUT_NUL0[0] = 0
+
+
+def parse_hex_fixed8(arr: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """``fixed_size_binary(8)`` column of lower-case hex digits (nulls zero-filled, as
+    pyarrow's CSV reader and builders write them) -> int64 ids, null -> 0; None if any
+    value is not lower-case hex (the caller takes the general path)."""
+    out = np.empty(len(arr), np.int64)
+    at = 0
+    for c in _chunks(arr):
+        n = len(c)
+        if n == 0:
+            continue
+        chars = np.frombuffer(c.buffers()[1], dtype=np.uint8, count=8 * n, offset=8 * c.offset)
+        pairs = _HEX_PAIR_LUT_NUL0[chars.view("<u2")]
+        if pairs.max() > 0xFF:
+            return None
+        out[at : at + n] = pairs.astype(np.uint8).view(">u4")
+        at += n
+    return out
 
 
 def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:

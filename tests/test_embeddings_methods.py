@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, JaggedTensor, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM
 
 from embtables.embeddings import FeatureSpec, build, list_methods
@@ -318,6 +318,23 @@ def test_mch_admits_ids_in_training_and_is_collision_free():
         # zero collisions: distinct raw ids <-> distinct rows
         assert len(set(zip(raw.tolist(), rows.tolist(), strict=True))) == len(set(raw.tolist())) == len(set(rows.tolist()))
     assert mod.memory_bytes() > before  # the batch-sized history buffer now exists, and is counted
+
+
+def test_mch_remap_equals_torchrec_own_remap_on_hits_and_misses():
+    from torchrec.modules.mc_modules import MCHManagedCollisionModule
+
+    mod = build(FEATS, method="mch", dim=8, rows=5)  # 4 slots + miss row: most ids miss
+    mod.train()
+    for _ in range(3):
+        mod(kjt())
+    mod.eval()
+    for name, m in mod.remap.mcc._managed_collision_modules.items():
+        assert type(m) is not MCHManagedCollisionModule
+        x = {name: JaggedTensor(values=torch.tensor([0, 1, 2, 3, 5, 7, 11, 2**40, 4]), lengths=torch.tensor([9]))}
+        ours = m.remap(x)[name].values()
+        theirs = MCHManagedCollisionModule.remap(m, x)[name].values()
+        assert torch.equal(ours, theirs)
+        assert (ours == m._output_global_offset + 4).any() and (ours < m._output_global_offset + 4).any()
 
 
 def test_registry_lists_all_methods():

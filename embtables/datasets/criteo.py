@@ -7,9 +7,11 @@ or gzip (detected by magic bytes), and the CSV/TSV-with-header variant (header
 are parsed as numbers, ``1.0`` and ``2.5`` alike, while an official file's dense columns
 must be integers: ``1.5`` there is a bad row).
 
-How it runs: the (decompressed) byte stream is cut into blocks of whole lines (``block_mb``)
-and each block is parsed by pyarrow's multithreaded CSV reader with explicit column types
-(no Python per line). A block that fails to parse or to validate, or that holds bytes a
+How it runs: the input (mapped, or decompressed as a stream for gzip) is cut into blocks of
+whole lines (``block_mb``); a read-ahead thread parses each block with pyarrow's CSV reader
+and explicit column types (no Python per line; 8-digit hex categoricals as
+``fixed_size_binary(8)``), the main thread validates and decodes the previous block, and a
+writer thread counts distinct ids and writes Parquet: three stages in flight. A block that fails to parse or to validate, or that holds bytes a
 clean Criteo block never holds (space, ``x``/``X``, anything above ``f``, which pyarrow would
 silently accept as ``" 5"`` or ``0x5``), is re-scanned line by line to find the exact bad
 lines and why; the good lines are parsed again the fast way. (We feed pyarrow one block at a
@@ -684,9 +686,9 @@ def convert_criteo(
     ``sources``: a list of files, split into train/valid/test by ``split`` fractions of
     their lines (sequential: the tail is held out; or at random per line with
     ``random_split``/``seed``), or a dict ``{"train": [...], "valid": [...], "test": [...]}``
-    (split by file). ``workers``: blocks parsed at once, one thread each (default 1: one
-    block at a time, parsed by pyarrow's own threads; memory grows by about
-    ``6 * block_mb`` MB per worker).
+    (split by file). ``workers``: blocks parsed and validated at once, one thread each
+    (default 1: the three-stage pipeline described in the module docstring; memory grows
+    by about ``6 * block_mb`` MB per worker).
     """
     if cat_mode not in ("raw", "vocab"):
         raise ValueError(f"cat_mode must be 'raw' or 'vocab', got {cat_mode!r}")

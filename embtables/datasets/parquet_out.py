@@ -60,7 +60,7 @@ class PartWriter:
         if self._writer is None:
             rel = f"{self.split}/part-{len(self.files):05d}.parquet"
             (self.root / self.split).mkdir(parents=True, exist_ok=True)
-            # no dictionary pages: ~30% faster to write; snappy keeps the files small anyway
+            # no dictionary pages: ~30% faster to write
             self._writer = pq.ParquetWriter(self.root / rel, self.schema, compression=self.compression,
                                             use_dictionary=self.use_dictionary,
                                             column_encoding=self.column_encoding or None)

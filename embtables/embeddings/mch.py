@@ -30,7 +30,7 @@ from torchrec.modules.mc_modules import (
     ManagedCollisionCollection,
     MCHManagedCollisionModule,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embtables.embeddings.base import EmbeddingMethod, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
@@ -86,6 +86,26 @@ def plan_mch(
     return MCHPlan(tuple(r), dim, nbytes)
 
 
+class _MCHModule(MCHManagedCollisionModule):
+    """TorchRec's module (its state, admission and eviction untouched) with a cheaper
+    lookup: one ``torch.where`` instead of TorchRec 1.8's two boolean-mask writes, which
+    cost ~6 ms of a ~50 ms training step at 4096 x 26 ids. Same result (tested against
+    TorchRec's own remap). TorchRec's sharded MC-EBC rebuilds plain modules, which is fine."""
+
+    def remap(self, features: dict[str, JaggedTensor], mutate_miss_lengths: bool = True,
+              write_weights: torch.Tensor | None = None) -> dict[str, JaggedTensor]:
+        sorted_ids, mapping = self._mch_sorted_raw_ids, self._mch_remapped_ids_mapping
+        miss = self._output_global_offset + self._zch_size - 1  # the shared row of ids not admitted
+        out = {}
+        for name, f in features.items():
+            v = f.values()
+            pos = torch.searchsorted(sorted_ids[:-1], v)
+            ids = torch.where(sorted_ids[pos] == v, mapping[pos], miss)
+            out[name] = JaggedTensor(values=ids, lengths=f.lengths(), offsets=f.offsets(),
+                                     weights=f.weights_or_none())
+        return out
+
+
 class MCHRemap(nn.Module):
     """Canonical feature order, then TorchRec's ManagedCollisionCollection (no parameters;
     its buffers are the admitted-id state)."""
@@ -128,7 +148,7 @@ class MCHEmbedding(EmbeddingMethod):
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)
         dev = device or torch.device("cpu")
         modules = {
-            f"t_{f.name}": MCHManagedCollisionModule(
+            f"t_{f.name}": _MCHModule(
                 zch_size=r, device=dev, eviction_policy=POLICIES[eviction_policy](),
                 eviction_interval=eviction_interval, input_hash_size=2**63 - 1, name=f"t_{f.name}")
             for f, r in zip(self.features, self.plan.rows, strict=True)

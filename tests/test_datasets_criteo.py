@@ -267,3 +267,28 @@ def test_parallel_workers_write_the_same_dataset_and_report_the_first_bad_row(sy
                        progress=False, workers=3)
     assert s.extra["bad_rows"] == {"column_count": 1, "bad_label": 1, "bad_dense": 0, "bad_categorical": 1,
                                    "bad_encoding": 0}
+
+
+def test_short_hex_ids_take_the_variable_width_path_in_every_block(tmp_path):
+    """Legal 1-16 digit ids: the fixed-width fast parse fails, the file falls back to
+    variable-width binary for all its blocks, and every value is decoded exactly."""
+    rng = np.random.default_rng(5)
+    rows, want = [], []
+    for i in range(3000):
+        ids = [int(rng.integers(1, 2**31)) if i % 7 else int(rng.integers(1, 16)) for _ in CAT_NAMES]
+        rows.append("\t".join(["1", *["3"] * 13, *[format(v, "x") for v in ids]]))
+        want.append(ids)
+    (tmp_path / "short.tsv").write_text("\n".join(rows) + "\n")
+    convert_criteo([tmp_path / "short.tsv"], tmp_path / "o", cat_mode="raw", split=(1, 0, 0),
+                   block_mb=SMALL_BLOCK, progress=False)
+    got = _all(tmp_path / "o")[CAT_NAMES].to_numpy()
+    np.testing.assert_array_equal(got, np.asarray(want, dtype=np.int64))
+
+
+def test_nul_byte_in_a_categorical_is_a_bad_row_not_the_missing_id(synth, tmp_path):
+    # the fixed-width decode reads a NUL pair as an empty slot; a NUL in the input must not reach it
+    path, where, _ = _bad_file(synth, tmp_path, [(900, "bad_categorical", _set(20, b"\x00\x00\x00\x00\x00\x00\x00\x00"))])
+    (line, _), = where.items()
+    with pytest.raises(BadRowError) as e:
+        convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False)
+    assert e.value.line == line and e.value.reason == "bad_categorical"

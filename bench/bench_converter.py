@@ -90,14 +90,21 @@ def run_bare_open_csv(src: Path, out: Path) -> int:
     return sum(b.num_rows for b in r)
 
 
-PIPELINES = {  # in run order: each of ours right before the bare parse it is compared with
+# name -> (what it does, function, modules imported before the clock starts: the benchmark
+# times conversion, not Python start-up, which is a fixed ~0.1-0.5 s per pipeline).
+# In run order: each of ours right before the bare parse it is compared with.
+_OURS = ["embtables.datasets.criteo"]
+_ARROW = ["pyarrow.csv", "embtables.datasets.criteo_format"]
+PIPELINES = {
     "ours_raw": ("embtables convert, --cat-mode raw (parse, validate, hex, log1p, splits, distinct counts, Parquet)",
-                 lambda s, o: run_ours(s, o, "raw")),
-    "bare_read_csv": ("pyarrow.csv.read_csv, explicit types, no transform, no write", run_bare_read_csv),
+                 lambda s, o: run_ours(s, o, "raw"), _OURS),
+    "bare_read_csv": ("pyarrow.csv.read_csv, explicit types, no transform, no write", run_bare_read_csv, _ARROW),
     "ours_vocab": ("embtables convert, --cat-mode vocab (two passes: counts, then map + write)",
-                   lambda s, o: run_ours(s, o, "vocab")),
-    "bare_open_csv": ("pyarrow.csv.open_csv streaming, explicit types, no transform, no write", run_bare_open_csv),
-    "pandas": ("pandas read_csv + int(x,16) map + log1p + to_parquet", run_pandas),
+                   lambda s, o: run_ours(s, o, "vocab"), _OURS),
+    "bare_open_csv": ("pyarrow.csv.open_csv streaming, explicit types, no transform, no write", run_bare_open_csv,
+                      _ARROW),
+    "pandas": ("pandas read_csv + int(x,16) map + log1p + to_parquet", run_pandas,
+               ["pandas", "pyarrow.parquet", "embtables.datasets.criteo_format"]),
 }
 
 
@@ -113,18 +120,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# Imported before the clock starts: the benchmark times conversion, not Python start-up
-# (which is a fixed ~0.1-0.5 s, different per pipeline, and nothing to do with MB/s).
-IMPORTS = {"ours_raw": ["embtables.datasets.criteo"], "ours_vocab": ["embtables.datasets.criteo"],
-           "pandas": ["pandas", "pyarrow.parquet", "embtables.datasets.criteo_format"],
-           "bare_read_csv": ["pyarrow.csv", "embtables.datasets.criteo_format"],
-           "bare_open_csv": ["pyarrow.csv", "embtables.datasets.criteo_format"]}
-
-
 def child(name: str, src: Path, out: Path) -> None:
     import importlib
 
-    for mod in IMPORTS[name]:
+    for mod in PIPELINES[name][2]:
         importlib.import_module(mod)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = PIPELINES[name][1](src, out)

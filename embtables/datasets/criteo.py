@@ -11,9 +11,10 @@ How it runs: the input (mapped, or decompressed as a stream for gzip) is cut int
 whole lines (``block_mb``); a read-ahead thread parses each block with pyarrow's CSV reader
 and explicit column types (no Python per line; 8-digit hex categoricals as
 ``fixed_size_binary(8)``), the main thread validates and decodes the previous block, and a
-writer thread counts distinct ids and writes Parquet: three stages in flight. A block that fails to parse or to validate, or that holds bytes a
-clean Criteo block never holds (space, ``x``/``X``, anything above ``f``, which pyarrow would
-silently accept as ``" 5"`` or ``0x5``), is re-scanned line by line to find the exact bad
+writer thread counts distinct ids and writes Parquet: three stages in flight. A block that
+fails to parse or to validate, or that holds bytes a clean Criteo block never holds
+(space, ``x``/``X``, NUL, anything above ``f``, which pyarrow would silently accept as
+``" 5"`` or ``0x5``), is re-scanned line by line to find the exact bad
 lines and why; the good lines are parsed again the fast way. (We feed pyarrow one block at a
 time rather than one ``open_csv`` stream because only then do we know which lines a failing
 block holds, and can go on after skipping them.) With ``workers > 1`` several blocks are
@@ -183,6 +184,8 @@ def _mapped(path: Path) -> mmap.mmap | None:
 
 
 def _blocks(path: Path, fmt: _Format, block_bytes: int) -> Iterator[_Block]:
+    """The file's data lines in blocks of about ``block_bytes`` (a line longer than that
+    is one block), with their line numbers."""
     mm = _mapped(path)
     if mm is None:
         yield from _stream_blocks(path, fmt, block_bytes)

@@ -292,3 +292,20 @@ def test_nul_byte_in_a_categorical_is_a_bad_row_not_the_missing_id(synth, tmp_pa
     with pytest.raises(BadRowError) as e:
         convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False)
     assert e.value.line == line and e.value.reason == "bad_categorical"
+
+
+@pytest.mark.parametrize("batch,merge_min", [(1, 1), (7, 100), (1 << 18, 1 << 20)])
+def test_distinct_counter_equals_numpy_unique_across_batches_and_merges(batch, merge_min):
+    from embtables.datasets.criteo import _Distinct
+
+    rng = np.random.default_rng(batch)
+    # a heavy head and a long tail, so partial results overlap and lazy merges happen
+    parts = [np.concatenate([rng.integers(0, 50, 300), rng.integers(0, 1 << 40, int(rng.integers(0, 400)))])
+             for _ in range(40)]
+    d = _Distinct(batch, merge_min)
+    for p in parts:
+        d.add(p)
+    everything = np.concatenate(parts)
+    assert d.count() == len(np.unique(everything))
+    assert d.count(exclude=0) == len(np.unique(everything[everything != 0]))
+    assert d.count(exclude=-5) == len(np.unique(everything))  # excluding an absent value removes nothing

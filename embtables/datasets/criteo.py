@@ -555,8 +555,8 @@ class _Distinct:
     block, fewer partial results to merge), and partial results are merged lazily
     (amortised, so the cost stays near one hash per value)."""
 
-    def __init__(self, batch: int = 1 << 18) -> None:
-        self.batch = batch
+    def __init__(self, batch: int = 1 << 18, merge_min: int = 1 << 20) -> None:
+        self.batch, self.merge_min = batch, merge_min
         self.values = np.zeros(0, np.int64)
         self.raw: list[pa.Array] = []
         self.raw_n = 0
@@ -575,7 +575,7 @@ class _Distinct:
             self.raw, self.raw_n = [], 0
             self.pending.append(u)
             self.pending_n += len(u)
-            if self.pending_n > max(len(self.values), 1 << 20):
+            if self.pending_n > max(len(self.values), self.merge_min):
                 self._merge()
 
     def _merge(self) -> None:

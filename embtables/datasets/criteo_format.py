@@ -244,7 +244,7 @@ def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     if last == first:
         return np.zeros(n, np.int64), np.ones(n, bool)
     chars = np.frombuffer(bufs[2], dtype=np.uint8, count=last - first, offset=first)
-    pairs = _HEX_PAIR_LUT[chars.view("<u2")]
+    pairs = np.take(_HEX_PAIR_LUT, chars.view("<u2"))
     if pairs.max() > 0xFF:  # not lower-case hex (upper case, junk): general path
         return None
     val = pairs.astype(np.uint8).view(">u4")  # 4 bytes per value, first digit most significant

@@ -131,9 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         })
     print(f"\nbatch {args.batch} x {len(feats)} features, single-id bags, dim {args.dim}, budget {args.budget}, "
           f"{args.threads} thread(s), median of {args.reps} blocks of {args.steps} steps")
-    print(f"{'method':<13}{'params':>11}{'ms':>9}{'EBC ms':>9}{'ratio':>8}{'target':>8}{'ok':>5}{'remap':>8}")
+    # MiB = memory_bytes() after training: tables plus any state (mch: its history buffer
+    # grows with eviction_interval, the price of evicting less often)
+    print(f"{'method':<13}{'params':>11}{'MiB':>8}{'ms':>9}{'EBC ms':>9}{'ratio':>8}{'target':>8}{'ok':>5}{'remap':>8}")
     for o in rows_out:
-        print(f"{o['label']:<13}{o['params']:>11,}{o['ms']:>9.1f}{o['ebc_ms']:>9.1f}{o['ratio']:>8.2f}"
+        print(f"{o['label']:<13}{o['params']:>11,}{o['bytes'] / 2**20:>8.1f}{o['ms']:>9.1f}{o['ebc_ms']:>9.1f}{o['ratio']:>8.2f}"
               f"{o['target']:>8.1f}{'yes' if o['meets_target'] else 'NO':>5}{o['remap_share']:>8.0%}")
     result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "cardinalities": cards,
               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),

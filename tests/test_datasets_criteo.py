@@ -309,3 +309,19 @@ def test_distinct_counter_equals_numpy_unique_across_batches_and_merges(batch, m
     assert d.count() == len(np.unique(everything))
     assert d.count(exclude=0) == len(np.unique(everything[everything != 0]))
     assert d.count(exclude=-5) == len(np.unique(everything))  # excluding an absent value removes nothing
+
+
+@pytest.mark.parametrize("batch,merge_min", [(1, 1), (7, 100), (1 << 18, 1 << 20)])
+def test_value_counter_equals_numpy_unique_counts_across_batches_and_merges(batch, merge_min):
+    from embtables.datasets.criteo import _Counts
+
+    rng = np.random.default_rng(batch + 1)
+    parts = [np.concatenate([rng.integers(0, 50, 300), rng.integers(0, 1 << 40, int(rng.integers(0, 400)))])
+             for _ in range(40)]
+    c = _Counts(batch, merge_min)
+    for p in parts:
+        c.add(p)
+    keys, counts = c.result()
+    want_keys, want_counts = np.unique(np.concatenate(parts), return_counts=True)
+    np.testing.assert_array_equal(keys, want_keys)
+    np.testing.assert_array_equal(counts, want_counts)

@@ -340,7 +340,9 @@ def _arrow_parse(block: pa.Buffer | bytes, fmt: _Format, cat_type: pa.DataType =
     )
 
 
-def _validate(t: pa.Table, fmt: _Format, transform: str) -> _Parsed | None:
+def _validate(t: pa.Table, fmt: _Format, transform: str | None) -> _Parsed | None:
+    """The parsed block's rows, or None if any is bad. ``transform=None`` validates the
+    dense values but does not transform them (the vocabulary pass needs only the ids)."""
     t = t.combine_chunks()
     lab = t.column(LABEL)
     if lab.null_count:
@@ -355,7 +357,8 @@ def _validate(t: pa.Table, fmt: _Format, transform: str) -> _Parsed | None:
             vals = col.drop_null()
             if len(vals) and not pc.all(pc.is_finite(vals)).as_py():
                 return None
-        dense.append(arrow_dense_transform(col, transform))
+        if transform is not None:
+            dense.append(arrow_dense_transform(col, transform))
     cats = []
     for n in CAT_NAMES:
         ids, ok = parse_hex(t.column(n))
@@ -397,7 +400,7 @@ class _Parser:
     Stateless, so blocks can be parsed by several threads at once; what a block skipped
     comes back in its :class:`_Parsed` and is merged in file order by the caller."""
 
-    def __init__(self, fmt: _Format, transform: str, on_bad_row: str):
+    def __init__(self, fmt: _Format, transform: str | None, on_bad_row: str):
         self.fmt, self.transform, self.on_bad_row = fmt, transform, on_bad_row
         self.fixed8 = True  # a hint only (racing threads at worst parse one block twice)
 
@@ -552,34 +555,48 @@ class _Worker:
 # ---- counting -----------------------------------------------------------------------------
 
 
-class _Distinct:
-    """Exact distinct int64 values of a stream. Incoming ids are buffered up to
-    ``batch`` values and hashed together (measured: ~30% less CPU than one hash pass per
-    block, fewer partial results to merge), and partial results are merged lazily
-    (amortised, so the cost stays near one hash per value)."""
+class _Batched:
+    """Buffers incoming id arrays and hashes them ``batch`` values at a time (measured:
+    ~30% less CPU than one hash pass per block, and fewer partial results to merge)."""
 
-    def __init__(self, batch: int = 1 << 18, merge_min: int = 1 << 20) -> None:
-        self.batch, self.merge_min = batch, merge_min
-        self.values = np.zeros(0, np.int64)
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
         self.raw: list[pa.Array] = []
         self.raw_n = 0
-        self.pending: list[pa.Array] = []
-        self.pending_n = 0
 
     def add(self, ids: np.ndarray) -> None:
         self.raw.append(arrow_array(ids))
         self.raw_n += len(ids)
         if self.raw_n >= self.batch:
-            self._hash_raw()
+            self._flush()
 
-    def _hash_raw(self) -> None:
+    def _flush(self) -> None:
         if self.raw:
-            u = pc.unique(pa.chunked_array(self.raw, pa.int64()))
+            ids = pa.chunked_array(self.raw, pa.int64())
             self.raw, self.raw_n = [], 0
-            self.pending.append(u)
-            self.pending_n += len(u)
-            if self.pending_n > max(len(self.values), self.merge_min):
-                self._merge()
+            self._hash(ids)
+
+    def _hash(self, ids: pa.ChunkedArray) -> None:
+        raise NotImplementedError
+
+
+class _Distinct(_Batched):
+    """Exact distinct int64 values of a stream; partial results are merged lazily
+    (amortised, so the cost stays near one hash per value)."""
+
+    def __init__(self, batch: int = 1 << 18, merge_min: int = 1 << 20) -> None:
+        super().__init__(batch)
+        self.merge_min = merge_min
+        self.values = np.zeros(0, np.int64)
+        self.pending: list[pa.Array] = []
+        self.pending_n = 0
+
+    def _hash(self, ids: pa.ChunkedArray) -> None:
+        u = pc.unique(ids)
+        self.pending.append(u)
+        self.pending_n += len(u)
+        if self.pending_n > max(len(self.values), self.merge_min):
+            self._merge()
 
     def _merge(self) -> None:
         if self.pending:
@@ -587,26 +604,28 @@ class _Distinct:
             self.pending, self.pending_n = [], 0
 
     def count(self, exclude: int | None = None) -> int:
-        self._hash_raw()
+        self._flush()
         self._merge()
         return int(len(self.values) - (1 if exclude is not None and (self.values == exclude).any() else 0))
 
 
-class _Counts:
+class _Counts(_Batched):
     """Exact value -> count over a stream (vocab pass)."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = 1 << 18, merge_min: int = 1 << 20) -> None:
+        super().__init__(batch)
+        self.merge_min = merge_min
         self.keys = np.zeros(0, np.int64)
         self.counts = np.zeros(0, np.int64)
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_n = 0
 
-    def add(self, ids: np.ndarray) -> None:
-        vc = pc.value_counts(arrow_array(ids))
+    def _hash(self, ids: pa.ChunkedArray) -> None:
+        vc = pc.value_counts(ids)
         k, c = np_values(vc.field("values")), np_values(vc.field("counts")).astype(np.int64)
         self.pending.append((k, c))
         self.pending_n += len(k)
-        if self.pending_n > max(len(self.keys), 1 << 20):
+        if self.pending_n > max(len(self.keys), self.merge_min):
             self._merge()
 
     def _merge(self) -> None:
@@ -618,6 +637,7 @@ class _Counts:
             self.pending, self.pending_n = [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._flush()
         self._merge()
         return self.keys, self.counts
 
@@ -630,9 +650,12 @@ class _Vocab:
     count: np.ndarray
 
     def __post_init__(self) -> None:
-        order = np.argsort(self.raw, kind="stable")
-        self._sorted = self.raw[order]
-        self._ids = (order + FIRST_VOCAB_ID).astype(np.int64)
+        # pandas' Index keeps a hash table of its values: measured 5-6x faster per id than
+        # a binary search in the sorted values for vocabularies up to ~100k, 2x at 2M.
+        # (Imported here: raw-mode conversions never pay for importing pandas.)
+        import pandas as pd
+
+        self._index = pd.Index(self.raw)
 
     @property
     def num_embeddings(self) -> int:
@@ -640,11 +663,8 @@ class _Vocab:
 
     def map(self, ids: np.ndarray) -> np.ndarray:
         """Raw ids (0 = missing) -> vocabulary ids."""
-        if len(self._sorted) == 0:
-            out = np.full(len(ids), OOV_ID, np.int64)
-        else:
-            pos = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
-            out = np.where(self._sorted[pos] == ids, self._ids[pos], OOV_ID)
+        pos = self._index.get_indexer(ids)
+        out = np.where(pos >= 0, pos + FIRST_VOCAB_ID, OOV_ID).astype(np.int64, copy=False)
         out[ids == RAW_MISSING_ID] = VOCAB_MISSING_ID
         return out
 
@@ -767,7 +787,7 @@ def convert_criteo(
             counters = [_Counts() for _ in range(NUM_CAT)]
             with bar("vocab pass") as b:
                 for (f, _), fmt in zip(files, fmts, strict=True):
-                    parser, last = _Parser(fmt, dense_transform, on_bad_row), 0
+                    parser, last = _Parser(fmt, None, on_bad_row), 0  # ids only: no dense transform
                     for p, pos in _parsed_blocks(f, fmt, parser, block_bytes, workers, lambda p, blk: (p, blk.pos)):
                         for k in range(NUM_CAT):
                             counters[k].add(p.cats[k])

@@ -253,11 +253,13 @@ def test_parallel_workers_write_the_same_dataset_and_report_the_first_bad_row(sy
     and counts as one block at a time, and the error names the first bad line of the file
     even when a later block fails first."""
     src = synth / "synth.tsv"
-    one = convert_criteo([src], tmp_path / "w1", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False)
-    three = convert_criteo([src], tmp_path / "w3", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False, workers=3)
-    assert one.rows == three.rows and one.categorical == three.categorical
-    for sp in ("train", "valid", "test"):
-        assert pq.read_table(tmp_path / "w1" / sp).equals(pq.read_table(tmp_path / "w3" / sp)), sp
+    for mode in ("raw", "vocab"):  # vocab: the vocabulary's lookups run on the 3 threads too
+        one = convert_criteo([src], tmp_path / f"w1{mode}", cat_mode=mode, block_mb=SMALL_BLOCK, progress=False)
+        three = convert_criteo([src], tmp_path / f"w3{mode}", cat_mode=mode, block_mb=SMALL_BLOCK, progress=False,
+                               workers=3)
+        assert one.rows == three.rows and one.categorical == three.categorical
+        for sp in ("train", "valid", "test"):
+            assert pq.read_table(tmp_path / f"w1{mode}" / sp).equals(pq.read_table(tmp_path / f"w3{mode}" / sp)), sp
     cases = [BAD_KINDS[5], BAD_KINDS[0], BAD_KINDS[7]]  # lines 7, 2103, 2804 in different blocks
     path, where, _ = _bad_file(synth, tmp_path, cases)
     with pytest.raises(BadRowError) as e:

@@ -656,6 +656,9 @@ class _Vocab:
         import pandas as pd
 
         self._index = pd.Index(self.raw)
+        # Build the hash table now, on one thread: with --workers N the lookups run on
+        # several threads at once, and pandas builds it lazily on first use, unlocked.
+        self._index.get_indexer(self.raw[:1])
 
     @property
     def num_embeddings(self) -> int:

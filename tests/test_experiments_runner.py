@@ -107,6 +107,20 @@ def test_eval_split_falls_back_to_valid(tiny_synth, tmp_path):
     assert s["eval_split"] == "valid" and s["test_auc"] is None and s["auc"] == s["valid_auc"]
 
 
+def test_summary_is_written_atomically(tiny_synth, tmp_path, monkeypatch):
+    """A sweep takes a cell whose summary.json exists as finished: the runner must write it
+    through the atomic writer (a kill mid-write must not leave half a file)."""
+    from embtables.experiments import runner
+
+    written = []
+    real = runner.write_json
+    monkeypatch.setattr(runner, "write_json", lambda path, obj: (written.append(Path(path).name), real(path, obj)))
+    s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}), run_dir=tmp_path / "r",
+            quiet=True)
+    assert "summary.json" in written
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["auc"] == s["auc"]
+
+
 def test_dcn_runs(tiny_synth, tmp_path):
     o = tiny_overrides(tiny_synth, **{"model.name": "dcn", "model.dcn": {"cross_layers": 2, "low_rank": 4,
                                                                              "deep_mlp": [16]}, "train.max_steps": 4})

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embtables.experiments.sweep import CELL_FILE, PLAN_FILE, STATUS_FILE, SUMMARY_FILE, cell_state, read_json
+from embtables.experiments.jsonfile import read_json
+from embtables.experiments.sweep import CELL_FILE, PLAN_FILE, STATUS_FILE, SUMMARY_FILE, cell_state
 
 METRIC = "auc"
 META_COLUMNS = ["cell_id", "method_label", "method", "knobs", "budget", "budget_fraction", "budget_bytes",

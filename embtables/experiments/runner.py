@@ -17,6 +17,7 @@ import yaml
 
 from embtables.datasets.schema import load_schema
 from embtables.experiments.config import ExperimentConfig, load_config
+from embtables.experiments.jsonfile import write_json
 from embtables.experiments.trainer import StopRequested, Trainer, finite_or_none, peak_rss_bytes, state_bytes
 from embtables.sharding import init_distributed
 
@@ -131,7 +132,7 @@ def _run(cfg, ctx, run_dir, resume, stop_after_step, quiet) -> dict[str, Any]:
     summary = make_summary(cfg, trainer, final, data_root, ctx.world_size, threads)
     summary["run_dir"] = str(run_dir)
     if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary)  # atomic: its presence means "finished"
         _prune_checkpoints(run_dir)
         if not quiet:
             auc_s = f"{summary['auc']:.4f}" if summary["auc"] is not None else "n/a"

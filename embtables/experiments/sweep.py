@@ -10,7 +10,6 @@ process with ``cores / N`` torch threads.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from embtables.experiments.jsonfile import read_json, write_json
 from embtables.experiments.sweep_config import Cell, SweepPlan
 
 PLAN_FILE = "sweep.json"
@@ -31,20 +31,6 @@ CELL_FILE = "cell.json"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: a reader (or a killed writer) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def cell_state(cell_dir: Path) -> str:

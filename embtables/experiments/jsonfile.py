@@ -1,0 +1,27 @@
+"""JSON files that readers may look at while they are being written (run summaries, sweep
+cell status): written atomically, read as None when absent or unreadable."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a reader (or a killed writer) never sees half a file. A sweep takes a cell
+    whose summary.json exists as finished, so that file must never exist half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -16,6 +16,8 @@ def test_a_failed_write_leaves_the_previous_file_whole_and_no_temporary(tmp_path
     p = tmp_path / "summary.json"
     write_json(p, {"auc": 0.5})
     with pytest.raises(RuntimeError, match="cannot serialise"):
+        write_json(p, {"auc": _Unprintable()}, default=str)
+    with pytest.raises(TypeError, match="not JSON serializable"):  # strict unless told otherwise
         write_json(p, {"auc": _Unprintable()})
     assert read_json(p) == {"auc": 0.5}
     assert [f.name for f in tmp_path.iterdir()] == ["summary.json"]

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> None:
     """Atomic: a reader (or a killed writer) never sees half a file. A sweep takes a cell
-    whose summary.json exists as finished, so that file must never exist half-written."""
+    whose summary.json exists as finished, so that file must never exist half-written.
+    ``default`` as in :func:`json.dumps` (None: a value JSON cannot hold is an error)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=default) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

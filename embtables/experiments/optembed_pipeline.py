@@ -39,6 +39,7 @@ from embtables.embeddings.optembed import OptEmbed, gather_rows, make_artefact, 
 from embtables.experiments import metrics as M
 from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
+from embtables.experiments.jsonfile import write_json
 from embtables.experiments.optembed_search import EvolutionarySearch
 from embtables.experiments.optim import dense_optimizer
 from embtables.experiments.trainer import StopRequested, Trainer
@@ -144,12 +145,6 @@ def _say(ctx, quiet: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def run_optembed(cfg: ExperimentConfig, ctx, run_dir: Path, data_root: Path, schema, resume, stop_after_step,
                  quiet: bool, threads: int, *, stop_after_stage: str | None = None) -> dict[str, Any]:
     """Three stages; returns the retrain's summary (``stopped_at_*`` when stopped early)."""
@@ -206,8 +201,8 @@ def run_optembed(cfg: ExperimentConfig, ctx, run_dir: Path, data_root: Path, sch
                 "cardinalities": [f.cardinality for f in features],
                 "rows_pruned_share": 1 - sum(kept) / sum(f.cardinality for f in features)}
         if ctx.is_main:
-            _write_json(root / "seconds.json", seconds)
-            _write_json(s1_dir / "done.json", done)
+            write_json(root / "seconds.json", seconds)
+            write_json(s1_dir / "done.json", done)
             _prune_checkpoints(s1_dir)
         _say(ctx, quiet, f"== supernet: valid auc={_fmt(done['valid_auc'])}, rows pruned "
                          f"{done['rows_pruned_share']:.1%} ({seconds['supernet']:.0f}s)")
@@ -231,7 +226,7 @@ def run_optembed(cfg: ExperimentConfig, ctx, run_dir: Path, data_root: Path, sch
         search = search_stage(cfg, s1_cfg, knobs, sup_trainer, features, schema, data_root, ctx, root, quiet)
         seconds["search"] = round(time.perf_counter() - t0, 1) + seconds.get("search", 0.0)
         if ctx.is_main:
-            _write_json(root / "seconds.json", seconds)
+            write_json(root / "seconds.json", seconds)
     del sup_trainer
     if stop_after_stage == "search":
         return {"stopped_at_stage": "search", "run_dir": str(run_dir)}
@@ -264,7 +259,7 @@ def run_optembed(cfg: ExperimentConfig, ctx, run_dir: Path, data_root: Path, sch
     art["tables"] = [weights[f.name] for f in features]
     if ctx.is_main:
         save_artefact(art, root / "export.pt")
-        _write_json(root / "seconds.json", seconds)
+        write_json(root / "seconds.json", seconds)
 
     summary = make_summary(cfg, trainer, final, data_root, ctx.world_size, threads)
     plan = exported.plan
@@ -392,7 +387,7 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         save_artefact(art, root / "arch.pt")
         if dense_state is not None:
             torch.save(dense_state, root / "retrain_dense.pt")
-        _write_json(root / "search.json", out)
+        write_json(root / "search.json", out)
     if ctx.world_size > 1:
         dist.barrier()
     _say(ctx, quiet, f"== search: widths {list(result.dims)}, fitness auc={result.fitness:.4f}, exported table "

@@ -18,12 +18,14 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from embtables.experiments.jsonfile import read_json, write_json
+from embtables.experiments import jsonfile
+from embtables.experiments.jsonfile import read_json
 from embtables.experiments.sweep_config import Cell, SweepPlan
 
 PLAN_FILE = "sweep.json"
@@ -31,6 +33,9 @@ CELL_FILE = "cell.json"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"
+# Sweep records (cell metadata, knobs, statuses) may hold values JSON has no type for: they
+# are written as their str().
+write_json = partial(jsonfile.write_json, default=str)
 
 
 def cell_state(cell_dir: Path) -> str:

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from embtables.datasets import load_schema
     from embtables.datasets.sequences import EpochNegatives, TableBatcher
+    from embtables.experiments.build import embedding_factory
     from embtables.experiments.config import EmbeddingSection
     from embtables.models.registry import get_model
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     schema = load_schema(args.data)
     entry = get_model(args.model)
     knobs = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    model = entry.builder(entry.config_cls(**knobs), schema, EmbeddingSection(method="full", dim=args.dim))
+    model = entry.builder(entry.config_cls(**knobs), schema,
+                          embedding_factory(EmbeddingSection(method="full", dim=args.dim)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     train = TableBatcher(EpochNegatives(args.data, schema).table(0, 0), schema)
     n = args.warmup + args.steps

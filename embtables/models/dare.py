@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
 from embtables.models.segment_ops import (
@@ -101,9 +102,9 @@ class DARE(BehaviorModel):
 
 
 @register_model("dare", DAREConfig)
-def build_dare(cfg: DAREConfig, schema, embedding_cfg, device=None) -> DARE:
-    rep, context = build_behavior_embeddings(schema, embedding_cfg, cfg, device)
-    att, _ = build_behavior_embeddings(schema, embedding_cfg, cfg, device, method=cfg.attention_method,
+def build_dare(cfg: DAREConfig, schema, make_embedding: MakeEmbedding, device=None) -> DARE:
+    rep, context = build_behavior_embeddings(schema, make_embedding, cfg)
+    att, _ = build_behavior_embeddings(schema, make_embedding, cfg, method=cfg.attention_method,
                                        dim=cfg.attention_dim, budget=cfg.attention_budget, context=False)
     model = DARE(schema, cfg, att, rep, context)
     return model.to(device) if device is not None else model

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings import features_from_schema
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.mlp import mlp
 from embtables.models.registry import register_model
 
@@ -46,7 +48,5 @@ class DLRM(nn.Module):
 
 
 @register_model("dlrm", DLRMConfig)
-def build_dlrm(cfg: DLRMConfig, schema, embedding_cfg, device=None) -> DLRM:
-    from embtables.experiments.build import build_embedding
-
-    return DLRM(build_embedding(embedding_cfg, schema, device=device), len(schema.dense), cfg)
+def build_dlrm(cfg: DLRMConfig, schema, make_embedding: MakeEmbedding, device=None) -> DLRM:
+    return DLRM(make_embedding(features_from_schema(schema)), len(schema.dense), cfg)

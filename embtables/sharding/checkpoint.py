@@ -29,12 +29,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from embtables.errors import CheckpointError
+
 MARKER = "checkpoint.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model it is loaded into."""
 
 
 def _rank_world() -> tuple[int, int]:

@@ -21,7 +21,8 @@ def register_commands(subparsers) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from embtables.sharding.plan import format_report, plan_config
+    from embtables.experiments.planning import plan_config
+    from embtables.sharding.plan import format_report
 
     rep = plan_config(args.config, args.set, world_size=args.world_size, device=args.device, hbm=args.hbm,
                       host_memory=args.host_memory, offload=args.offload)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from embtables.metrics import auc, logloss
+
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -40,7 +42,5 @@ def gather_predictions(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 def global_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int | None]:
     """AUC, logloss and count over all ranks' predictions; the same on every rank.
     AUC is None when only one class is present."""
-    from embtables.experiments.metrics import auc, logloss
-
     p, y = gather_predictions(probs, labels)
     return {"auc": auc(y.numpy(), p.numpy()), "logloss": logloss(y.numpy(), p.numpy()), "count": int(p.numel())}

@@ -40,10 +40,14 @@ from embtables.models.seq_common import BehaviorModel, SeqModelConfig, head_mlp,
 
 
 class DAREConfig(SeqModelConfig):
-    attention_dim: int | None = Field(None, ge=4, description="attention embedding width (default embedding.dim)")
-    attention_method: str | None = Field(None, description="embedding method of the attention module (default embedding.method)")
-    attention_budget: float | int | str | None = Field(None, description="budget of the attention module (default embedding.budget)")
-    top_k: int | None = Field(None, ge=1, description="aggregate only the k highest-scoring behaviours (soft search)")
+    attention_dim: int | None = Field(
+        None, ge=4, description="attention embedding width (default embedding.dim)")
+    attention_method: str | None = Field(
+        None, description="embedding method of the attention module (default embedding.method)")
+    attention_budget: float | int | str | None = Field(
+        None, description="budget of the attention module (default embedding.budget)")
+    top_k: int | None = Field(
+        None, ge=1, description="aggregate only the k highest-scoring behaviours (soft search)")
     target_product: bool = True
 
 

@@ -17,7 +17,8 @@ from embtables.models.registry import register_model
 class DCNConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cross_layers: int = Field(3, ge=1)
-    low_rank: int | None = Field(None, ge=1, description="rank of each cross layer's weight; None = full rank")
+    low_rank: int | None = Field(
+        None, ge=1, description="rank of each cross layer's weight; None = full rank")
     deep_mlp: list[int] = Field(default_factory=lambda: [256, 128])
     structure: str = Field("stacked", pattern="^(stacked|parallel)$")
 

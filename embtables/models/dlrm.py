@@ -16,7 +16,8 @@ from embtables.models.registry import register_model
 
 class DLRMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bottom_mlp: list[int] = Field(default_factory=lambda: [64, 32], description="last size is set to embedding.dim")
+    bottom_mlp: list[int] = Field(
+        default_factory=lambda: [64, 32], description="last size is set to embedding.dim")
     top_mlp: list[int] = Field(default_factory=lambda: [128, 64])
     self_interaction: bool = False
 

@@ -65,7 +65,8 @@ def plan_model_offline(model: torch.nn.Module, scfg: ShardingConfig, name: str =
     infos = {t.name: t for t in table_infos(model)}
     topo = planner._topology
     rep = PlanReport(
-        config=name, world_size=scfg.world_size, device=dev, offload=scfg.offload if dev == "cuda" else "none",
+        config=name, world_size=scfg.world_size, device=dev,
+        offload=scfg.offload if dev == "cuda" else "none",
         hbm_per_rank=topo.devices[0].storage.hbm if dev == "cuda" else None,
         host_per_rank=topo.devices[0].storage.ddr, reserve=scfg.storage_reserve,
         rank_hbm=[0] * scfg.world_size, rank_host=[0] * scfg.world_size,
@@ -133,7 +134,8 @@ def explain_does_not_fit(model, scfg: ShardingConfig, err: PlannerError, method:
         cap = parse_bytes(scfg.hbm_per_device) if scfg.hbm_per_device else None
     else:
         cap = parse_bytes(scfg.host_memory) // _lws(scfg) if scfg.host_memory else None
-    cap = cap if cap is not None else make_planner(model, scfg, 1, scfg.device)._topology.devices[0].storage.ddr
+    if cap is None:
+        cap = make_planner(model, scfg, 1, scfg.device)._topology.devices[0].storage.ddr
     usable = int(cap * (1 - scfg.storage_reserve))
     total = sum(need(t) for t in tables)
     big = max(tables, key=need)
@@ -157,10 +159,12 @@ def explain_does_not_fit(model, scfg: ShardingConfig, err: PlannerError, method:
     if gpu_resident:
         trial = scfg.model_copy(update={"offload": "uvm_caching"})
         if _fits(model, trial):
-            lines.append(f"  - offload: sharding.offload=uvm_caching (cache_load_factor={scfg.cache_load_factor}) "
+            lines.append("  - offload: sharding.offload=uvm_caching "
+                         f"(cache_load_factor={scfg.cache_load_factor}) "
                          f"keeps tables in host memory with an HBM cache")
         else:
-            lines.append("  - offload: sharding.offload=uvm_caching does not fit either (host memory too small)")
+            lines.append("  - offload: sharding.offload=uvm_caching does not fit either "
+                         "(host memory too small)")
     # 3. a smaller embedding budget
     fraction = usable * scfg.world_size * 0.85 / max(total, 1)
     weights = sum(t.rows * t.dim * t.bytes_per_value for t in tables)
@@ -200,7 +204,8 @@ def format_report(rep: PlanReport) -> str:
                      gib(t.host_bytes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        out.append("  ".join(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        cells = enumerate(zip(r, widths, strict=True))
+        out.append("  ".join(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w) for i, (c, w) in cells))
     out.append("per rank (TorchRec storage estimate: weights + optimizer state + I/O buffers):")
     for r in range(rep.world_size):
         if rep.world_size > 8 and 3 <= r < rep.world_size - 2:
@@ -213,7 +218,8 @@ def format_report(rep: PlanReport) -> str:
         parts.append(f"host {gib(rep.rank_host[r])} / {gib(rep.host_per_rank)}")
         out.append(f"  rank {r:>3}: " + ", ".join(parts))
     if rep.device == "cuda":
-        out.append(f"  max HBM {gib(max(rep.rank_hbm))} on one rank, {max(rep.rank_hbm) / rep.hbm_per_rank:.1%} "
+        share = max(rep.rank_hbm) / rep.hbm_per_rank
+        out.append(f"  max HBM {gib(max(rep.rank_hbm))} on one rank, {share:.1%} "
                    f"of {gib(rep.hbm_per_rank)}")
     out.append(f"  max host {gib(max(rep.rank_host))} on one rank")
     out.append(f"total: weights {gib(rep.weights_bytes)} + optimizer state {gib(rep.optimizer_bytes)} = "

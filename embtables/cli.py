@@ -9,6 +9,8 @@ import sys
 import traceback
 import warnings
 
+from embtables.argtypes import positive_int
+
 
 def _quiet_libraries() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -22,7 +24,7 @@ def _quiet_libraries() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.resume is None:
         raise SystemExit("embtables run: give a CONFIG (file or shipped name) or --resume RUN_DIR")
-    if args.nproc and args.nproc > 1:
+    if args.nproc > 1:
         from embtables.sharding.launch import launch_run
 
         return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc)
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
     r.add_argument("--run-dir", help="write here instead of runs/<name>-<timestamp>/")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    r.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU, NCCL on GPU)")
+    r.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine (gloo on CPU, NCCL on GPU)")
     r.set_defaults(fn=_cmd_run)
 
     pr = sub.add_parser("predict", help="score a dataset with a trained run")
@@ -105,13 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user mistakes become one clear line
-        from embtables.errors import is_user_error
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        return _report_error(e, args.debug, argv)
 
-        if args.debug or not is_user_error(e):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _report_error(e: BaseException, debug: bool, argv: list[str] | None) -> int:
+    """One clear line; a traceback only with --debug, else in a log file named on a second line
+    when the error is not a plain user mistake."""
+    from embtables.errors import describe, is_user_error, one_line, write_log
+
+    if debug:
+        traceback.print_exception(e)
+    message = describe(e)
+    user = is_user_error(e)
+    print(f"error: {message if user and 'Traceback' not in message else one_line(message)}", file=sys.stderr)
+    if not debug and (not user or message != str(e)):
+        log = write_log(e, argv)
+        if log is not None:
+            print(f"(full traceback in {log}; `embtables --debug ...` prints it)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def _float(text: str, what: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    return _float(text, "a number")
+
+
 def positive_float(text: str) -> float:
     value = _float(text, "a number > 0")
     if value <= 0:

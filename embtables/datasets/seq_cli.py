@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from embtables.argtypes import fraction_below_one, nonnegative_int, positive_float, positive_int
+from embtables.argtypes import finite_float, fraction_below_one, nonnegative_int, positive_float, positive_int
 
 
 def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
@@ -95,7 +95,8 @@ def _run_behavior(args: argparse.Namespace) -> int:
     try:
         cols = ColumnMap.from_yaml(args.columns) if args.columns else ColumnMap()
         for flag, key in (("user_col", "user"), ("item_col", "item"), ("category_col", "category"),
-                          ("time_col", "timestamp"), ("label_col", "label"), ("sep", "sep")):
+                          ("time_col", "timestamp"), ("label_col", "label"), ("sep", "sep"),
+                          ("label_threshold", "label_threshold")):
             val = getattr(args, flag)
             if val is not None:
                 setattr(cols, key, None if val == "" else val)
@@ -133,7 +134,7 @@ def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> N
     p.add_argument("--url", default=None, help="archive URL for --download (default: GroupLens)")
     p.add_argument("--download-dir", type=Path, default=None, help="where to unzip (default: OUT/../raw)")
     p.add_argument("--timeout", type=positive_float, default=20.0, help="--download network timeout in seconds")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=finite_float, default=None,
                    help="rating >= T is a click (implies --mode threshold: every rating a sample)")
     _sample_args(p, None)
     p.set_defaults(func=_run_movielens)
@@ -148,6 +149,8 @@ def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> N
     p.add_argument("--category-col", default=None, help="category column (default 'category'; '' = none)")
     p.add_argument("--time-col", default=None, help="timestamp column: numbers or dates (default 'timestamp')")
     p.add_argument("--label-col", default=None, help="0/1 click column (default: none -> sampled mode)")
+    p.add_argument("--label-threshold", type=finite_float, default=None, metavar="T",
+                   help="labels other than 0/1 (ratings, {1, 2}): label >= T is a click (default: labels must be 0/1)")
     p.add_argument("--sep", default=None, help="field separator (default: tab for .tsv/.txt, else comma)")
     p.add_argument("--no-header", action="store_true", help="no header line: name columns by position 0, 1, ...")
     _sample_args(p, None)

@@ -24,7 +24,7 @@ def _quiet_libraries() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.resume is None:
         raise SystemExit("embtables run: give a CONFIG (file or shipped name) or --resume RUN_DIR")
-    if args.nproc > 1:
+    if args.nproc and args.nproc > 1:
         from embtables.sharding.launch import launch_run
 
         return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc)
@@ -59,6 +59,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_types(parser: argparse.ArgumentParser, **types) -> None:
+    """Options by dest -> a checking type from embtables.argtypes (its error names the flag)."""
+    for action in parser._actions:
+        if action.dest in types:
+            action.type = types[action.dest]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embtables", description="Memory-efficient embedding tables on TorchRec")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -69,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
     r.add_argument("--run-dir", help="write here instead of runs/<name>-<timestamp>/")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    r.add_argument("--nproc", type=positive_int, default=1,
-                   help="processes on this machine (gloo on CPU, NCCL on GPU)")
+    r.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU, NCCL on GPU)")
     r.set_defaults(fn=_cmd_run)
+    _check_types(r, nproc=positive_int)
 
     pr = sub.add_parser("predict", help="score a dataset with a trained run")
     pr.add_argument("run_dir")

@@ -19,12 +19,13 @@ MAX_QUOTED = 200
 
 
 def clip(value: object, limit: int = MAX_QUOTED) -> str:
-    """``repr(value)`` cut to ``limit`` characters, saying the full length when cut: a
-    10 MB field in a bad row must not become 10 MB of error message."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text):,} characters in all)"
+    """A value quoted in a message: a string as its ``repr``, anything else as ``str``,
+    cut to ``limit`` characters with the full length stated (a 10 MB field in a bad row
+    must not become 10 MB of error message)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters in all)"
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters in all)"
 
 
 def _checkpoint_exception_type() -> type | None:

@@ -74,7 +74,7 @@ def read_events(src: str | Path, cols: ColumnMap) -> pd.DataFrame:
     missing = {k: v for k, v in wanted.items() if v not in df.columns}
     if missing:
         raise ValueError(
-            f"{src}: column(s) {missing} not found (columns: {list(df.columns)}); "
+            f"{src}: column(s) {missing} not found (columns: {clip(list(df.columns))}); "
             "name them with --user-col/--item-col/--category-col/--time-col/--label-col or --columns FILE"
         )
     out = pd.DataFrame({k: df[v] for k, v in wanted.items()})

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from embtables.datasets.sequences import EventLog, SampleConfig, SideFeatures, build_samples, write_samples
+from embtables.errors import clip
 
 GROUPLENS_URLS = {
     "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
@@ -88,7 +89,7 @@ def read_movielens(src: str | Path) -> RawMovieLens:
         df = _read_atomic(inter)
         need = {"user_id", "item_id", "timestamp"}
         if not need <= set(df.columns):
-            raise ValueError(f"{inter}: header needs {sorted(need)}, has {list(df.columns)}")
+            raise ValueError(f"{inter}: header needs {sorted(need)}, has {clip(list(df.columns))}")
         ratings = pd.DataFrame({"user": df["user_id"], "item": df["item_id"],
                                 "rating": pd.to_numeric(df.get("rating", pd.Series(["1"] * len(df)))),
                                 "ts": pd.to_numeric(df["timestamp"]).astype(np.int64)})

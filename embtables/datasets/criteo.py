@@ -5,7 +5,8 @@ header, ``label``, 13 integer columns, 26 hex-string columns, empty field = miss
 or gzip (detected by magic bytes), and the CSV/TSV-with-header variant (header
 ``label,I1..I13,C1..C26``; this variant writes dense values as floats, so its dense columns
 are parsed as numbers, ``1.0`` and ``2.5`` alike, while an official file's dense columns
-must be integers: ``1.5`` there is a bad row).
+must be integers: ``1.5`` there is a bad row), including Kaggle's CSV ``Id,Label,I1,...``
+(its ``Id`` column is dropped). Header names match case-insensitively.
 
 How it runs: the input (mapped, or decompressed as a stream for gzip) is cut into blocks of
 whole lines (``block_mb``); a read-ahead thread parses each block with pyarrow's CSV reader
@@ -24,7 +25,9 @@ Bad rows (``on_bad_row``): ``column_count``, ``bad_label`` (not 0/1), ``bad_dens
 (non-numeric, or non-integer in an official file), ``bad_categorical`` (not a hex id below
 2**63), ``bad_encoding`` (not UTF-8). ``error`` stops at the first one with file, line number
 and text; ``skip`` drops them and counts them per reason in schema.json. Empty lines are
-ignored. Output goes to ``OUT.tmp-*`` and is renamed to ``OUT`` only when complete.
+ignored. A split the user asked for that gets no rows (an empty or header-only input,
+every row skipped as bad) is an error. Output goes to ``OUT.tmp-*`` and is renamed to
+``OUT`` only when complete (see :func:`~embtables.datasets.parquet_out.atomic_output_dir`).
 
 Categorical modes: ``raw`` stores the hex value as int64 (missing -> 0); ``vocab`` stores ids
 by descending frequency: 0 = OOV (values seen fewer than ``min_count`` times, or unseen when

@@ -48,9 +48,7 @@ class EmbeddingSection(Strict):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: str = Field("full", description="registered method: `embtables list` shows them")
     dim: int = Field(16, ge=4, description="output width per feature (multiple of 4)")
-    budget: float | int | str | None = Field(
-        None, description="fraction of the full size, a number in (0, 1] (1, 0.1, '1/16'), or bytes (an integer "
-                          "above 1, or with a unit: '4MiB')")
+    budget: float | int | str | None = Field(None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
 
     @field_validator("dim")

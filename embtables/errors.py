@@ -79,15 +79,26 @@ def describe(e: BaseException) -> str:
     root = _root_cause(e)
     full = _enospc(root)
     if full is not None:
-        where = full.filename or "(a file)"
-        return f"no space left on device while writing {where}"
+        if full.filename is None:
+            return "no space left on device (while writing a file the library did not name)"
+        return f"no space left on device while writing {full.filename}"
     text = str(root) or type(root).__name__
     if root is not e:
         ranks = sorted(getattr(e, "failures", {}) or {})
         text = f"checkpoint {'rank ' + str(ranks[0]) + ': ' if ranks else ''}{type(root).__name__}: {text}"
     elif isinstance(root, KeyError):
         text = f"missing key {text}"
+    if _fbgemm_failed(root):
+        text = f"FBGEMM does not load ({one_line(text)}); `embtables doctor` says what to reinstall"
     return text
+
+
+def _fbgemm_failed(e: BaseException) -> bool:
+    if not isinstance(e, (ImportError, OSError)) or isinstance(e, FileNotFoundError) and e.filename:
+        return False
+    if getattr(e, "name", None) == "fbgemm_gpu" or "fbgemm" in str(e).lower():
+        return True
+    return any("fbgemm_gpu" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
 def one_line(text: str) -> str:

@@ -137,3 +137,13 @@ def test_an_internal_error_is_one_line_plus_the_log_path(monkeypatch, capsys, tm
     assert err[0] == "error: division by zero" and len(err) == 2
     log = err[1].split("full traceback in ")[1].split(";")[0]
     assert str(tmp_path) in log and "ZeroDivisionError" in open(log).read()
+
+
+@pytest.mark.parametrize(("override", "key"), [("embedding.budget=1/0", "embedding.budget"),
+                                                ("embedding.dim=10", "embedding.dim")])
+def test_run_with_a_bad_config_value_writes_nothing(tmp_path, capsys, override, key):
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", "quickstart", "--set", override, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: " in err and "Traceback" not in err and "ZeroDivision" not in err
+    assert not run_dir.exists()

@@ -85,3 +85,13 @@ def test_doctor_diagnoses_a_broken_fbgemm_instead_of_crashing(tmp_path, case):
     assert "fbgemm_gpu  FAILED TO LOAD" in r.stdout
     assert "FBGEMM does not load" in r.stdout
     assert "torch       2." in r.stdout  # torch itself still loads and is reported
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_command_that_needs_fbgemm_says_so_in_one_line(tmp_path, case):
+    r = subprocess.run([sys.executable, "-m", "embtables.cli", "list"], env=_env(tmp_path, case),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("error: FBGEMM does not load (") and "`embtables doctor`" in first, r.stderr
+    assert "Traceback" not in r.stderr

@@ -40,7 +40,8 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             torch_seen |= "torch imported" in r.stderr
         name = " ".join(["embtables", *cmd, "--help"])
-        print(f"| `{name}` | {statistics.median(times):.3f} | {min(times):.3f} | {'yes' if torch_seen else 'no'} |")
+        seen = "yes" if torch_seen else "no"
+        print(f"| `{name}` | {statistics.median(times):.3f} | {min(times):.3f} | {seen} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""argparse ``type=`` checks for numeric flags and budgets: a bad value becomes argparse's
-own one-line error naming the flag (``argument --nproc: must be an integer >= 1, got '0'``)
-instead of a library traceback later. A leaf: imports nothing of embtables but the
-torch-free budget rule, so building the CLI's parser stays cheap."""
+"""argparse ``type=`` checks for numeric flags: a bad value becomes argparse's own one-line
+error naming the flag (``argument --nproc: must be an integer >= 1, got '0'``) instead of a
+library traceback later. A leaf: imports nothing from embtables. (Budgets and sizes are
+checked by :func:`embtables.embeddings.budget.budget_arg` / ``size_arg``.)"""
 
 from __future__ import annotations
 
@@ -60,28 +60,6 @@ def fraction_below_one(text: str) -> float:
 def table_dim(text: str) -> int:
     value = positive_int(text)
     if value % 4:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4 (FBGEMM's kernels need it), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of 4 (FBGEMM's kernels need it), got {text!r}")
     return value
-
-
-def budget(text: str) -> str:
-    """A budget string, checked by the one rule of :mod:`embtables.embeddings.budget`."""
-    from embtables.embeddings.budget import parse_budget_value
-
-    try:
-        parse_budget_value(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def size(text: str) -> str:
-    """A memory size such as 80GiB."""
-    from embtables.embeddings.budget import parse_bytes
-
-    try:
-        if parse_bytes(text) < 1:
-            raise ValueError(f"size {text!r} is less than one byte")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text

@@ -23,7 +23,9 @@ def clip(value: object, limit: int = MAX_QUOTED) -> str:
     cut to ``limit`` characters with the full length stated (a 10 MB field in a bad row
     must not become 10 MB of error message)."""
     if isinstance(value, str):
-        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters in all)"
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value):,} characters in all)"
     text = str(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters in all)"
 
@@ -111,7 +113,8 @@ def one_line(text: str) -> str:
 
 def write_log(e: BaseException, argv: list[str] | None = None) -> Path | None:
     """The full traceback of ``e`` in a log file under the temp directory; its path."""
-    path = Path(tempfile.gettempdir()) / f"embtables-error-{time.strftime('%Y%m%d-%H%M%S')}-{id(e) % 10**6}.log"
+    name = f"embtables-error-{time.strftime('%Y%m%d-%H%M%S')}-{id(e) % 10**6}.log"
+    path = Path(tempfile.gettempdir()) / name
     try:
         with open(path, "w") as f:
             f.write(f"embtables {' '.join(argv or sys.argv[1:])}\n\n")

@@ -108,11 +108,12 @@ def _failing_list(exc: BaseException, monkeypatch):
 def test_torch_checkpoint_exception_is_one_line_not_a_traceback(monkeypatch, capsys):
     from torch.distributed.checkpoint.api import CheckpointException
 
-    inner = RuntimeError("size mismatch for tables.t0.weight: copying a param with shape [10, 8] into [12, 8]")
+    inner = RuntimeError("size mismatch for tables.t0.weight: copying a param of shape [10, 8] into [12, 8]")
     _failing_list(CheckpointException("load failed", {0: (inner, traceback.extract_stack())}), monkeypatch)
     assert cli.main(["list"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[0].startswith("error: checkpoint rank 0: RuntimeError: size mismatch for tables.t0")
+    first = err.splitlines()[0]
+    assert first.startswith("error: checkpoint rank 0: RuntimeError: size mismatch for tables.t0")
     assert "Traceback" not in err and len(err.splitlines()) <= 2
 
 

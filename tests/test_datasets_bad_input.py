@@ -64,7 +64,8 @@ def test_skip_with_every_row_bad_is_an_error(tmp_path):
     src = tmp_path / "bad.tsv"
     src.write_text("1\t2\t3\n" * 5)
     with pytest.raises(EmptySplitError, match=r"every row was bad \(column_count 5\).*bad\.tsv:1"):
-        convert_criteo([src], tmp_path / "o", cat_mode="raw", on_bad_row="skip", split=(1, 0, 0), progress=False)
+        convert_criteo([src], tmp_path / "o", cat_mode="raw", on_bad_row="skip", split=(1, 0, 0),
+                       progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -73,7 +74,8 @@ def test_a_split_asked_for_that_gets_no_rows_is_an_error(tsv, tmp_path):
     (tmp_path / "few.tsv").write_bytes(b"".join(lines[:4]))  # 10% of 4 rows is no whole row
     with pytest.raises(EmptySplitError, match="split valid got none of the 4 rows"):
         convert_criteo([tmp_path / "few.tsv"], tmp_path / "o", cat_mode="raw", progress=False)
-    s = convert_criteo([tmp_path / "few.tsv"], tmp_path / "o", cat_mode="raw", split=(0.5, 0, 0.5), progress=False)
+    s = convert_criteo([tmp_path / "few.tsv"], tmp_path / "o", cat_mode="raw", split=(0.5, 0, 0.5),
+                       progress=False)
     assert s.rows == {"train": 2, "valid": 0, "test": 2}  # a fraction of 0: not asked for
     (tmp_path / "bad.tsv").write_text("x\n")
     with pytest.raises(EmptySplitError, match=r"split test: its files \(.*bad\.tsv\) hold no good rows"):
@@ -100,7 +102,8 @@ def test_truncated_gzip_names_the_file(tsv, tmp_path):
     data = gzip.compress(tsv.read_bytes())
     (tmp_path / "cut.tsv.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cut\.tsv\.gz: truncated or corrupt gzip file"):
-        convert_criteo([tmp_path / "cut.tsv.gz"], tmp_path / "o", cat_mode="raw", split=(1, 0, 0), progress=False)
+        convert_criteo([tmp_path / "cut.tsv.gz"], tmp_path / "o", cat_mode="raw", split=(1, 0, 0),
+                       progress=False)
     assert not (tmp_path / "o").exists() and not _leftovers(tmp_path, "o")
 
 
@@ -129,7 +132,8 @@ def test_out_errors_name_the_users_path_not_the_temporary(tsv, tmp_path, monkeyp
     out = tmp_path / "full"
     assert cli_main(["data", "criteo", str(tsv), "--out", str(out), "--quiet", "--cat-mode", "raw"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[0] == f"error: no space left on device while writing {out}/train/part-00000.parquet"
+    part = out / "train" / "part-00000.parquet"
+    assert err.splitlines()[0] == f"error: no space left on device while writing {part}"
     assert not out.exists() and not _leftovers(tmp_path, "full")
 
 
@@ -168,7 +172,8 @@ def test_kaggle_format_of_the_real_sample(tmp_path):
     src = _kaggle_csv([line.split(",") for line in lines[1:]], tmp_path / "kaggle.csv")
     a = convert_criteo([src], tmp_path / "k", cat_mode="vocab", split=(1, 0, 0), progress=False)
     convert_criteo([SAMPLE], tmp_path / "s", cat_mode="vocab", split=(1, 0, 0), progress=False)
-    assert a.rows["train"] == 200 and _tables(tmp_path / "k")["train"].equals(_tables(tmp_path / "s")["train"])
+    assert a.rows["train"] == 200
+    assert _tables(tmp_path / "k")["train"].equals(_tables(tmp_path / "s")["train"])
 
 
 # ---- behaviour logs -----------------------------------------------------------------------
@@ -204,7 +209,8 @@ def test_behavior_bad_timestamp_names_its_own_line(tmp_path):
     with pytest.raises(ValueError, match=r"line 5: timestamp 'soon' is neither a number nor a date"):
         read_events(src, ColumnMap(label="label"))  # was: line 2, the first numeric timestamp
     dates = [f"2020-01-0{i}" for i in range(1, 9)]
-    assert read_events(_log(tmp_path / "d.csv", [1] * 8, dates), ColumnMap())["timestamp"].iloc[1] == 1577923200
+    parsed = read_events(_log(tmp_path / "d.csv", [1] * 8, dates), ColumnMap())
+    assert parsed["timestamp"].iloc[1] == 1577923200  # 2020-01-02 00:00 UTC
 
 
 def test_catalogue_smaller_than_eval_negatives_says_so(tmp_path):
@@ -215,8 +221,8 @@ def test_catalogue_smaller_than_eval_negatives_says_so(tmp_path):
     cols = ColumnMap(category=None)
     with pytest.raises(ValueError, match=r"the catalogue has only 6 items: --eval-negatives 100 .*at most 2"):
         convert_behavior(src, tmp_path / "d", cols=cols, cfg=SampleConfig(mode="sampled", eval_negatives=100))
-    with pytest.raises(ValueError, match=r"2 users interacted with so many of the 6 items that fewer than 3 .*"
-                                         r"--eval-negatives 3\); lower --eval-negatives to at most 2"):
+    with pytest.raises(ValueError, match=r"2 users interacted with so many of the 6 items that fewer than 3 "
+                                         r".*--eval-negatives 3\); lower --eval-negatives to at most 2"):
         convert_behavior(src, tmp_path / "d", cols=cols, cfg=SampleConfig(mode="sampled", eval_negatives=3))
     convert_behavior(src, tmp_path / "d", cols=cols, cfg=SampleConfig(mode="sampled", eval_negatives=2))
     assert load_schema(tmp_path / "d").rows["test"] == 2 * 3
@@ -267,8 +273,8 @@ def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProce
     env.pop("EMBTABLES_FAULT", None)
     if fault:
         env["EMBTABLES_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "embtables.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "embtables.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.parametrize("mode", ["raw", "vocab"])

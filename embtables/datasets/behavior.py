@@ -99,14 +99,14 @@ def _timestamps(raw: pd.Series, src: Path, cols: ColumnMap) -> np.ndarray:
     neither = (num.isna() & parsed.isna()).to_numpy()
     if neither.any():
         row = int(np.flatnonzero(neither)[0])
-        raise ValueError(f"{src}: line {_line(row, cols)}: timestamp {clip(raw.iloc[row])} is neither a number "
-                         "nor a date")
+        raise ValueError(f"{src}: line {_line(row, cols)}: timestamp {clip(raw.iloc[row])} is neither a "
+                         "number nor a date")
     if num.isna().all():
         return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy().astype(np.int64)
     row = int(np.flatnonzero(num.notna().to_numpy())[0])  # both kinds present
+    date = raw.iloc[int(np.flatnonzero(num.isna().to_numpy())[0])]
     raise ValueError(f"{src}: line {_line(row, cols)}: timestamp {clip(raw.iloc[row])} is a number, but the "
-                     f"column also holds dates (e.g. {clip(raw.iloc[int(np.flatnonzero(num.isna().to_numpy())[0])])}); "
-                     "use one or the other")
+                     f"column also holds dates (e.g. {clip(date)}); use one or the other")
 
 
 def _labels(raw: pd.Series, src: Path, cols: ColumnMap) -> np.ndarray:
@@ -122,8 +122,8 @@ def _labels(raw: pd.Series, src: Path, cols: ColumnMap) -> np.ndarray:
         values = np.unique(lab.to_numpy())
         shown = ", ".join(f"{v:g}" for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise ValueError(f"{src}: line {_line(row, cols)}: label {clip(raw.iloc[row])} is not 0 or 1 (the "
-                         f"column holds {shown}); say which are clicks with --label-threshold T (label >= T is a "
-                         "click)")
+                         f"column holds {shown}); say which are clicks with --label-threshold T "
+                         "(label >= T is a click)")
     return lab.to_numpy(np.float32)
 
 

@@ -98,7 +98,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --random-split")
     p.add_argument("--cat-mode", choices=["raw", "vocab"], default="vocab",
                    help="raw: hex value as int64 (missing -> 0); vocab: ids by frequency (default)")
-    p.add_argument("--min-count", type=positive_int, default=1, help="vocab mode: values seen fewer times -> OOV id")
+    p.add_argument("--min-count", type=positive_int, default=1,
+                   help="vocab mode: values seen fewer times -> OOV id")
     p.add_argument("--vocab-from", type=Path, default=None,
                    help="vocab mode: reuse the vocabulary of another converted dataset directory")
     p.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p",

@@ -944,7 +944,8 @@ def convert_criteo(
         stop_counting.set()
 
 
-def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, int], examples: list[str]) -> None:
+def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, int],
+                examples: list[str]) -> None:
     """Refuse a conversion that leaves a split the user asked for with no rows (by file: a
     split given files; by fraction: a split with a fraction above 0)."""
     asked = [s for s in rows if method == "file" or float(split[SPLITS.index(s)]) > 0]
@@ -956,7 +957,8 @@ def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, 
     nbad = sum(bad.values())
     if total == 0 and nbad:
         reasons = ", ".join(f"{r} {n:,}" for r, n in bad.items() if n)
-        raise EmptySplitError(f"{inputs}: every row was bad ({reasons}); nothing to convert. First: {examples[0]}")
+        raise EmptySplitError(f"{inputs}: every row was bad ({reasons}); nothing to convert. "
+                              f"First: {examples[0]}")
     if total == 0:
         raise EmptySplitError(f"{inputs}: no data rows (the input is empty or holds only a header line)")
     if method == "file":
@@ -965,8 +967,8 @@ def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, 
                               + (f" ({nbad:,} bad rows skipped)" if nbad else ""))
     fractions = ", ".join(f"{s} {float(split[SPLITS.index(s)]):g}" for s in empty)
     raise EmptySplitError(
-        f"split {'/'.join(empty)} got none of the {total:,} rows converted (fraction: {fractions}); give more "
-        "rows, or a fraction of 0 for a split you do not want (e.g. --split 0.9,0,0.1)")
+        f"split {'/'.join(empty)} got none of the {total:,} rows converted (fraction: {fractions}); "
+        "give more rows, or a fraction of 0 for a split you do not want (e.g. --split 0.9,0,0.1)")
 
 
 def _load_vocabs(root: Path) -> list[_Vocab]:

@@ -164,11 +164,13 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; a dataset is a directory (remove it first)")
+        raise FileExistsError(f"{out} exists and is not a directory; a dataset is a directory "
+                              "(remove it first)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise NotADirectoryError(f"cannot create {out}: a part of {out.parent} is a file, not a directory") from None
+        raise NotADirectoryError(
+            f"cannot create {out}: a part of {out.parent} is a file, not a directory") from None
     except OSError as e:
         raise type(e)(e.errno, f"cannot create {out}: {e.strerror}", e.filename) from None
     remove_stale_temporaries(out)

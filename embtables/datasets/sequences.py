@@ -279,7 +279,8 @@ def build_samples(log: EventLog, cfg: SampleConfig, name: str, source: str = "")
     return Samples(tables, schema, items, user_items, id_counts)
 
 
-def _check_negatives_exist(users: np.ndarray, k: int, keys: np.ndarray, num_items: int, distinct: bool) -> None:
+def _check_negatives_exist(users: np.ndarray, k: int, keys: np.ndarray, num_items: int,
+                           distinct: bool) -> None:
     """Refuse up front when some user has fewer never-seen items than the negatives asked
     for (rejection sampling would only give up after its rounds, blaming the data)."""
     if k == 0 or len(users) == 0:
@@ -292,11 +293,12 @@ def _check_negatives_exist(users: np.ndarray, k: int, keys: np.ndarray, num_item
         return
     flag = "--eval-negatives" if distinct else "--neg-ratio"
     if num_items - 1 < need:
-        raise ValueError(f"the catalogue has only {num_items} items: {flag} {k} asks for {k} distinct items besides "
-                         f"each positive; lower {flag} to at most {max(int(free.min()), 0)}")
-    raise ValueError(f"{len(np.unique(users[short])):,} users interacted with so many of the {num_items} items that fewer "
-                     f"than {need} are left to draw as negatives ({flag} {k}); lower {flag} to at most "
-                     f"{max(int(free.min()), 0)}")
+        raise ValueError(f"the catalogue has only {num_items} items: {flag} {k} asks for {k} distinct items "
+                         f"besides each positive; lower {flag} to at most {max(int(free.min()), 0)}")
+    users_short = len(np.unique(users[short]))
+    raise ValueError(f"{users_short:,} users interacted with so many of the {num_items} items "
+                     f"that fewer than {need} are left to draw as negatives ({flag} {k}); lower {flag} to at "
+                     f"most {max(int(free.min()), 0)}")
 
 
 def _check_splits(tables: dict[str, pa.Table], cfg: SampleConfig, events: int) -> None:

@@ -11,7 +11,7 @@ import importlib.util
 
 # Importing a method file registers its name. Methods added later register the same
 # way once their file exists (find_spec keeps the package importable before that).
-BUILTIN_METHODS = ("full", "hash", "mch", "qr", "unified", "optembed")
+BUILTIN_METHODS = ("full", "hash", "mch", "qr", "unified", "optembed", "dhe", "mde", "tt")
 
 _EXPORTS = {
     "EmbeddingMethod": "base",

@@ -77,14 +77,27 @@ def parse_budget_value(budget: float | int | str) -> tuple[Fraction | None, int 
     return None, int(budget)
 
 
-def check_budget(budget: float | int | str | None, where: str = "budget") -> None:
-    """Raise ValueError naming ``where`` (a config key or a flag) if ``budget`` breaks the rule."""
-    if budget is None:
-        return
+def budget_arg(text: str) -> str:
+    """argparse ``type=`` for ``--budget``: the rule above, its error naming the flag."""
+    import argparse
+
     try:
-        parse_budget_value(budget)
+        parse_budget_value(text)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def size_arg(text: str) -> str:
+    """argparse ``type=`` for a memory size such as ``80GiB``."""
+    import argparse
+
+    try:
+        if parse_bytes(text) < 1:
+            raise ValueError(f"size {text!r} is less than one byte")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def resolve_budget(budget: float | int | str | None, features: list[FeatureSpec], dim: int) -> int | None:

@@ -8,7 +8,8 @@ import argparse
 import ast
 from pathlib import Path
 
-from embtables.argtypes import budget, table_dim
+from embtables.argtypes import table_dim
+from embtables.embeddings.budget import budget_arg
 
 
 def _knob(text: str) -> tuple[str, object]:
@@ -61,7 +62,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("size", help="size an embedding method for a dataset and budget (builds nothing)")
     p.add_argument("data", type=Path, help="dataset directory (schema.json)")
     p.add_argument("--method", required=True, help="embedding method (see `embtables list`)")
-    p.add_argument("--budget", type=budget, default=None,
+    p.add_argument("--budget", type=budget_arg, default=None,
                    help="fraction of the full size, a number in (0, 1] (1, 0.1, 1/16), or bytes (4MiB)")
     p.add_argument("--dim", type=table_dim, default=16, help="output width per feature (multiple of 4)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")

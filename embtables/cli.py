@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
 def _report_error(e: BaseException, debug: bool, argv: list[str] | None) -> int:
     """One clear line; a traceback only with --debug, else in a log file named on a second line
     when the error is not a plain user mistake."""
-    from embtables.errors import describe, is_user_error, one_line, write_log
+    from embtables.errors import describe, is_user_error, needs_log, one_line, write_log
 
     if debug:
         traceback.print_exception(e)
     message = describe(e)
     user = is_user_error(e)
     print(f"error: {message if user and 'Traceback' not in message else one_line(message)}", file=sys.stderr)
-    if not debug and (not user or message != str(e)):
+    if not debug and needs_log(e):
         log = write_log(e, argv)
         if log is not None:
             print(f"(full traceback in {log}; `embtables --debug ...` prints it)", file=sys.stderr)

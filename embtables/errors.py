@@ -103,6 +103,12 @@ def _fbgemm_failed(e: BaseException) -> bool:
     return any("fbgemm_gpu" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
+def needs_log(e: BaseException) -> bool:
+    """Whether the traceback holds more than the printed line: not a plain user mistake, or
+    an error another rank reported through torch's CheckpointException."""
+    return not is_user_error(e) or _root_cause(e) is not e
+
+
 def one_line(text: str) -> str:
     """The first and last lines of a multi-line message (a traceback in a LaunchError)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

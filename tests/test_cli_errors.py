@@ -148,3 +148,12 @@ def test_run_with_a_bad_config_value_writes_nothing(tmp_path, capsys, override, 
     err = capsys.readouterr().err
     assert f"{key}: " in err and "Traceback" not in err and "ZeroDivision" not in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad value in x.yaml"), KeyError("nope"),
+                                 IsADirectoryError("input d is a directory, not a Criteo file")])
+def test_a_user_mistake_is_exactly_one_line_and_no_log(exc, monkeypatch, capsys):
+    _failing_list(exc, monkeypatch)
+    assert cli.main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "log" not in err

@@ -310,3 +310,15 @@ def test_behavior_killed_after_block_n_reruns_to_the_same_dataset(tmp_path):
     assert not _leftovers(tmp_path, "o")
     ta, tr = _tables(out), _tables(tmp_path / "ref")
     assert set(ta) == set(tr) and all(ta[s].equals(tr[s]) for s in tr)
+
+
+def test_movielens_bad_timestamp_names_file_and_line(tmp_path):
+    from embtables.datasets.movielens import read_movielens
+
+    (tmp_path / "u.data").write_text("1\t10\t5\t881250949\n2\t11\t4\tyesterday\n")
+    with pytest.raises(ValueError, match=r"u\.data:2: timestamp 'yesterday' is not an integer"):
+        read_movielens(tmp_path)
+    with pytest.raises(NotADirectoryError, match="give the MovieLens folder"):
+        read_movielens(tmp_path / "u.data")
+    (tmp_path / "u.data").write_text("1\t10\t5\t881250949\n2\t11\t4\t881250950\n")
+    assert read_movielens(tmp_path).ratings["ts"].tolist() == [881250949, 881250950]

@@ -370,3 +370,15 @@ def test_seeded_random_kills_during_conversions(tsv, tmp_path):
         survived += 1
     print(f"\nrandom kills during conversions: {tried} cases, {killed} killed, {survived} equal to an "
           "uninterrupted conversion after the rerun")
+
+
+def test_a_file_or_a_broken_schema_as_dataset_is_named(tsv, tmp_path):
+    with pytest.raises(NotADirectoryError, match=r"s\.tsv is a file; a dataset is the directory"):
+        load_schema(tsv)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "schema.json").write_text('{"name": "x", "categorical": [{"nme": 1}]')
+    with pytest.raises(ValueError, match=r"schema\.json: not a valid embtables schema"):
+        load_schema(tmp_path / "d")
+    (tmp_path / "d" / "schema.json").write_text('["not", "a", "mapping"]')
+    with pytest.raises(ValueError, match=r"schema\.json: not a valid embtables schema"):
+        load_schema(tmp_path / "d")

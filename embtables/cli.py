@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit:
         raise
+    except BrokenPipeError:  # `embtables list | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         return _report_error(e, args.debug, argv)
 

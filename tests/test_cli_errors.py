@@ -157,3 +157,20 @@ def test_a_user_mistake_is_exactly_one_line_and_no_log(exc, monkeypatch, capsys)
     assert cli.main(["list"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "log" not in err
+
+
+def test_a_closed_pipe_is_not_an_error():
+    # `embtables list | head -1`: the reader goes away before the output is written
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-m", "embtables.cli", "list"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before the command has imported anything, so its first write fails
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141
+    assert "error" not in err and "Traceback" not in err, err

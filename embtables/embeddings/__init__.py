@@ -34,6 +34,8 @@ def load_methods() -> None:
 
 
 def __getattr__(name: str):
+    if name in BUILTIN_METHODS and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # `embtables.embeddings.qr` as an attribute
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,7 +86,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_synth)
 
-    p = sub.add_parser("criteo", help="convert Criteo Kaggle/Terabyte TSV (or header CSV) files to Parquet")
+    p = sub.add_parser("criteo", help="convert Criteo TSV (Kaggle, Terabyte), header CSV or Kaggle's "
+                                      "Id,Label,... CSV to Parquet")
     p.add_argument("src", nargs="*", type=Path, help="input files, split by --split fractions (or --random-split)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--train", nargs="+", type=Path, help="files for the train split (split by file)")

@@ -51,6 +51,7 @@ demo: setup data
 
 # The layer contract (import-linter, pyproject.toml), the documentation site, then the tests.
 test: setup
+	$(VENV)/bin/ruff check embtables tests bench docs
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/site
 	$(PY) -m pytest -q

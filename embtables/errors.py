@@ -72,8 +72,8 @@ def is_user_error(e: BaseException) -> bool:
     if _enospc(e) is not None or _checkpoint_exception_type() is not None and isinstance(
             e, _checkpoint_exception_type()):
         return True
-    return isinstance(e, (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                          PermissionError, KeyError, TrainingDiverged, CheckpointError))
+    return isinstance(e, (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                          NotADirectoryError, PermissionError, KeyError, TrainingDiverged, CheckpointError))
 
 
 def describe(e: BaseException) -> str:

@@ -326,7 +326,8 @@ def test_movielens_bad_timestamp_names_file_and_line(tmp_path):
 
 def test_criteo_injected_full_disk_after_block_n_leaves_nothing(tsv, tmp_path):
     out = tmp_path / "o"
-    r = _cli(["data", "criteo", str(tsv), "--cat-mode", "raw", "--block-mb", "0.07", "--quiet", "--out", str(out)],
+    r = _cli(["data", "criteo", str(tsv), "--cat-mode", "raw", "--block-mb", "0.07", "--quiet",
+              "--out", str(out)],
              fault="convert_block:2:enospc")
     assert r.returncode == 2
     assert r.stderr.splitlines()[0] == f"error: no space left on device while writing {out}", r.stderr
@@ -341,7 +342,8 @@ def test_seeded_random_kills_during_conversions(tsv, tmp_path):
     log = tmp_path / "log.csv"
     n = 3000
     pd.DataFrame({"user": rng.integers(0, 100, n), "item": rng.integers(0, 400, n),
-                  "category": rng.integers(0, 9, n), "timestamp": rng.integers(0, 10**6, n)}).to_csv(log, index=False)
+                  "category": rng.integers(0, 9, n),
+                  "timestamp": rng.integers(0, 10**6, n)}).to_csv(log, index=False)
     commands = {
         "criteo-raw": ["data", "criteo", str(tsv), "--cat-mode", "raw", "--block-mb", "0.07", "--quiet"],
         "criteo-vocab": ["data", "criteo", str(tsv), "--cat-mode", "vocab", "--block-mb", "0.07", "--quiet"],

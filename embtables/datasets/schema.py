@@ -108,8 +108,9 @@ class DatasetSchema:
 def load_schema(root: str | Path) -> DatasetSchema:
     path = Path(root) / SCHEMA_FILE
     if Path(root).is_file():
-        raise NotADirectoryError(f"{root} is a file; a dataset is the directory that holds {SCHEMA_FILE} "
-                                 "(convert raw files with `embtables data criteo|behavior|movielens ... --out DIR`)")
+        raise NotADirectoryError(
+            f"{root} is a file; a dataset is the directory that holds {SCHEMA_FILE} "
+            "(convert raw files with `embtables data criteo|behavior|movielens ... --out DIR`)")
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {root} is not a converted dataset (or its conversion did not finish). "

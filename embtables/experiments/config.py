@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embtables.embeddings.budget import parse_budget_value
 from embtables.sharding.config import ShardingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -61,7 +62,6 @@ class EmbeddingSection(Strict):
     @field_validator("budget")
     @classmethod
     def _budget_rule(cls, v: float | int | str | None) -> float | int | str | None:
-        from embtables.embeddings.budget import parse_budget_value
 
         if v is not None:
             parse_budget_value(v)  # its ValueError states the rule; pydantic adds the key path

@@ -10,6 +10,7 @@ lookups back into ``dim`` per logical feature.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,6 +48,47 @@ class IdentityRemap(nn.Module):
         return kjt
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method class declares it supports (``EmbeddingMethod.capabilities()``).
+
+    The conformance suite (tests/test_conformance*.py) runs every registered method
+    through TorchRec's stack according to these declarations, and asserts that what a
+    method declares unsupported is *refused* with a clear error; docs/torchrec.md's
+    support table is generated from them.
+    """
+
+    pooled: bool
+    sequence: bool
+    weighted: bool
+    has_tables: bool
+    stateful_remap: bool
+    multi_rank: bool
+    bounded_ids: bool
+    fx_traceable: bool
+    exportable: bool
+
+    @property
+    def pipelined(self) -> bool:
+        """TrainPipelineSparseDist pipelines the tables (remap in the input stage)."""
+        return self.has_tables and not self.stateful_remap
+
+
+# Sharding types that run correctly on each device for each TorchRec table kind
+# (../shared/TORCHREC-NOTES.md); sharding/dmp.py plans with these.
+POOLED_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+SEQUENCE_SHARDING_TYPES = {"cpu": ("table_wise", "row_wise", "column_wise"),
+                           "cuda": ("table_wise", "row_wise", "column_wise", "data_parallel")}
+
+
+def sharding_types_for(kind: str, device_type: str) -> tuple[str, ...]:
+    """Sharding types for a table kind: ``"ebc"`` (EmbeddingBagCollection) or ``"ec"``
+    (EmbeddingCollection: no table_row_wise; data_parallel pools wrongly on CPU)."""
+    if kind == "ebc":
+        return POOLED_SHARDING_TYPES
+    return SEQUENCE_SHARDING_TYPES["cpu" if device_type == "cpu" else "cuda"]
+
+
 class EmbeddingMethod(nn.Module):
     """Base class. A subclass sets ``self.remap`` and calls ``self._make_tables``.
 
@@ -54,9 +96,68 @@ class EmbeddingMethod(nn.Module):
     budget_bytes, dtype, sequence, device, [weighted], **knobs)``; method knobs are
     keyword-only. ``weighted`` (like ``EmbeddingBagCollection(is_weighted=...)``) is
     passed only to methods whose constructor accepts it.
+
+    **Capabilities.** A method class declares what it supports with the class attributes
+    below (defaults: everything a remap -> TorchRec tables -> combine method gets for
+    free). Override only what differs, and make the module *refuse* what it declares
+    unsupported: at build time when it can know (``supports_sequence=False`` and
+    ``sequence=True``), otherwise at the first forward after sharding
+    (``supports_multi_rank=False``). ``capabilities()`` collects them; the conformance
+    suite and docs/torchrec.md read that.
     """
 
     method_name: str = "?"
+
+    #: Pooled face (``KeyedTensor`` out, like an EmbeddingBagCollection).
+    supports_pooled: bool = True
+    #: Sequence face (``sequence=True``: ``dict[str, JaggedTensor]``, like an
+    #: EmbeddingCollection). False: ``build(..., sequence=True)`` must raise.
+    supports_sequence: bool = True
+    #: Per-id weights (``weighted=True``, ``kjt.weights()``), pooled only.
+    supports_weighted: bool = True
+    #: The big parameters live in ``self.tables`` (a TorchRec EBC/EC that DMP shards).
+    #: False: a table-free method (e.g. DHE: hashes -> MLP) whose parameters are all dense
+    #: and data-parallel; DMP wraps it in DDP and the suite compares it under DDP.
+    has_tables: bool = True
+    #: The remap mutates state in forward (``mch`` admits and evicts ids). Such a remap
+    #: must not run a batch ahead of the batch it serves, so it is not pipelineable:
+    #: TrainPipelineSparseDist leaves the module in forward (it still trains correctly).
+    stateful_remap: bool = False
+    #: Works with its tables sharded (or replicated) over more than one rank. False: the
+    #: module refuses, at the first forward after DMP, on every rank, before any
+    #: collective, when the process group has more than one rank.
+    supports_multi_rank: bool = True
+    #: The id rule. True: in eager mode ids of a *bounded* feature (``FeatureSpec.bounded``,
+    #: the default) must lie in ``[0, cardinality)``, like a plain EmbeddingBagCollection;
+    #: features without a bound (raw-mode data) accept any id >= 0. False: the method
+    #: takes raw ids by design (``mch``): any id >= 0. One reduction per batch; skipped
+    #: under fx tracing, scripting, torch.compile and torch.export.
+    bounded_ids: bool = True
+    #: ``torch.fx.symbolic_trace`` / ``torchrec.fx.symbolic_trace`` of a model holding it.
+    fx_traceable: bool = True
+    #: ``torch.export.export`` of a model holding it, in eval mode, equals eager.
+    exportable: bool = True
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """This class's declarations as one record (for the suite and the docs table)."""
+        return Capabilities(
+            pooled=cls.supports_pooled, sequence=cls.supports_sequence, weighted=cls.supports_weighted,
+            has_tables=cls.has_tables, stateful_remap=cls.stateful_remap, multi_rank=cls.supports_multi_rank,
+            bounded_ids=cls.bounded_ids, fx_traceable=cls.fx_traceable, exportable=cls.exportable)
+
+    def table_kind(self) -> str | None:
+        """``"ebc"`` or ``"ec"``: the TorchRec module kind holding the tables (QR ``mult``
+        looks pooled features up unpooled, so it is ``"ec"``); None for a table-free method.
+        Decides the sharder DMP needs and the sharding types (``sharding_types()``)."""
+        if not self.has_tables:
+            return None
+        return "ec" if self._unpooled else "ebc"
+
+    def sharding_types(self, device_type: str = "cpu") -> tuple[str, ...]:
+        """Sharding types the tables support on ``device_type`` (empty: table-free)."""
+        kind = self.table_kind()
+        return () if kind is None else sharding_types_for(kind, device_type)
     # Constructor arguments every method takes; they are not method knobs.
     BASE_ARGS = ("dim", "budget_bytes", "dtype", "sequence", "device", "weighted")
 
@@ -72,6 +173,12 @@ class EmbeddingMethod(nn.Module):
         weighted: bool = False,
     ) -> None:
         super().__init__()
+        if sequence and not self.supports_sequence:
+            raise ValueError(f"{self.method_name} supports pooled features only (sequence=False)")
+        if not sequence and not self.supports_pooled:
+            raise ValueError(f"{self.method_name} supports sequence features only (sequence=True)")
+        if weighted and not self.supports_weighted:
+            raise ValueError(f"{self.method_name} does not support per-id weights (weighted=True)")
         if weighted and sequence:
             raise ValueError("weighted=True needs pooled features: an EmbeddingCollection (sequence=True) "
                              "returns one vector per id and has no per-id weights")
@@ -96,6 +203,7 @@ class EmbeddingMethod(nn.Module):
         """
         dt = TORCHREC_DTYPE[self.dtype]
         unpooled = self.sequence if unpooled is None else unpooled
+        self._unpooled = unpooled
 
         def init_kw(c: TableSpec) -> dict:
             return {"init_fn": c[4]} if len(c) > 4 and c[4] is not None else {}

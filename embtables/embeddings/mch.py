@@ -122,6 +122,11 @@ class MCHRemap(nn.Module):
 @register("mch")
 class MCHEmbedding(EmbeddingMethod):
     plan_fn = staticmethod(plan_mch)  # pure sizing: registry.plan(...)
+    # Admission/eviction mutate the remap's state in forward: not pipelineable (it must not
+    # run a batch ahead), and the state is per process, so more than one rank is refused.
+    stateful_remap = True
+    supports_multi_rank = False
+    bounded_ids = False  # raw ids by design: any id >= 0
 
     def __init__(
         self,

@@ -204,6 +204,9 @@ class OptEmbed(EmbeddingMethod):
     (docs/readme/optembed.md) and are ignored here."""
 
     plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
+    # Pooled only: the exported tables have one width per field, and an EmbeddingCollection
+    # shards only tables of one width.
+    supports_sequence = False
 
     def __init__(
         self,
@@ -233,9 +236,6 @@ class OptEmbed(EmbeddingMethod):
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
-        if sequence:
-            raise ValueError("optembed supports pooled features only (sequence=False): its exported tables have "
-                             "one width per field, and an EmbeddingCollection shards only tables of one width")
         check_knobs(dim, alpha=alpha, threshold_lr=threshold_lr, dim_step=dim_step, population=population,
                     mutation_num=mutation_num, crossover_num=crossover_num, parents=parents,
                     mutation_prob=mutation_prob, search_iterations=search_iterations, search_rows=search_rows,

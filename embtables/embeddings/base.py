@@ -366,10 +366,10 @@ class EmbeddingMethod(nn.Module):
         """What an EmbeddingBagCollection would refuse, plus what this method cannot do:
         the weight flag, ids out of range (one reduction per batch), and a sharding the
         method does not support (first call after DMP, on every rank, before any collective)."""
-        tables = getattr(self, "tables", None)
-        if getattr(self, "_sharding_checked", None) is not tables:  # again once DMP replaced the tables
+        tables_id = id(getattr(self, "tables", None))
+        if getattr(self, "_sharding_checked", None) != tables_id:  # again once DMP replaced the tables
             self.check_sharding()
-            self._sharding_checked = tables
+            self._sharding_checked = tables_id
         if not self.sequence:
             has_w = features.weights_or_none() is not None
             if has_w != self.weighted:
@@ -427,9 +427,11 @@ class EmbeddingMethod(nn.Module):
                     "sharders=[EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()] (TorchRec's default "
                     "when sharders=None), or embtables.sharding.dmp.sharders()")
             return
-        if not self.supports_multi_rank and dist.get_world_size() > 1:
+        # The sharded module's own group (DMP may run on a subgroup), else the default one.
+        world = getattr(getattr(t, "_env", None), "world_size", None) or dist.get_world_size()
+        if not self.supports_multi_rank and world > 1:
             raise RuntimeError(
-                f"{self.method_name} cannot run on {dist.get_world_size()} ranks: its remap keeps per-process state "
+                f"{self.method_name} cannot run on {world} ranks: its remap keeps per-process state "
                 "(admitted ids) outside the TorchRec tables, so the ranks' id maps would diverge; run it on one "
                 "rank (DistributedModelParallel on a 1-process group works)")
 

@@ -73,8 +73,7 @@ class HashRemap(nn.Module):
         vals, lens, ws, lpk = split_features(kjt, self.names, self.weighted)
         out = []
         for v, r, ident, s in zip(vals, self.rows, self.identity, self.salts, strict=True):
-            # identity: ids are in [0, cardinality) (checked in eager mode by the module).
-            out.append(v.to(torch.int64) if ident else hash_to_rows(v, s, r))
+            out.append(v.to(torch.int64) % r if ident else hash_to_rows(v, s, r))  # `% r`: unbounded ids
         return KeyedJaggedTensor(
             keys=self.names, values=torch.cat(out), lengths=torch.cat(lens),
             weights=torch.cat(ws) if ws is not None else None, length_per_key=lpk,

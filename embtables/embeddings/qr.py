@@ -180,14 +180,15 @@ class QRRemap(nn.Module):
             if rad:
                 div = 1
                 for r in rad:
-                    # floor division and remainder on int64: exact for every id (ids are in
-                    # [0, cardinality), checked in eager mode by the module).
+                    # floor division and remainder on int64: exact for every id; the top
+                    # digit wraps modulo its table for ids of an unbounded feature.
                     ov.append((v // div) % r if div > 1 else v % r)
                     div *= r
-            elif self.concat:
-                ov += [v + j * n for j in range(self.k)]
+            elif self.concat:  # `% n`: a no-op for checked ids, wraps those of an unbounded feature
+                base = v % n
+                ov += [base + j * n for j in range(self.k)]
             else:
-                ov.append(v)
+                ov.append(v % n)
             reps = len(rad) if rad else (self.k if self.concat else 1)
             ol += [lens[i]] * reps
             if ws is not None:

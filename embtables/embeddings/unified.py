@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features, uniform_init
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
 from embtables.embeddings.registry import register
@@ -137,7 +137,7 @@ class UnifiedRemap(nn.Module):
         ov, ol, ow, olpk = [], [], [], []
         for i, v in enumerate(vals):
             for s, r, off in self.how[i]:
-                ov.append(hash_to_rows(v, s, r) if off is None else v.to(torch.int64) + off)
+                ov.append(hash_to_rows(v, s, r) if off is None else v.to(torch.int64) % self.cards[i] + off)
                 ol.append(lens[i])
                 if ws is not None:
                     ow.append(ws[i])
@@ -200,9 +200,13 @@ class UnifiedEmbedding(EmbeddingMethod):
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         values = self.pooled_values(pooled)
         if self._perm is not None:  # several tables or reordered groups: gather columns once
-            if self._perm_t is None or self._perm_t.device != values.device:
-                self._perm_t = torch.tensor(self._perm, device=values.device)
-            values = values.index_select(1, self._perm_t)
+            if is_tracing():  # no cache test on a traced device
+                idx = torch.tensor(self._perm, device=values.device)
+            else:
+                if self._perm_t is None or self._perm_t.device != values.device:
+                    self._perm_t = torch.tensor(self._perm, device=values.device)
+                idx = self._perm_t
+            values = values.index_select(1, idx)
         return self._keyed(values)
 
     def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:

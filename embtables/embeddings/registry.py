@@ -156,8 +156,13 @@ def support_table() -> str:
         c = cls.capabilities()
         types = []
         for seq, ok in ((False, c.pooled), (True, c.sequence)):
-            types.append(", ".join(build(probe, method=name, dim=8, sequence=seq).sharding_types("cpu"))
-                         if ok and c.has_tables else "-")
+            if not (ok and c.has_tables):
+                types.append("-" if not ok else "data-parallel (no tables)")
+                continue
+            try:  # the table kind can depend on knobs (qr's default mult looks ids up unpooled)
+                types.append(", ".join(build(probe, method=name, dim=8, sequence=seq).sharding_types("cpu")))
+            except ValueError:
+                types.append("see the method's docs (needs knobs to build)")
         ids = "`[0, cardinality)`" if c.bounded_ids else "any id >= 0"
         rows.append(f"| `{name}` | {yes(c.pooled)} | {yes(c.sequence)} | {yes(c.weighted)} | {types[0]}; {types[1]} "
                     f"| {yes(c.pipelined)} | {yes(c.multi_rank)} | {yes(c.fx_traceable)} | {yes(c.exportable)} "

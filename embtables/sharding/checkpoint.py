@@ -95,8 +95,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _legacy_names(model_state: dict[str, Any], path: Path) -> dict[str, str]:
-    """Model keys absent from the checkpoint whose pre-1.x name (``full`` tables under
-    ``tables.``) is there: checkpoints written before ``full`` took TorchRec's layout."""
+    """Model key -> the name it had in checkpoints written before ``full``'s state_dict
+    took TorchRec's EBC layout (its tables under ``tables.``), for keys saved that way."""
     from embtables.embeddings.full import legacy_key
 
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)

@@ -417,17 +417,17 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
         logging.getLogger().removeHandler(errors)
     if errors.lines:
         sizes = (*sizes[:3], f"TorchRec logged errors: {errors.lines[:2]}")
-    rest = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False)]
-    dense = [torch.optim.SGD([p for p in rest if p.numel() == 1], lr=lr)]
-    if [p for p in rest if p.numel() > 1]:  # data_parallel tables: the dense optimizer takes them
-        dense.append(opt_cls([p for p in rest if p.numel() > 1], **kw))
+    rest = list(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
+    dense = [torch.optim.SGD([p for n, p in rest if ".tables." not in n], lr=lr)]  # scale, a method's own
+    if [p for n, p in rest if ".tables." in n]:  # data_parallel tables ignore the fused optimizer
+        dense.append(opt_cls([p for n, p in rest if ".tables." in n], **kw))
     kjt_all, _ = conf_batch(0, batch, weighted=weighted)
     kjt, _ = conf_batch(0, batch, rank, world, weighted=weighted)
     per = batch // world
     table_ids = {id(p) for m in torchrec_tables(ref) for p in m.parameters()}
     others = [p for p in ref.parameters() if id(p) not in table_ids and p is not ref.scale]  # a method's dense ones
-    ref_opts = [torch.optim.SGD([ref.scale], lr=lr),
-                opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()] + others, **kw)]
+    ref_opts = [torch.optim.SGD([ref.scale, *others], lr=lr),
+                opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()], **kw)]
     # Same RNG stream for both forwards (mch re-initialises evicted rows, optembed's supernet
     # samples widths in training).
     torch.manual_seed(123)

@@ -101,16 +101,30 @@ def test_torchrec_models_forward_backward_step(spec, model_name):
 
 
 # ---- fx and export --------------------------------------------------------------------------
-def _dlrm(spec):
+class SequenceModel(torch.nn.Module):
+    """A minimal model over the sequence face: every feature's per-id vectors, stacked."""
+
+    def __init__(self, emb) -> None:
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, dense_features: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.emb(kjt)
+        return torch.cat([out[k].values() for k in self.emb.feature_names], dim=0) * dense_features.mean()
+
+
+def _model(spec, sequence: bool):
+    if sequence:
+        return SequenceModel(build_conf(spec, sequence=True)).eval()
     return MODELS["DLRM"](build_conf(spec)).eval()
 
 
 @pytest.mark.parametrize("tracer", ["torch.fx", "torchrec.fx"])
-@pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_fx_symbolic_trace_equals_eager(spec, tracer):
-    if not caps(spec).pooled:
-        pytest.skip("pooled only")
-    model = _dlrm(spec)
+@pytest.mark.parametrize(("spec", "sequence"), FACES, ids=FACE_IDS)
+def test_fx_symbolic_trace_equals_eager(spec, sequence, tracer):
+    if not supported(spec, sequence):
+        pytest.skip("face not supported (refusal asserted above)")
+    model = _model(spec, sequence)
     kjt, _ = conf_batch(1, 8)
     trace = torch.fx.symbolic_trace if tracer == "torch.fx" else torchrec.fx.symbolic_trace
     if not caps(spec).fx_traceable:
@@ -123,11 +137,11 @@ def test_fx_symbolic_trace_equals_eager(spec, tracer):
         assert torch.equal(graph(dense(8), kjt), model(dense(8), kjt))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_torch_export_eval_equals_eager(spec):
-    if not caps(spec).pooled:
-        pytest.skip("pooled only")
-    model = _dlrm(spec)
+@pytest.mark.parametrize(("spec", "sequence"), FACES, ids=FACE_IDS)
+def test_torch_export_eval_equals_eager(spec, sequence):
+    if not supported(spec, sequence):
+        pytest.skip("face not supported (refusal asserted above)")
+    model = _model(spec, sequence)
     kjt, _ = conf_batch(1, 8)
     if not caps(spec).exportable:
         with pytest.raises(NotImplementedError, match=spec[0]):

@@ -299,3 +299,13 @@ def test_full_loads_state_dicts_written_before_the_torchrec_layout():
     b.load_state_dict(old)
     kjt, _ = conf_batch(8, 8)
     assert torch.equal(_flat(b(kjt), b), _flat(a(kjt), a))
+
+
+@pytest.mark.parametrize(("spec", "sequence"), SUP, ids=SUP_IDS)
+def test_state_dict_round_trip_into_a_fresh_module(spec, sequence):
+    a, b = build_conf(spec, sequence, seed=0).eval(), build_conf(spec, sequence, seed=4).eval()
+    kjt, _ = conf_batch(9, 8)
+    if torch.equal(_flat(a(kjt), a), _flat(b(kjt), b)):
+        pytest.fail("two seeds built identical modules: the round trip below would prove nothing")
+    b.load_state_dict(a.state_dict())  # strict: same keys both ways
+    assert torch.equal(_flat(b(kjt), b), _flat(a(kjt), a))

@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from embtables.embeddings.full import legacy_key
 from embtables.errors import CheckpointError
 
 MARKER = "checkpoint.json"
@@ -95,8 +96,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def _legacy_names(model_state: dict[str, Any], path: Path) -> dict[str, str]:
     """Model key -> the name it had in checkpoints written before ``full``'s state_dict
     took TorchRec's EBC layout (its tables under ``tables.``), for keys saved that way."""
-    from embtables.embeddings.full import legacy_key
-
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     out = {}
     for k in model_state:

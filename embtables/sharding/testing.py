@@ -12,9 +12,14 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.embeddings import FeatureSpec, build
+from embtables.embeddings import FeatureSpec, build, list_methods
 from embtables.models.dlrm import DLRM, DLRMConfig
-from embtables.sharding.dmp import torchrec_tables
+from embtables.sharding import ShardingConfig
+from embtables.sharding.checkpoint import load_checkpoint, save_checkpoint
+from embtables.sharding.collectives_metrics import global_metrics
+from embtables.sharding.dmp import ShardingError, init_distributed, shard_model, torchrec_tables
+from embtables.sharding.dmp import sharders as our_sharders
+from embtables.sharding.launch import launch
 
 FEATURES = [FeatureSpec("f0", 50), FeatureSpec("f1", 23), FeatureSpec("f2", 37)]
 NUM_DENSE = 4
@@ -108,9 +113,6 @@ def global_loss(loss: float) -> float:
 def resume_worker(ck_dir: str, steps: int, split: int, batch: int, sharding_type: str):
     """At this world size: uninterrupted run vs save at ``split`` + load into a fresh
     model + continue. Returns (ref losses, resumed losses, max weight diff)."""
-    from embtables.sharding import ShardingConfig
-    from embtables.sharding.checkpoint import load_checkpoint, save_checkpoint
-    from embtables.sharding.dmp import init_distributed, shard_model
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=120)
@@ -143,8 +145,6 @@ def resume_worker(ck_dir: str, steps: int, split: int, batch: int, sharding_type
 
 def metrics_worker(sizes: list[int]):
     """Each rank holds a different number of predictions; returns the global metrics."""
-    from embtables.sharding.collectives_metrics import global_metrics
-    from embtables.sharding.dmp import init_distributed
 
     ctx = init_distributed("cpu", timeout_s=60)
     probs, labels = rank_predictions(ctx.rank, sizes[ctx.rank])
@@ -210,8 +210,6 @@ def _case(ctx, method: str, sequence: bool, stype: str, opt_name: str, host_memo
           batch: int = 16, lr: float = 0.5):
     import copy
 
-    from embtables.sharding import ShardingConfig
-    from embtables.sharding.dmp import shard_model
 
     torch.manual_seed(0)
     model = Probe(build_matrix_method(method, sequence))
@@ -251,7 +249,6 @@ def _case(ctx, method: str, sequence: bool, stype: str, opt_name: str, host_memo
 def matrix_worker(cases: list[tuple[str, bool, str, str]]) -> list[tuple[str, float, float] | tuple[str, str]]:
     """Every case in one process group: ("ok", forward diff, post-step weight diff) or
     ("error", message) for a case refused before planning."""
-    from embtables.sharding.dmp import ShardingError, init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=120)
@@ -278,7 +275,6 @@ def all_two_rank_worker(cases, suite_args):
 def shared_two_rank_run(cases, suite_args) -> dict[str, list]:
     """One spawned 2-rank group for every 2-rank test of the session (spawning and
     importing torchrec twice costs 15-40 s on a busy 2-core machine); cached."""
-    from embtables.sharding.launch import launch
 
     key = repr((cases, suite_args))
     if key not in _SHARED:
@@ -297,7 +293,6 @@ CONF_BUDGET = 0.3  # of `full`: every compressing method really compresses
 def conformance_specs() -> list[tuple[str, dict]]:
     """Every registered method with its default knobs, plus the knob variants that change
     the tables' shape (qr add/concat/mult, unified with several tables and probes)."""
-    from embtables.embeddings import list_methods
 
     specs: list[tuple[str, dict]] = []
     for name in list_methods():
@@ -388,7 +383,6 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
 
     import torch.distributed as dist
 
-    from embtables.sharding.dmp import sharders as our_sharders
 
     rank, world = dist.get_rank(pg), dist_world(pg)
     model = Probe(build_conf(spec, sequence, weighted))
@@ -587,9 +581,6 @@ def conf_legacy_checkpoint_case(pg, ck_dir: str, batch: int = 8):
     under ``tables.``) still loads: (max output difference before, after the load)."""
     import torch.distributed as dist
 
-    from embtables.sharding import ShardingConfig
-    from embtables.sharding.checkpoint import load_checkpoint, save_checkpoint
-    from embtables.sharding.dmp import init_distributed, shard_model
 
     ctx = init_distributed("cpu")
     rank, world = dist.get_rank(pg), dist_world(pg)
@@ -619,7 +610,6 @@ def conformance_worker(cases: list[tuple], tmp: str) -> list:
 
     import torch.distributed as dist
 
-    from embtables.sharding.dmp import init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=300)

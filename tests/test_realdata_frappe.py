@@ -141,3 +141,14 @@ def test_real_frappe_negatives_follow_the_benchmarks_rule(frappe_root):
         neg = x[y == 0]
         assert not any((u, i) in used for u, i in zip(neg[:, 0], neg[:, 1], strict=True)), s
         assert all(tuple(r) in contexts for r in np.c_[neg[:, :1], neg[:, 2:]]), s
+
+
+def test_cli_converts_and_reports_errors(tmp_path, capsys):
+    from embtables.cli import main
+
+    src, _, _, _ = fake_frappe(tmp_path, np.random.default_rng(2))
+    assert main(["data", "frappe", str(src), "--out", str(tmp_path / "o"), "--seed", "1"]) == 0
+    assert "user (12)" in capsys.readouterr().out
+    assert load_schema(tmp_path / "o").extra["seed"] == 1
+    assert main(["data", "frappe", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 1
+    assert "not a folder" in capsys.readouterr().err

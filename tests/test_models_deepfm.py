@@ -73,3 +73,12 @@ def test_deepfm_trains_through_the_runner(tiny_synth, tmp_path):
     o = tiny_overrides(tiny_synth, **{"model.name": "deepfm", "model.deepfm": {"deep_mlp": [16]}, "train.epochs": 2})
     s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
     assert s["model"] == "deepfm" and s["auc"] > 0.55
+
+
+def test_no_dense_features():
+    torch.manual_seed(0)
+    model = DeepFM(build(FEATURES, dim=8), num_dense=0, cfg=DeepFMConfig(deep_mlp=[16]))
+    assert model.dense_linear is None and model.deep[0][0].in_features == 3 * 8
+    out = model(torch.zeros(6, 0), _batch())
+    out.sum().backward()
+    assert out.shape == (6,) and model.first_order.grad is not None

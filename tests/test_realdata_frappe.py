@@ -152,3 +152,16 @@ def test_cli_converts_and_reports_errors(tmp_path, capsys):
     assert load_schema(tmp_path / "o").extra["seed"] == 1
     assert main(["data", "frappe", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+@needs_frappe
+@pytest.mark.parametrize("model", ["dlrm", "deepfm"])
+def test_shipped_config_learns_on_real_frappe(frappe_root, tmp_path, model):
+    """The shipped `frappe` config on the converted data (no dense features: DLRM's bottom
+    MLP sees an empty input), 60 steps."""
+    from embtables.experiments import run
+
+    o = {"data.path": str(frappe_root), "model.name": model, "train.max_steps": 60, "train.threads": 1,
+         "train.progress": False, "train.checkpoint": False, "data.max_eval_rows": 20000}
+    s = run("frappe", overrides=o, run_dir=tmp_path / "r", quiet=True)
+    assert s["steps"] == 60 and s["test_auc"] > 0.85, s["test_auc"]

@@ -149,3 +149,16 @@ def test_compressed_tables_do_train_differently(small_synth, full_run):
     """The comparison above can fail: a table with collisions gives other losses."""
     loss, _, _ = train_50(small_synth, "hash", "1/4")
     assert np.abs(loss - full_run[0]).max() > 1e-3
+
+
+def test_init_on_a_shard_falls_back_to_a_bounded_uniform():
+    """TorchRec's sharded modules call init_fn on a local shard before shard_model loads the
+    unsharded weights back: that must not fail (nor need the whole table)."""
+    from embtables.embeddings.table_init import feature_init
+
+    init = feature_init("c", 300, 8).bind(seed=5)
+    full = init(torch.empty(300, 8))
+    shard = init(torch.empty(150, 8))
+    bound = math.sqrt(1 / 300)
+    assert float(full.abs().max()) <= bound and float(shard.abs().max()) <= bound
+    assert torch.equal(init(torch.empty(300, 8)), full)  # the whole table: the seeded draw again

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 # Rows drawn per generator call: bounds the fp32 scratch memory of a huge table, and is
 # fixed so that every layout draws a feature's rows in the same pieces.
@@ -49,7 +50,15 @@ class SeededInit:
     blocks: tuple[RowBlock, ...]
 
     def bind(self, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        rows = sum(b.rows for b in self.blocks)
+
         def init(w: torch.Tensor) -> torch.Tensor:
+            if type(w) not in (torch.Tensor, nn.Parameter) or w.shape[0] != rows:
+                # TorchRec's sharded modules re-run init_fn on their local shards (ShardedTensor
+                # or a slice of rows); sharding.shard_model then loads the unsharded weights
+                # back, so these values are never used: TorchRec's default uniform init.
+                torch.nn.init.uniform_(w, -max(b.bound for b in self.blocks), max(b.bound for b in self.blocks))
+                return w
             fill_blocks(w, self.blocks, seed)
             return w
 

@@ -23,10 +23,11 @@ from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
 
 OPERATIONS = ("mult", "add", "concat")
 
@@ -233,11 +234,12 @@ class QREmbedding(EmbeddingMethod):
             n = f.cardinality
             if operation == "mult" and f.pooling != PoolingType.SUM:
                 raise ValueError(f"qr: feature {f.name!r}: operation='mult' supports SUM pooling only")
-            if not rad and not concat:
-                tables.append((f"t_{f.name}", n, dim, [f.name], uniform_init(math.sqrt(1 / n)), f.pooling))
+            if not rad and not concat:  # plain: exactly `full`'s table and rows
+                tables.append((f"t_{f.name}", n, dim, [f.name], feature_init(f.name, n, dim), f.pooling))
             elif not rad:  # plain feature as k column slices of one table: every table is dim/k wide
+                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width) for j in range(k))
                 tables.append((f"t_{f.name}", k * n, p.width, [f"{f.name}@{j}" for j in range(k)],
-                               uniform_init(math.sqrt(1 / n)), f.pooling))
+                               SeededInit(slices), f.pooling))
             else:
                 # Symmetric init scaled so the combined vector has the variance of a
                 # plain table's default init U(+-sqrt(1/n)), i.e. var 1/(3n).
@@ -247,7 +249,8 @@ class QREmbedding(EmbeddingMethod):
                     bound = math.sqrt(1 / (k * n))
                 else:
                     bound = math.sqrt(1 / n)
-                tables += [(f"t_{f.name}@{j}", r, p.width, [f"{f.name}@{j}"], uniform_init(bound), f.pooling)
+                tables += [(f"t_{f.name}@{j}", r, p.width, [f"{f.name}@{j}"],
+                            feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling)
                            for j, r in enumerate(rad)]
         self._make_tables(tables, device, unpooled=sequence or operation == "mult")
         self.weighted = weighted

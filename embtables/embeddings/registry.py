@@ -5,8 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from embtables.embeddings.budget import DTYPE_BYTES, resolve_budget
 from embtables.embeddings.spec import FeatureSpec, as_feature_specs
+from embtables.embeddings.table_init import module_seed
 
 _METHODS: dict[str, type] = {}
 
@@ -94,7 +97,13 @@ def build(
         if "weighted" not in inspect.signature(cls.__init__).parameters:
             raise ValueError(f"embedding method {method!r} does not support per-id weights (weighted=True)")
         knobs["weighted"] = True
-    return cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device, **knobs)
+    # One draw of the caller's RNG whatever the method builds (see table_init): the dense
+    # layers a model builds next start from the same RNG state for every method.
+    seed = module_seed()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device,
+                   **knobs)
 
 
 def plan(features, method: str = "full", dim: int | None = None, budget: float | int | str | None = None,

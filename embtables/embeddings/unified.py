@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,8 @@ class UnifiedEmbedding(EmbeddingMethod):
                 feats = [f"{n}#{p}" for n, p, tt in g.assignment if tt == t]
                 if not feats:
                     continue
-                # Like a plain table of the mean multiplexed vocabulary: U(+-sqrt(1/rows)).
-                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats,
-                               uniform_init(math.sqrt(1 / r)), pooling[g.features[0]]))
+                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats, self._init(gi, g, t, r),
+                               pooling[g.features[0]]))
         self._make_tables(tables, device)
         # Column order of the EBC output (table by table) -> logical order (feature, probe).
         order = [pf for c in self.table_configs() for pf in c.feature_names]
@@ -196,6 +196,17 @@ class UnifiedEmbedding(EmbeddingMethod):
         perm = [pos[pf] * d + j for pf in self.remap.physical for j in range(d)]
         self._perm = None if perm == list(range(len(perm))) else perm
         self._perm_t: torch.Tensor | None = None
+
+    def _init(self, gi: int, g: UnifiedGroup, t: int, rows: int) -> SeededInit:
+        """Collisionless: each probe's rows are its column slice of `full`'s rows of that
+        feature, U(+-sqrt(1/cardinality)). Hashed: like a plain table of the multiplexed
+        vocabulary, U(+-sqrt(1/rows))."""
+        d = self.plan.probe_dim
+        if g.offsets is None:
+            return feature_init(f"u{gi}_{t}", rows, d)
+        card = {f.name: f.cardinality for f in self.features}
+        return SeededInit(tuple(RowBlock(n, off, card[n], self.dim, math.sqrt(1 / card[n]), p * d)
+                                for (n, p, tt), off in zip(g.assignment, g.offsets, strict=True) if tt == t))
 
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         values = self.pooled_values(pooled)

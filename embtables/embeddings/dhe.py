@@ -1,0 +1,201 @@
+"""`dhe`: Deep Hash Embedding (Kang et al., KDD 2021). No table at all.
+
+An id is encoded by k hashes (default 1,024) into a dense vector with entries uniform in
+[-1, 1], and one MLP (shared by every feature; the feature enters through its salt)
+decodes it to ``dim``. Memory is the MLP's weights, whatever the vocabulary.
+
+The encoding (the paper's universal hashing): the id is first mixed with the feature's
+salt (splitmix64 of id ^ salt(feature), 63 bits, mod P = 2^31 - 1), then hash j is
+h_j(x) = ((a_j x + b_j) mod P) mod M with M = 10^6 and (a_j, b_j) derived from
+splitmix64 of j (fixed constants: the encoding is identical across processes and
+releases; tests pin golden values), and e_j = 2 h_j / (M - 1) - 1. int64 products
+never overflow: a_j, x < 2^31.
+
+The declared exception to remap -> TorchRec tables -> combine (DESIGN.md): all the
+parameters are dense and data-parallel (DDP under DistributedModelParallel), so there is
+nothing for the planner to shard. The MLP is not linear, so ids are decoded one by one
+and then pooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from embtables.embeddings.base import EmbeddingMethod, select_features
+from embtables.embeddings.budget import BudgetTooSmall
+from embtables.embeddings.hashing import INT63, hash_ids, mix64_int, salt
+from embtables.embeddings.registry import register
+from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.tt import pool_per_id
+
+P = 2**31 - 1   # Mersenne prime of the universal hash
+M = 10**6       # buckets per hash (the paper's m)
+PARAM_BYTES = 4  # the MLP is fp32
+
+
+def hash_constants(k: int) -> tuple[list[int], list[int]]:
+    """(a_j, b_j) of the k universal hashes: a_j in [1, P), b_j in [0, P)."""
+    a = [1 + mix64_int(2 * j + 1) % (P - 1) for j in range(k)]
+    b = [mix64_int(2 * j + 2) % P for j in range(k)]
+    return a, b
+
+
+def mlp_parameters(hashes: int, hidden: int, layers: int, dim: int) -> int:
+    return hashes * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * dim + dim
+
+
+@dataclass(frozen=True)
+class DHEPlan:
+    hashes: int
+    hidden: int
+    layers: int
+    dim: int
+    bytes: int       # MLP weights + the 2 x hashes int64 hash constants
+
+    @property
+    def num_parameters(self) -> int:
+        return mlp_parameters(self.hashes, self.hidden, self.layers, self.dim)
+
+
+def plan_dhe(
+    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
+    hashes: int = 1024, hidden: int | None = None, layers: int = 2, max_hidden: int = 512,
+) -> DHEPlan:
+    """Pure sizing. ``hidden`` fixes the MLP's width; else the widest MLP (``layers`` hidden
+    layers) that fits the budget, at most ``max_hidden`` (compute per id grows as
+    hashes*hidden + hidden^2: a larger budget buys nothing but time); no budget: max_hidden."""
+    if dtype != "fp32":
+        raise ValueError(f"dhe: embedding.dtype={dtype!r} is not supported; DHE holds no table, only a dense fp32 "
+                         "MLP (use dtype fp32)")
+    for name, v in (("hashes", hashes), ("layers", layers), ("max_hidden", max_hidden)):
+        if v < 1:
+            raise ValueError(f"dhe: knob {name} must be >= 1, got {v}")
+    const = 2 * hashes * 8
+
+    def nbytes(h: int) -> int:
+        return mlp_parameters(hashes, h, layers, dim) * PARAM_BYTES + const
+
+    if hidden is not None:
+        if hidden < 1:
+            raise ValueError(f"dhe: knob hidden must be >= 1, got {hidden}")
+        if budget_bytes is not None and nbytes(hidden) > budget_bytes:
+            raise BudgetTooSmall("dhe", nbytes(1), budget_bytes,
+                                 f"hidden={hidden} needs {nbytes(hidden)} bytes; lower `hidden` or drop it")
+        return DHEPlan(hashes, hidden, layers, dim, nbytes(hidden))
+    if budget_bytes is None:
+        return DHEPlan(hashes, max_hidden, layers, dim, nbytes(max_hidden))
+    if nbytes(1) > budget_bytes:
+        raise BudgetTooSmall("dhe", nbytes(1), budget_bytes, f"an MLP {hashes} -> 1 -> {dim} and its hash constants")
+    lo, hi = 1, max_hidden  # nbytes is increasing in h
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if nbytes(mid) <= budget_bytes else (lo, mid - 1)
+    return DHEPlan(hashes, lo, layers, dim, nbytes(lo))
+
+
+class DHERemap(nn.Module):
+    """The KJT in the module's feature order (parameter-free; the ids stay ids)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return select_features(kjt, self.names)
+
+
+class DHEEncoder(nn.Module):
+    """Ids of one feature -> [N, hashes] dense hash encoding in [-1, 1]."""
+
+    def __init__(self, hashes: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        a, b = hash_constants(hashes)
+        # Constants, not state: rebuilt from `hashes` at construction, so not in state_dict
+        # (they still count in memory_bytes()).
+        self.register_buffer("a", torch.tensor(a, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("b", torch.tensor(b, dtype=torch.int64, device=device), persistent=False)
+
+    def forward(self, ids: torch.Tensor, salt_value: int) -> torch.Tensor:
+        x = (hash_ids(ids.long(), salt_value) & INT63) % P
+        h = (x.unsqueeze(1) * self.a + self.b) % P % M
+        return h.float() * (2.0 / (M - 1)) - 1.0
+
+
+@register("dhe")
+class DHEEmbedding(EmbeddingMethod):
+    plan_fn = staticmethod(plan_dhe)  # pure sizing: registry.plan(...)
+    has_tables = False  # dense and data-parallel only: nothing for TorchRec's planner to shard
+
+    def __init__(
+        self,
+        features: list[FeatureSpec],
+        *,
+        dim: int,
+        budget_bytes: int | None = None,
+        dtype: str = "fp32",
+        sequence: bool = False,
+        device: torch.device | None = None,
+        weighted: bool = False,
+        hashes: int = 1024,
+        hidden: int | None = None,
+        layers: int = 2,
+        max_hidden: int = 512,
+    ) -> None:
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
+        self.plan = p = plan_dhe(self.features, dim, budget_bytes, dtype, hashes=hashes, hidden=hidden,
+                                 layers=layers, max_hidden=max_hidden)
+        self.remap = DHERemap(self.feature_names)
+        self.encoder = DHEEncoder(p.hashes, device)
+        self.salts = [salt(f.name, 0) for f in self.features]
+        mods: list[nn.Module] = []
+        width = p.hashes
+        for _ in range(p.layers):
+            mods += [nn.Linear(width, p.hidden, device=device), nn.Mish()]
+            width = p.hidden
+        mods.append(nn.Linear(width, dim, device=device))
+        self.mlp = nn.Sequential(*mods)
+
+    # ---- no TorchRec tables ---------------------------------------------------------
+    def table_configs(self) -> list:
+        return []
+
+    def table_bytes(self) -> int:
+        return 0
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    # ---- hashes -> MLP -> pool -------------------------------------------------------
+    def lookup(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Per-id vectors [N, dim] in the KJT's (the module's feature) order."""
+        parts = torch.split(kjt.values(), kjt.length_per_key())
+        enc = torch.cat([self.encoder(v, s) for v, s in zip(parts, self.salts, strict=True)])
+        return self.mlp(enc)
+
+    def combine(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        kjt = select_features(features, self.feature_names)
+        stride, nf = kjt.stride(), len(self.features)
+        w = kjt.weights_or_none()
+        means = [f.pooling.value == "MEAN" for f in self.features]
+        if len(set(means)) == 1:  # one embedding_bag over every feature's bags (key-major)
+            pooled = pool_per_id(vec, kjt.lengths(), kjt.offsets(), w, means[0])
+            return self._keyed(pooled.view(nf, stride, self.dim).transpose(0, 1).reshape(stride, nf * self.dim))
+        jts = kjt.to_dict()
+        lpk = kjt.length_per_key()
+        cols = [pool_per_id(v, jts[f.name].lengths(), jts[f.name].offsets(), jts[f.name].weights_or_none(), mean)
+                for v, f, mean in zip(torch.split(vec, lpk), self.features, means, strict=True)]
+        return self._keyed(torch.cat(cols, dim=1))
+
+    def combine_sequence(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        kjt = select_features(features, self.feature_names)
+        jts = kjt.to_dict()
+        return {f.name: JaggedTensor(values=v, lengths=jts[f.name].lengths(), offsets=jts[f.name].offsets())
+                for v, f in zip(torch.split(vec, kjt.length_per_key()), self.features, strict=True)}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", hashes={self.plan.hashes}, hidden={self.plan.hidden}, layers={self.plan.layers}"

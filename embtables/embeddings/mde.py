@@ -15,8 +15,9 @@ bags need no per-id path.
 Width 4 is the floor (dim/4 of the bytes at most). Below it, rows are hashed as DLRM caps
 them (``--max-ind-range``): every feature at width 4, rows water-filled like `hash`
 (weights sqrt(n), feature-salted splitmix64), so the method builds at any budget that
-holds one row per feature. ``sequence=True`` is refused when the widths differ: TorchRec
-1.8's EmbeddingCollection takes one width for all its tables.
+holds one row per feature. ``sequence=True`` is refused (``supports_sequence = False``):
+TorchRec 1.8's EmbeddingCollection takes one width for all its tables, and one width is
+not mixed dimensions (``hash``, ``qr``, ``tt`` have sequence faces).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embtables.embeddings.base import EmbeddingMethod
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
@@ -113,6 +114,8 @@ def plan_mde(
 @register("mde")
 class MDEEmbedding(EmbeddingMethod):
     plan_fn = staticmethod(plan_mde)  # pure sizing: registry.plan(...)
+    # An EmbeddingCollection takes one width for all its tables (TorchRec 1.8).
+    supports_sequence = False
 
     def __init__(
         self,
@@ -129,11 +132,6 @@ class MDEEmbedding(EmbeddingMethod):
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
-        if sequence and len(set(p.widths)) > 1:
-            raise ValueError(
-                f"mde: sequence=True needs one table width, but this budget gives widths {sorted(set(p.widths))}: "
-                "TorchRec's EmbeddingCollection takes one width for all its tables. Use pooled features, or a "
-                "method with one width (hash, qr, unified, tt)")
         if any(r < n for r, n in zip(p.rows, p.cardinalities, strict=True)):
             self.remap = HashRemap(self.feature_names, list(p.rows),
                                    [r >= n for r, n in zip(p.rows, p.cardinalities, strict=True)])
@@ -155,11 +153,3 @@ class MDEEmbedding(EmbeddingMethod):
             v = by_key[f.name].float()
             cols.append(v @ self.proj[f.name] if f.name in self.proj else v)
         return self._keyed(torch.cat(cols, dim=1))
-
-    def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        out = {}
-        for n, jt in seq.items():  # one width (checked at build), projected like the pooled face
-            v = jt.values().float()
-            out[n] = JaggedTensor(values=v @ self.proj[n] if n in self.proj else v, lengths=jt.lengths(),
-                                  offsets=jt.offsets())
-        return out

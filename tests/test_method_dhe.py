@@ -13,8 +13,8 @@ from torchrec import KeyedJaggedTensor, PoolingType
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 
 from embtables.embeddings import BudgetTooSmall, FeatureSpec, build, plan
-from embtables.embeddings.dhe import DHEEncoder, M, P, hash_constants, mlp_parameters
-from embtables.embeddings.hashing import INT63, MASK64, mix64_int, name_key
+from embtables.embeddings.dhe import DHEEncoder, M, hash_constants, mlp_parameters
+from embtables.embeddings.hashing import MASK64, mix64_int, name_key
 from embtables.embeddings.hashing import salt as salt_of
 from embtables.models.dlrm import DLRM, DLRMConfig
 
@@ -35,18 +35,19 @@ def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
 def encode_by_hand(x: int, feature: str, k: int) -> list[float]:
     """The documented encoding in pure Python (unsigned 64-bit arithmetic)."""
     s = mix64_int(name_key(feature) ^ mix64_int(0x9E3779B97F4A7C15)) & MASK64  # salt(feature, 0)
-    mixed = (mix64_int((x & MASK64) ^ s) & INT63) % P
+    mixed = mix64_int((x & MASK64) ^ s)
     out = []
     for j in range(k):
-        a, b = 1 + mix64_int(2 * j + 1) % (P - 1), mix64_int(2 * j + 2) % P
-        out.append(2 * (((a * mixed + b) % P) % M) / (M - 1) - 1)
+        a, b = mix64_int(2 * j + 1) | 1, mix64_int(2 * j + 2)
+        out.append(2 * (((a * mixed + b) & MASK64) >> 40) / (M - 1) - 1)
     return out
 
 
-GOLDEN_AB = ([1783848542, 1549903017, 431540959, 1171300259], [1909425595, 1671367535, 325468830, 1203890530])
-GOLDEN_ENC = [[-0.6990797, -0.9495280, 0.3883634, 0.5099555],
-              [0.1019071, 0.1515892, -0.1191611, -0.6264176],
-              [0.2696073, -0.2179552, 0.6943017, 0.7490457]]
+GOLDEN_AB = ([6238072747940578789, 2185194620014831857, -5278393320434088483, 1346066267577507605],
+             [-2606959012126976886, -5213918032843888364, -3353203050545663124, -3068323830470825496])
+GOLDEN_ENC = [[0.7459117, -0.0370734, -0.9877665, -0.5116289],
+              [-0.0883926, -0.6132184, -0.4297159, 0.5836794],
+              [-0.2372057, 0.5246056, -0.1202340, -0.2810695]]
 IDS = [0, 1, 2**40 + 7]
 
 
@@ -105,13 +106,13 @@ def test_sequence_face_mean_pooling_and_int32():
 
 def test_sizing_memory_and_minimum():
     p = plan(FEATS, "dhe", dim=16, budget=200_000)
-    assert p.hidden < 512
+    assert p.hidden < 256
     assert mlp_parameters(1024, p.hidden, 2, 16) * 4 + 2 * 1024 * 8 == p.bytes <= 200_000
     assert mlp_parameters(1024, p.hidden + 1, 2, 16) * 4 + 2 * 1024 * 8 > 200_000  # the widest that fits
     mod = build(FEATS, method="dhe", dim=16, budget=200_000)
     assert mod.memory_bytes() == p.bytes and mod.table_configs() == [] and mod.table_bytes() == 0
     assert mod.num_parameters() == p.num_parameters
-    assert plan(FEATS, "dhe", dim=16).hidden == 512 and plan(FEATS, "dhe", dim=16, budget="1GB").hidden == 512
+    assert plan(FEATS, "dhe", dim=16).hidden == 256 and plan(FEATS, "dhe", dim=16, budget="1GB").hidden == 256
     with pytest.raises(BudgetTooSmall) as e:
         build(FEATS, method="dhe", dim=16, budget=10_000)
     assert e.value.minimum == mlp_parameters(1024, 1, 2, 16) * 4 + 2 * 1024 * 8

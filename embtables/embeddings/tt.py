@@ -264,14 +264,17 @@ class TTEmbedding(EmbeddingMethod):
             out[f.name] = JaggedTensor(values=vec, lengths=lens[f"{f.name}@0"] // self.remap.chunks[f"{f.name}@0"])
         return out
 
-    def _per_id(self, looked: dict[str, JaggedTensor]) -> dict[str, torch.Tensor]:
-        """Logical feature -> per-id vectors [N, dim] (fp32), contracting the core slices
-        per id when ``looked`` holds them (sharded), else taken as computed (unsharded)."""
+    def _per_id(self, looked: dict[str, JaggedTensor], computed: bool | None = None) -> dict[str, torch.Tensor]:
+        """Logical feature -> per-id vectors [N, dim] (fp32): ``looked`` holds them already
+        (``computed``; default: the tables are unsharded, see ``lookup``), or it holds the
+        core slices (sharded tables), contracted here per id."""
         d1, d2, d3 = self.plan.dims
         r = self.plan.rank
+        if computed is None:
+            computed = type(self.tables) is EmbeddingCollection
         out = {}
         for f, s in zip(self.features, self.plan.shapes, strict=True):
-            if s is None or f"{f.name}@0" not in looked:
+            if s is None or computed:
                 out[f.name] = looked[f.name].values().float().reshape(-1, self.dim)
                 continue
             g1, g2, g3 = (looked[f"{f.name}@{k}"].values().float() for k in range(3))

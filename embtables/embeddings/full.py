@@ -50,6 +50,10 @@ class FullEmbedding(EmbeddingMethod):
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
+        unbounded = [f.name for f in self.features if not f.bounded]
+        if unbounded:
+            raise ValueError(f"full: features {unbounded} have unbounded ids (bounded=False, raw-mode data); a "
+                             "one-row-per-id table needs ids in [0, cardinality): use a hashing method")
         self.plan = plan_full(self.features, dim, budget_bytes, dtype)
         self._make_tables(
             [(f"t_{f.name}", f.cardinality, dim, [f.name], None, f.pooling) for f in self.features], device)

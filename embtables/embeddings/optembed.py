@@ -35,7 +35,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import TORCHREC_DTYPE, EmbeddingMethod, select_features
+from embtables.embeddings.base import TORCHREC_DTYPE, EmbeddingMethod, is_tracing, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -175,6 +175,9 @@ class KeptRowRemap(nn.Module):
             self.register_buffer("field_start", torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if is_tracing():
+            raise NotImplementedError("optembed cannot be fx-traced or exported: its id->row remap sizes "
+                                      "tensors from the batch (use the model in eager mode)")
         kjt = select_features(kjt, self.names)
         ids = kjt.values()
         lpk = kjt.length_per_key()
@@ -204,6 +207,13 @@ class OptEmbed(EmbeddingMethod):
     (docs/readme/optembed.md) and are ignored here."""
 
     plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
+    # Pooled only: the exported tables have one width per field, and an EmbeddingCollection
+    # shards only tables of one width.
+    supports_sequence = False
+    # The remap and the supernet's combine size tensors from data (torch.tensor(lpk),
+    # per-field counts): neither fx-traceable nor exportable today; refused under tracing.
+    fx_traceable = False
+    exportable = False
 
     def __init__(
         self,
@@ -233,9 +243,6 @@ class OptEmbed(EmbeddingMethod):
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
-        if sequence:
-            raise ValueError("optembed supports pooled features only (sequence=False): its exported tables have "
-                             "one width per field, and an EmbeddingCollection shards only tables of one width")
         check_knobs(dim, alpha=alpha, threshold_lr=threshold_lr, dim_step=dim_step, population=population,
                     mutation_num=mutation_num, crossover_num=crossover_num, parents=parents,
                     mutation_prob=mutation_prob, search_iterations=search_iterations, search_rows=search_rows,

@@ -283,3 +283,296 @@ def shared_two_rank_run(cases, suite_args) -> dict[str, list]:
         out = launch(all_two_rank_worker, 2, (cases, suite_args), timeout_s=900)
         _SHARED[key] = {"matrix": [r["matrix"] for r in out], "suite": [r["suite"] for r in out]}
     return _SHARED[key]  # type: ignore[return-value]
+
+
+# ---- conformance: every registered method in TorchRec's own stack ------------------------
+# (tests/test_conformance_dist.py; one spawned 2-rank group runs every case)
+
+CONF_FEATURES = [FeatureSpec("f0", 300), FeatureSpec("f1", 40), FeatureSpec("f2", 220)]
+CONF_BUDGET = 0.3  # of `full`: every compressing method really compresses
+
+
+def conformance_specs() -> list[tuple[str, dict]]:
+    """Every registered method with its default knobs, plus the knob variants that change
+    the tables' shape (qr add/concat/mult, unified with several tables and probes)."""
+    from embtables.embeddings import list_methods
+
+    specs: list[tuple[str, dict]] = []
+    for name in list_methods():
+        specs.append((name, {}))
+        specs += [(name, knobs) for knobs in SHAPE_VARIANTS.get(name, [])]
+    return specs
+
+
+# Knob variants that change the tables' shape (a method not listed runs with its defaults).
+SHAPE_VARIANTS: dict[str, list[dict]] = {
+    "qr": [{"operation": "add"}, {"operation": "concat"}],
+    "unified": [{"num_tables": 2, "probes": 2}],
+}
+# Knobs a method needs to build on the conformance features (mch: slots below the
+# vocabulary, so that it compresses; optembed has no budget before its search).
+BUILD_KNOBS: dict[str, dict] = {"mch": {"rows": 30}}
+NO_BUDGET = ("full", "mch", "optembed")
+
+
+def spec_id(spec: tuple[str, dict]) -> str:
+    name, knobs = spec
+    return name + "".join(f"-{k}={v}" for k, v in sorted(knobs.items()))
+
+
+def build_conf(spec: tuple[str, dict], sequence: bool = False, weighted: bool = False, seed: int = 0):
+    name, knobs = spec
+    budget = CONF_BUDGET if name not in NO_BUDGET else None
+    knobs = {**BUILD_KNOBS.get(name, {}), **knobs}
+    torch.manual_seed(seed)
+    return build(CONF_FEATURES, method=name, dim=8, budget=budget, sequence=sequence, weighted=weighted, **knobs)
+
+
+def conf_batch(step: int, batch: int, rank: int = 0, world: int = 1, weighted: bool = False):
+    _, kjt, labels = make_batch(step, batch, CONF_FEATURES, max_bag=MAX_BAG, rank=rank, world=world)
+    if weighted:
+        g = torch.Generator().manual_seed(77 + step)
+        w_all = torch.rand(kjt.values().numel(), generator=g)
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w_all)
+    return kjt, labels
+
+
+def _stock_plan(model: nn.Module, world: int, pg, sharders_, forced: str | None):
+    """TorchRec's planner on this group: its own choices, or one sharding type forced."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    constraints = None
+    if forced is not None:
+        names = [c.name for m in torchrec_tables(model)
+                 for c in (m.embedding_bag_configs() if hasattr(m, "embedding_bag_configs") else m.embedding_configs())]
+        kernels = ["dense"] if forced == "data_parallel" else ["fused"]
+        constraints = {n: ParameterConstraints(sharding_types=[forced], compute_kernels=kernels) for n in names}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
+                                       constraints=constraints)
+    return planner.collective_plan(model, sharders_, pg)
+
+
+def _stock_dmp(model: nn.Module, pg, sharders_, forced: str | None):
+    """A user's DMP: TorchRec's own DistributedModelParallel, weights loaded after."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    world = dist_world(pg)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plan = _stock_plan(model, world, pg, sharders_, forced)
+    env = ShardingEnv.from_process_group(pg)
+    dmp = DistributedModelParallel(model, env=env, device=torch.device("cpu"), plan=plan, sharders=sharders_)
+    dmp.load_state_dict(saved)
+    return dmp
+
+
+def dist_world(pg) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(pg)
+
+
+def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, opt_name: str,
+                  sharders_kind: str, batch: int = 8, lr: float = 0.5):
+    """Stock DMP vs the unsharded module, same weights: (forward diff, weight diff after one
+    step). ``sharders_kind``: "default" (TorchRec's) or "embtables" (RW/TWRW switched on)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from embtables.sharding.dmp import sharders as our_sharders
+
+    rank, world = dist.get_rank(pg), dist_world(pg)
+    model = Probe(build_conf(spec, sequence, weighted))
+    ref = copy.deepcopy(model)
+    opt_cls = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}[opt_name]
+    kw = {"lr": lr} if opt_name == "sgd" else {"lr": lr, "eps": 1e-8}
+    _apply_optimizer_in_backward(opt_cls, [p for m in torchrec_tables(model) for p in m.parameters()], dict(kw))
+    sh = None if sharders_kind == "default" else our_sharders()
+    if sh is None:
+        from torchrec.distributed.sharding_plan import get_default_sharders
+
+        sh = get_default_sharders()
+    dmp = _stock_dmp(model, pg, sh, forced)
+    rest = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False)]
+    dense = [torch.optim.SGD([p for p in rest if p.numel() == 1], lr=lr)]
+    if [p for p in rest if p.numel() > 1]:  # data_parallel tables: the dense optimizer takes them
+        dense.append(opt_cls([p for p in rest if p.numel() > 1], **kw))
+    kjt_all, _ = conf_batch(0, batch, weighted=weighted)
+    kjt, _ = conf_batch(0, batch, rank, world, weighted=weighted)
+    per = batch // world
+    ref_opts = [torch.optim.SGD([ref.scale], lr=lr), opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()],
+                                                             **kw)]
+    ref_out = ref(kjt_all)
+    _probe_loss(ref_out, batch).backward()
+    for o in ref_opts:
+        o.step()
+    out = dmp(kjt)
+    fwd = float((out - ref_out[rank * per:(rank + 1) * per]).abs().max())
+    _probe_loss(out, per).backward()
+    for o in dense:
+        o.step()
+    got, want = gather_full_pg(dmp, pg), ref.state_dict()
+    step = max(float((got[k] - want[k]).abs().max()) for k in want)
+    types = sorted({s.sharding_type for m in dmp.plan.plan.values() for s in m.values()})
+    return fwd, step, types
+
+
+def gather_full_pg(dmp: nn.Module, pg) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    out = {}
+    for k, v in dmp.state_dict().items():
+        if hasattr(v, "local_shards"):
+            full = torch.zeros(v.size())
+            for s in v.local_shards():
+                idx = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets, s.metadata.shard_sizes,
+                                                            strict=True))
+                full[idx] = s.tensor.detach()
+            if dist_world(pg) > 1:
+                dist.all_reduce(full, group=pg)
+            v = full
+        out[k] = v.detach().clone()
+    return out
+
+
+def conf_pipeline_case(pg, spec, pipeline: str, steps: int = 4, batch: int = 8):
+    """TorchRec's DLRM trained ``steps`` steps through a train pipeline and through a plain
+    loop from the same weights: (pipeline losses, loop losses, pipelined module names)."""
+    import torch.distributed as dist
+    from torchrec.datasets.utils import Batch
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRM as TorchRecDLRM
+    from torchrec.models.dlrm import DLRMTrain
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+    rank, world = dist.get_rank(pg), dist_world(pg)
+
+    def batches():
+        out = []
+        for s in range(steps + 1):
+            g = torch.Generator().manual_seed(500 + s)
+            dense = torch.randn(batch, NUM_DENSE, generator=g)
+            _, kjt, labels = make_batch(s, batch * world, CONF_FEATURES, max_bag=MAX_BAG, rank=rank, world=world)
+            out.append(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
+        return out
+
+    def fresh():
+        emb = build_conf(spec)
+        torch.manual_seed(1)
+        model = DLRMTrain(TorchRecDLRM(embedding_bag_collection=emb, dense_in_features=NUM_DENSE,
+                                       dense_arch_layer_sizes=[8], over_arch_layer_sizes=[8, 1]))
+        _apply_optimizer_in_backward(torch.optim.SGD, [p for m in torchrec_tables(model) for p in m.parameters()],
+                                     {"lr": 0.1})
+        dmp = _stock_dmp(model, pg, get_default_sharders(), None)
+        opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                    lambda params: torch.optim.SGD(params, lr=0.1))
+        return dmp, opt
+
+    data = batches()
+    dmp, opt = fresh()
+    loop = []
+    for b in data[:steps]:
+        opt.zero_grad()
+        loss, _ = dmp(b)
+        loss.backward()
+        opt.step()
+        loop.append(float(loss.detach()))
+    dmp, opt = fresh()
+    if pipeline == "base":
+        pipe = TrainPipelineBase(dmp, opt, torch.device("cpu"))
+    else:
+        pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), pipeline_postproc=True)
+    it = iter(data[:steps])
+    got = []
+    for _ in range(steps):
+        out = pipe.progress(it)
+        got.append(float(out[0]))
+    names = [type(m).__name__ for m in getattr(pipe, "_pipelined_modules", [])]
+    names += [f"postproc:{p._fqn}" for p in getattr(pipe, "_pipelined_postprocs", [])]
+    return got, loop, names
+
+
+def conf_dcp_case(pg, spec, ck_dir: str, sequence: bool = False, batch: int = 8):
+    """DCP save of a sharded (stock DMP) model, load into a fresh one (other seed):
+    outputs equal. Returns the max output difference."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    rank, world = dist.get_rank(pg), dist_world(pg)
+    kjt, _ = conf_batch(1, batch, rank, world)
+    a = _stock_dmp(Probe(build_conf(spec, sequence, seed=0)), pg, get_default_sharders(), None)
+    want = a(kjt).detach()
+    dcp.save(a.state_dict(), checkpoint_id=ck_dir, process_group=pg)
+    b = _stock_dmp(Probe(build_conf(spec, sequence, seed=5)), pg, get_default_sharders(), None)
+    before = float((b(kjt).detach() - want).abs().max())
+    sd = b.state_dict()
+    dcp.load(sd, checkpoint_id=ck_dir, process_group=pg)
+    b.load_state_dict(sd)
+    return before, float((b(kjt).detach() - want).abs().max())
+
+
+def conf_refusal_case(pg, what: str):
+    """A combination a method cannot support: the error message (or "no error")."""
+    import torch.distributed as dist
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    rank, world = dist.get_rank(pg), dist_world(pg)
+    kjt, _ = conf_batch(0, 8, rank, world)
+    try:
+        if what == "mch-multi-rank":
+            model = Probe(build_conf(("mch", {})))
+            dmp = _stock_dmp(model, pg, get_default_sharders(), None)
+        else:  # qr mult (an EmbeddingCollection) with only the EBC sharder, like TorchRec's golden example
+            model = Probe(build_conf(("qr", {"operation": "mult"})))
+            _apply_optimizer_in_backward(torch.optim.SGD, [p for m in torchrec_tables(model) for p in m.parameters()],
+                                         {"lr": 0.1})
+            dmp = _stock_dmp(model, pg, [EmbeddingBagCollectionSharder()], None)
+        out = dmp(kjt)
+        _probe_loss(out, 8).backward()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def conformance_worker(cases: list[tuple], tmp: str) -> list:
+    """Run every case on this rank; a case is (kind, world, *args). world 1 cases run on a
+    one-rank subgroup of rank 0 (rank 1 skips them)."""
+    import os
+
+    import torch.distributed as dist
+
+    from embtables.sharding.dmp import init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout_s=300)
+    groups = {ctx.world_size: dist.group.WORLD}
+    if ctx.world_size > 1:
+        groups[1] = dist.new_group([0])
+    results = []
+    for n, (kind, world, *args) in enumerate(cases):
+        if ctx.rank >= world:
+            results.append(("skip",))
+            continue
+        pg = groups[world]
+        try:
+            if kind == "dmp":
+                res = conf_dmp_case(pg, *args)
+            elif kind == "pipeline":
+                res = conf_pipeline_case(pg, *args)
+            elif kind == "dcp":
+                res = conf_dcp_case(pg, args[0], os.path.join(tmp, f"dcp{n}-w{world}"), *args[1:])
+            else:
+                res = conf_refusal_case(pg, *args)
+            results.append(("ok", res))
+        except Exception as e:  # noqa: BLE001 - one broken case must not hide the others
+            import traceback
+
+            results.append(("fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2500:]}"))
+        if world > 1 or ctx.world_size == 1:
+            dist.barrier()
+    return results

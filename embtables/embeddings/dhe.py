@@ -11,7 +11,8 @@ M = 2^24, and e_j = 2 h_j / (M - 1) - 1. The paper uses ((a x + b) mod p) mod m 
 m = 10^6; the shift form needs no integer division (7x faster on CPU, where the encoding
 is a large share of DHE's time) and M = 2^24 values stay exact in fp32. (a_j odd, b_j)
 come from splitmix64 of j: fixed constants, so the encoding is identical across
-processes and releases (tests pin golden values).
+processes and releases (tests pin golden values). They are recomputed per call (a
+k-element splitmix64, microseconds), so the module holds nothing but the MLP.
 
 The declared exception to remap -> TorchRec tables -> combine (DESIGN.md): all the
 parameters are dense and data-parallel (DDP under DistributedModelParallel), so there is
@@ -27,9 +28,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features
+from embtables.embeddings.base import EmbeddingMethod, split_features
 from embtables.embeddings.budget import BudgetTooSmall
-from embtables.embeddings.hashing import MASK64, hash_ids, mix64_int, salt
+from embtables.embeddings.hashing import MASK64, hash_ids, mix64, mix64_int, salt
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.tt import pool_per_id
@@ -62,7 +63,7 @@ class DHEPlan:
     hidden: int
     layers: int
     dim: int
-    bytes: int       # MLP weights + the 2 x hashes int64 hash constants
+    bytes: int       # the MLP's weights
 
     @property
     def num_parameters(self) -> int:
@@ -82,10 +83,8 @@ def plan_dhe(
     for name, v in (("hashes", hashes), ("layers", layers), ("max_hidden", max_hidden)):
         if v < 1:
             raise ValueError(f"dhe: knob {name} must be >= 1, got {v}")
-    const = 2 * hashes * 8
-
     def nbytes(h: int) -> int:
-        return mlp_parameters(hashes, h, layers, dim) * PARAM_BYTES + const
+        return mlp_parameters(hashes, h, layers, dim) * PARAM_BYTES
 
     if hidden is not None:
         if hidden < 1:
@@ -97,7 +96,7 @@ def plan_dhe(
     if budget_bytes is None:
         return DHEPlan(hashes, max_hidden, layers, dim, nbytes(max_hidden))
     if nbytes(1) > budget_bytes:
-        raise BudgetTooSmall("dhe", nbytes(1), budget_bytes, f"an MLP {hashes} -> 1 -> {dim} and its hash constants")
+        raise BudgetTooSmall("dhe", nbytes(1), budget_bytes, f"an MLP {hashes} -> 1 -> {dim}")
     lo, hi = 1, max_hidden  # nbytes is increasing in h
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -105,31 +104,18 @@ def plan_dhe(
     return DHEPlan(hashes, lo, layers, dim, nbytes(lo))
 
 
-class DHERemap(nn.Module):
-    """The KJT in the module's feature order (parameter-free; the ids stay ids)."""
-
-    def __init__(self, names: list[str]) -> None:
-        super().__init__()
-        self.names = list(names)
-
-    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        return select_features(kjt, self.names)
-
-
 class DHEEncoder(nn.Module):
-    """Ids of one feature -> [N, hashes] dense hash encoding in [-1, 1]."""
+    """Ids of one feature -> [N, hashes] dense hash encoding in [-1, 1]. No state."""
 
-    def __init__(self, hashes: int, device: torch.device | None = None) -> None:
+    def __init__(self, hashes: int) -> None:
         super().__init__()
-        a, b = hash_constants(hashes)
-        # Constants, not state: rebuilt from `hashes` at construction, so not in state_dict
-        # (they still count in memory_bytes()).
-        self.register_buffer("a", torch.tensor(a, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("b", torch.tensor(b, dtype=torch.int64, device=device), persistent=False)
+        self.hashes = hashes
 
     def forward(self, ids: torch.Tensor, salt_value: int) -> torch.Tensor:
-        h = hash_ids(ids.long(), salt_value).unsqueeze(1) * self.a  # int64 products wrap mod 2^64
-        h += self.b
+        j = torch.arange(self.hashes, dtype=torch.int64, device=ids.device)
+        a, b = mix64(2 * j + 1) | 1, mix64(2 * j + 2)  # = hash_constants(hashes)
+        h = hash_ids(ids.to(torch.int64), salt_value).unsqueeze(1) * a  # int64 products wrap mod 2^64
+        h += b
         h >>= SHIFT  # arithmetic shift; the mask makes it the logical one
         h &= M - 1
         return h.float().mul_(2.0 / (M - 1)).sub_(1.0)
@@ -159,8 +145,7 @@ class DHEEmbedding(EmbeddingMethod):
                          device=device, weighted=weighted)
         self.plan = p = plan_dhe(self.features, dim, budget_bytes, dtype, hashes=hashes, hidden=hidden,
                                  layers=layers, max_hidden=max_hidden)
-        self.remap = DHERemap(self.feature_names)
-        self.encoder = DHEEncoder(p.hashes, device)
+        self.encoder = DHEEncoder(p.hashes)  # the remap stays the identity: lookup() encodes
         self.salts = [salt(f.name, 0) for f in self.features]
         mods: list[nn.Module] = []
         width = p.hashes
@@ -170,42 +155,29 @@ class DHEEmbedding(EmbeddingMethod):
         mods.append(nn.Linear(width, dim, device=device))
         self.mlp = nn.Sequential(*mods)
 
-    # ---- no TorchRec tables ---------------------------------------------------------
-    def table_configs(self) -> list:
-        return []
-
-    def table_bytes(self) -> int:
-        return 0
-
-    def dense_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
-
-    # ---- hashes -> MLP -> pool -------------------------------------------------------
+    # ---- no TorchRec tables: hashes -> MLP -> pool ---------------------------------------
     def lookup(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Per-id vectors [N, dim] in the KJT's (the module's feature) order."""
-        parts = torch.split(kjt.values(), kjt.length_per_key())
-        enc = torch.cat([self.encoder(v, s) for v, s in zip(parts, self.salts, strict=True)])
+        """Per-id vectors [N, dim], feature by feature in the module's order."""
+        vals, _, _, _ = split_features(kjt, self.feature_names, False)
+        enc = torch.cat([self.encoder(vals[i], s) for i, s in enumerate(self.salts)])
         return self.mlp(enc)
 
     def combine(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> KeyedTensor:
-        kjt = select_features(features, self.feature_names)
-        stride, nf = kjt.stride(), len(self.features)
-        w = kjt.weights_or_none()
-        means = [f.pooling.value == "MEAN" for f in self.features]
-        if len(set(means)) == 1:  # one embedding_bag over every feature's bags (key-major)
-            pooled = pool_per_id(vec, kjt.lengths(), kjt.offsets(), w, means[0])
+        _, lens, ws, lpk = split_features(features, self.feature_names, self.weighted)
+        nf, means = len(self.features), [f.pooling.value == "MEAN" for f in self.features]
+        if len(set(means)) == 1:  # one embedding_bag over every feature's bags (feature-major)
+            w = torch.cat(ws) if ws is not None else None
+            pooled = pool_per_id(vec, torch.cat(lens), w, means[0])
+            stride = lens[0].shape[0]
             return self._keyed(pooled.view(nf, stride, self.dim).transpose(0, 1).reshape(stride, nf * self.dim))
-        jts = kjt.to_dict()
-        lpk = kjt.length_per_key()
-        cols = [pool_per_id(v, jts[f.name].lengths(), jts[f.name].offsets(), jts[f.name].weights_or_none(), mean)
-                for v, f, mean in zip(torch.split(vec, lpk), self.features, means, strict=True)]
+        parts = torch.split(vec, lpk if lpk is not None else [ln.sum() for ln in lens])  # mixed pooling
+        cols = [pool_per_id(parts[i], lens[i], ws[i] if ws is not None else None, means[i]) for i in range(nf)]
         return self._keyed(torch.cat(cols, dim=1))
 
     def combine_sequence(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        kjt = select_features(features, self.feature_names)
-        jts = kjt.to_dict()
-        return {f.name: JaggedTensor(values=v, lengths=jts[f.name].lengths(), offsets=jts[f.name].offsets())
-                for v, f in zip(torch.split(vec, kjt.length_per_key()), self.features, strict=True)}
+        _, lens, _, lpk = split_features(features, self.feature_names, False)
+        parts = torch.split(vec, lpk if lpk is not None else [ln.sum() for ln in lens])
+        return {f.name: JaggedTensor(values=parts[i], lengths=lens[i]) for i, f in enumerate(self.features)}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hashes={self.plan.hashes}, hidden={self.plan.hidden}, layers={self.plan.layers}"

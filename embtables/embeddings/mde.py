@@ -134,7 +134,7 @@ class MDEEmbedding(EmbeddingMethod):
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
         if any(r < n for r, n in zip(p.rows, p.cardinalities, strict=True)):
             self.remap = HashRemap(self.feature_names, list(p.rows),
-                                   [r >= n for r, n in zip(p.rows, p.cardinalities, strict=True)])
+                                   [r >= n for r, n in zip(p.rows, p.cardinalities, strict=True)], weighted)
         self._make_tables([(f"t_{f.name}", r, w, [f.name], None, f.pooling)
                            for f, w, r in zip(self.features, p.widths, p.rows, strict=True)], device)
         # Projections d_f -> dim; init keeps a plain table's variance (entries of variance
@@ -147,9 +147,10 @@ class MDEEmbedding(EmbeddingMethod):
                     torch.empty(w, dim, device=device).uniform_(-bound, bound))
 
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
-        by_key = pooled.to_dict()  # by key, not position: a sharded EBC may reorder its keys
+        # pooled_values selects by key (a sharded EBC groups its keys by sharding type)
+        parts = torch.split(self.pooled_values(pooled), list(self.plan.widths), dim=1)
         cols = []
-        for f in self.features:
-            v = by_key[f.name].float()
+        for i, f in enumerate(self.features):  # indexed, not iterated: an fx Proxy cannot be
+            v = parts[i].float()
             cols.append(v @ self.proj[f.name] if f.name in self.proj else v)
         return self._keyed(torch.cat(cols, dim=1))

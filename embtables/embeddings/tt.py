@@ -25,7 +25,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features, uniform_init
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -155,30 +155,33 @@ class TTRemap(nn.Module):
                 self.chunks.update({f"{n}@{k}": m for k, m in enumerate(self.core_chunks)})
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        kjt = select_features(kjt, self.names)
-        stride = kjt.stride()
-        vals = torch.split(kjt.values().long(), kjt.length_per_key())
-        lens = torch.split(kjt.lengths(), stride)
-        ov, ol = [], []
-        for v, ln, s, n in zip(vals, lens, self.shapes, self.cards, strict=True):
+        # split_features: works on fx Proxies too (TorchRec's pipeline traces the model);
+        # ids per key come from the input, so no data-dependent size (torch.export).
+        vals, lens, _, lpk = split_features(kjt, self.names, False)
+        ov, ol, olpk = [], [], []
+        for i, (v, ln, s, n) in enumerate(zip(vals, lens, self.shapes, self.cards, strict=True)):
+            v = v.to(torch.int64)
             if s is None:
-                ov.append(_chunk_rows(v % n, self.plain_chunks))
-                ol.append(ln * self.plain_chunks)
-                continue
-            n1, n2, n3 = s
-            q = v // n1
-            # ids >= n1*n2*n3 wrap in the top digit (ids are expected in [0, cardinality)).
-            for digit, m in zip((v % n1, q % n2, (q // n2) % n3), self.core_chunks, strict=True):
+                digits, chunks = [v % n], [self.plain_chunks]  # `% n`: wraps ids of an unbounded feature
+            else:
+                n1, n2, n3 = s
+                q = v // n1
+                digits, chunks = [v % n1, q % n2, (q // n2) % n3], self.core_chunks
+            for digit, m in zip(digits, chunks, strict=True):
                 ov.append(_chunk_rows(digit, m))
                 ol.append(ln * m)
-        return KeyedJaggedTensor(keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol), stride=stride)
+                if lpk is not None:
+                    olpk.append(lpk[i] * m)
+        return KeyedJaggedTensor(keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol),
+                                 length_per_key=olpk if lpk is not None else None)
 
 
-def pool_per_id(vec: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                mean: bool) -> torch.Tensor:
+def pool_per_id(vec: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
     """Per-id vectors [N, d] -> bags [len(lengths), d]: the sum of each bag's ids (times
-    their weights), divided by the bag's length for MEAN pooling (TorchRec's rule)."""
+    their weights), divided by the bag's length for MEAN pooling (TorchRec's rule). One
+    embedding_bag over the vectors themselves: no data-dependent branch (fx, export)."""
     idx = torch.arange(vec.shape[0], device=vec.device)
+    offsets = nn.functional.pad(lengths.to(torch.int64).cumsum(0), (1, 0))
     out = nn.functional.embedding_bag(idx, vec, offsets, mode="sum", include_last_offset=True,
                                       per_sample_weights=None if weights is None else weights.to(vec.dtype))
     if mean:
@@ -229,7 +232,7 @@ class TTEmbedding(EmbeddingMethod):
         id cost ~10 ms per 4,096 ids on CPU), each id gathers its pair's row and one small
         product with G3[i3] finishes it. Same values (up to summation order) and gradients."""
         t = self.tables
-        if type(t) is not EmbeddingCollection:
+        if not self._contracts_in_lookup():
             return super().lookup(kjt)
         d1, d2, d3 = self.plan.dims
         r, dim = self.plan.rank, self.dim
@@ -264,6 +267,11 @@ class TTEmbedding(EmbeddingMethod):
             out[f.name] = JaggedTensor(values=vec, lengths=lens[f"{f.name}@0"] // self.remap.chunks[f"{f.name}@0"])
         return out
 
+    def _contracts_in_lookup(self) -> bool:
+        """Unsharded tables in eager mode: lookup() returns per-id vectors. Sharded (DMP) or
+        traced (fx, export: TorchRec's own forward is what they record): core slices."""
+        return type(self.tables) is EmbeddingCollection and not is_tracing()
+
     def _per_id(self, looked: dict[str, JaggedTensor], computed: bool | None = None) -> dict[str, torch.Tensor]:
         """Logical feature -> per-id vectors [N, dim] (fp32): ``looked`` holds them already
         (``computed``; default: the tables are unsharded, see ``lookup``), or it holds the
@@ -271,7 +279,7 @@ class TTEmbedding(EmbeddingMethod):
         d1, d2, d3 = self.plan.dims
         r = self.plan.rank
         if computed is None:
-            computed = type(self.tables) is EmbeddingCollection
+            computed = self._contracts_in_lookup()
         out = {}
         for f, s in zip(self.features, self.plan.shapes, strict=True):
             if s is None or computed:
@@ -286,16 +294,15 @@ class TTEmbedding(EmbeddingMethod):
 
     def combine(self, looked: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> KeyedTensor:
         vecs = self._per_id(looked)
-        jts = select_features(features, self.feature_names).to_dict()
-        cols = [pool_per_id(vecs[f.name], jts[f.name].lengths(), jts[f.name].offsets(), jts[f.name].weights_or_none(),
-                            f.pooling.value == "MEAN") for f in self.features]
+        _, lens, ws, _ = split_features(features, self.feature_names, self.weighted)
+        cols = [pool_per_id(vecs[f.name], lens[i], ws[i] if ws is not None else None, f.pooling.value == "MEAN")
+                for i, f in enumerate(self.features)]
         return self._keyed(torch.cat(cols, dim=1))
 
     def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         vecs = self._per_id(seq)
-        jts = select_features(features, self.feature_names).to_dict()
-        return {n: JaggedTensor(values=vecs[n], lengths=jts[n].lengths(), offsets=jts[n].offsets())
-                for n in self.feature_names}
+        _, lens, _, _ = split_features(features, self.feature_names, False)
+        return {f.name: JaggedTensor(values=vecs[f.name], lengths=lens[i]) for i, f in enumerate(self.features)}
 
 
 def _normal(std: float):

@@ -156,6 +156,10 @@ class DHEEmbedding(EmbeddingMethod):
         self.mlp = nn.Sequential(*mods)
 
     # ---- no TorchRec tables: hashes -> MLP -> pool ---------------------------------------
+    def feature_tables(self) -> dict[str, list[str]]:
+        """Every logical feature maps to no physical table (planner constraints: none)."""
+        return {n: [] for n in self.feature_names}
+
     def lookup(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Per-id vectors [N, dim], feature by feature in the module's order."""
         vals, _, _, _ = split_features(kjt, self.feature_names, False)

@@ -25,7 +25,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, split_features, uniform_init
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -236,8 +236,8 @@ class TTEmbedding(EmbeddingMethod):
             return super().lookup(kjt)
         d1, d2, d3 = self.plan.dims
         r, dim = self.plan.rank, self.dim
-        vals = dict(zip(self.remap.physical, torch.split(kjt.values(), kjt.length_per_key()), strict=True))
-        lens = dict(zip(self.remap.physical, torch.split(kjt.lengths(), kjt.stride()), strict=True))
+        pv, pl, _, _ = split_features(kjt, self.remap.physical, False)  # fx Proxies too
+        vals, lens = dict(zip(self.remap.physical, pv, strict=True)), dict(zip(self.remap.physical, pl, strict=True))
 
         def rows(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             """(one row index per id, the weight viewed as one logical row per index)."""
@@ -268,9 +268,9 @@ class TTEmbedding(EmbeddingMethod):
         return out
 
     def _contracts_in_lookup(self) -> bool:
-        """Unsharded tables in eager mode: lookup() returns per-id vectors. Sharded (DMP) or
-        traced (fx, export: TorchRec's own forward is what they record): core slices."""
-        return type(self.tables) is EmbeddingCollection and not is_tracing()
+        """Unsharded tables: lookup() returns per-id vectors (eager and traced alike, so a
+        trace equals eager exactly). Sharded (DMP replaced the tables): core slices."""
+        return type(self.tables) is EmbeddingCollection
 
     def _per_id(self, looked: dict[str, JaggedTensor], computed: bool | None = None) -> dict[str, torch.Tensor]:
         """Logical feature -> per-id vectors [N, dim] (fp32): ``looked`` holds them already

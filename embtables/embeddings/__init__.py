@@ -3,7 +3,7 @@
 import importlib.util
 
 # Importing a method file registers its name.
-from embtables.embeddings import dhe, full, hash, mch, mde, qr, tt, unified  # noqa: F401
+from embtables.embeddings import dhe, full, hash, hybrid, mch, mde, qr, tt, unified  # noqa: F401
 from embtables.embeddings.base import EmbeddingMethod
 from embtables.embeddings.budget import (
     BudgetTooSmall,

@@ -106,3 +106,25 @@ def test_weighted_sequence_int32_and_dlrm():
                                                         frequency_ranked=True),
                          dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
     model(torch.randn(3, 4), kjt()).sum().backward()
+
+
+def test_synthetic_data_writes_train_id_counts_hybrid_reads(tmp_path):
+    import pyarrow.parquet as pq
+
+    from embtables.datasets.schema import load_schema
+    from embtables.datasets.synth import ID_COUNTS_FILE, generate_synth
+    from embtables.embeddings import features_from_schema
+
+    schema = generate_synth(tmp_path / "d", 6000, seed=1, progress=False)
+    assert load_schema(tmp_path / "d").extra["id_counts"] == ID_COUNTS_FILE
+    train = pq.read_table([str(f) for f in schema.files(tmp_path / "d", "train")])
+    with np.load(tmp_path / "d" / ID_COUNTS_FILE) as z:
+        for f in schema.categorical:
+            ids = train.column(f.name).to_numpy()
+            np.testing.assert_array_equal(z[f.name], np.bincount(ids, minlength=f.table_rows))  # train only
+    feats = features_from_schema(schema)
+    mod = build(feats, method="hybrid", dim=8, budget=1 / 16, counts=str(tmp_path / "d" / ID_COUNTS_FILE))
+    with np.load(tmp_path / "d" / ID_COUNTS_FILE) as z:
+        i = next(i for i, c in enumerate(mod.plan.cold) if c)
+        top = int(np.argmax(z[feats[i].name]))
+    assert top in getattr(mod.remap, f"hot_{i}").tolist()  # the most frequent id is hot

@@ -103,7 +103,8 @@ def load_counts(path: str, features: list[FeatureSpec]) -> dict[str, np.ndarray]
     """Per-feature per-id counts from a .npz (one array per feature name, indexed by id)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"hybrid: counts file {p} not found (knob counts)")
+        raise FileNotFoundError(f"hybrid: counts file {p} not found (knob counts); `embtables data synth` writes "
+                                "id_counts.npz into the dataset directory (regenerate data made before it did)")
     with np.load(p) as z:
         missing = [f.name for f in features if f.name not in z.files]
         if missing:

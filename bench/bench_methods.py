@@ -17,9 +17,11 @@ import json
 import logging
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from tqdm import tqdm
@@ -31,6 +33,7 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 # Criteo Kaggle cardinalities, capped at 300k so full fp32 tables stay ~130 MB at dim 16.
 CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
           5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+COUNTS = "<counts>"  # replaced by a per-id counts file written for the run (hybrid's counts mode)
 CONFIGS = [  # (label, method, knobs, lookups per id)
     ("full", "full", {}, 1),
     ("hash", "hash", {}, 1),
@@ -46,6 +49,8 @@ CONFIGS = [  # (label, method, knobs, lookups per id)
     ("tt r=8", "tt", {"rank": 8}, 3),
     ("tt r=16", "tt", {"rank": 16}, 3),
     ("dhe", "dhe", {}, None),  # no lookups: hashes -> MLP, measured against the EBC, no target
+    ("hybrid rank", "hybrid", {"frequency_ranked": True}, 1),
+    ("hybrid cnt", "hybrid", {"counts": COUNTS}, 1),  # hot ids from per-id counts: a searchsorted
 ]
 # Rows whose step is seconds, not milliseconds: at most this many steps per block.
 MAX_STEPS = {"dhe": 2}
@@ -110,10 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     xs = [batch(cards, args.batch, gen) for _ in range(3)]
 
+    tmp = tempfile.TemporaryDirectory()
+    counts = str(Path(tmp.name) / "counts.npz")
+    rng = np.random.default_rng(0)
+    np.savez(counts, **{f.name: rng.zipf(1.2, f.cardinality) for f in feats})
     runs = []
     for label, method, knobs, lookups in CONFIGS:
         if args.only and label not in args.only:
             continue
+        knobs = {k: counts if v == COUNTS else v for k, v in knobs.items()}
         mod = build(feats, method=method, dim=args.dim, budget=None if method == "full" else args.budget, **knobs)
         mod.train()
         ebc, rows = plain_ebc(mod.num_parameters(), len(feats), args.dim)

@@ -87,30 +87,44 @@ MODELS = {
 def test_torchrec_models_forward_backward_step(spec, model_name):
     if not caps(spec).pooled:
         pytest.skip(f"{spec[0]} has no pooled face (refusal asserted above)")
-    model = MODELS[model_name](build_conf(spec))
+    emb = build_conf(spec)
+    model = MODELS[model_name](emb)
     kjt, labels = conf_batch(0, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = [p.detach().clone() for p in emb.tables.parameters()]
     logits = model(dense(8), kjt).squeeze(-1)
     assert logits.shape == (8,)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
     opt.step()
-    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
-    assert any(".tables." in k for k in changed), f"no embedding table trained: {changed}"
+    assert any(not torch.equal(p, b) for p, b in zip(emb.tables.parameters(), before, strict=True)), "no table trained"
     assert torch.isfinite(model(dense(8), kjt)).all()
 
 
 # ---- fx and export --------------------------------------------------------------------------
-def _dlrm(spec):
+class SequenceModel(torch.nn.Module):
+    """A minimal model over the sequence face: every feature's per-id vectors, stacked."""
+
+    def __init__(self, emb) -> None:
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, dense_features: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.emb(kjt)
+        return torch.cat([out[k].values() for k in self.emb.feature_names], dim=0) * dense_features.mean()
+
+
+def _model(spec, sequence: bool):
+    if sequence:
+        return SequenceModel(build_conf(spec, sequence=True)).eval()
     return MODELS["DLRM"](build_conf(spec)).eval()
 
 
 @pytest.mark.parametrize("tracer", ["torch.fx", "torchrec.fx"])
-@pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_fx_symbolic_trace_equals_eager(spec, tracer):
-    if not caps(spec).pooled:
-        pytest.skip("pooled only")
-    model = _dlrm(spec)
+@pytest.mark.parametrize(("spec", "sequence"), FACES, ids=FACE_IDS)
+def test_fx_symbolic_trace_equals_eager(spec, sequence, tracer):
+    if not supported(spec, sequence):
+        pytest.skip("face not supported (refusal asserted above)")
+    model = _model(spec, sequence)
     kjt, _ = conf_batch(1, 8)
     trace = torch.fx.symbolic_trace if tracer == "torch.fx" else torchrec.fx.symbolic_trace
     if not caps(spec).fx_traceable:
@@ -123,11 +137,11 @@ def test_fx_symbolic_trace_equals_eager(spec, tracer):
         assert torch.equal(graph(dense(8), kjt), model(dense(8), kjt))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_torch_export_eval_equals_eager(spec):
-    if not caps(spec).pooled:
-        pytest.skip("pooled only")
-    model = _dlrm(spec)
+@pytest.mark.parametrize(("spec", "sequence"), FACES, ids=FACE_IDS)
+def test_torch_export_eval_equals_eager(spec, sequence):
+    if not supported(spec, sequence):
+        pytest.skip("face not supported (refusal asserted above)")
+    model = _model(spec, sequence)
     kjt, _ = conf_batch(1, 8)
     if not caps(spec).exportable:
         with pytest.raises(NotImplementedError, match=spec[0]):
@@ -255,3 +269,43 @@ def test_feature_tables_map_covers_every_physical_table(spec):
     mapping = emb.feature_tables()
     assert sorted(mapping) == sorted(emb.feature_names)
     assert sorted({t for ts in mapping.values() for t in ts}) == sorted(c.name for c in emb.table_configs())
+
+
+# ---- checkpoints interchange with TorchRec ---------------------------------------------------
+def _plain_ebc(seed: int):
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    torch.manual_seed(seed)
+    return EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"tbl_{f.name}", num_embeddings=f.cardinality,
+                                                             embedding_dim=8, feature_names=[f.name])
+                                          for f in CONF_FEATURES])
+
+
+def test_full_state_dict_interchanges_with_a_plain_ebc_both_ways():
+    kjt, _ = conf_batch(7, 8)
+    ebc_model, full_model = MODELS["DLRM"](_plain_ebc(0)), MODELS["DLRM"](build(_plain_ebc(1), method="full"))
+    assert sorted(full_model.state_dict()) == sorted(ebc_model.state_dict())  # the EBC's own keys
+    full_model.load_state_dict(ebc_model.state_dict())  # strict
+    assert torch.equal(full_model(dense(8), kjt), ebc_model(dense(8), kjt))
+    other = MODELS["DLRM"](_plain_ebc(2))
+    other.load_state_dict(full_model.state_dict())  # and a plain EBC loads full's
+    assert torch.equal(other(dense(8), kjt), full_model(dense(8), kjt))
+
+
+def test_full_loads_state_dicts_written_before_the_torchrec_layout():
+    a, b = build(CONF_FEATURES, method="full", dim=8), build(CONF_FEATURES, method="full", dim=8)
+    old = {f"tables.{k}": v for k, v in a.state_dict().items()}  # the layout of earlier run dirs
+    assert all(k.startswith("tables.embedding_bags.") for k in old)
+    b.load_state_dict(old)
+    kjt, _ = conf_batch(8, 8)
+    assert torch.equal(_flat(b(kjt), b), _flat(a(kjt), a))
+
+
+@pytest.mark.parametrize(("spec", "sequence"), SUP, ids=SUP_IDS)
+def test_state_dict_round_trip_into_a_fresh_module(spec, sequence):
+    a, b = build_conf(spec, sequence, seed=0).eval(), build_conf(spec, sequence, seed=4).eval()
+    kjt, _ = conf_batch(9, 8)
+    if torch.equal(_flat(a(kjt), a), _flat(b(kjt), b)):
+        pytest.fail("two seeds built identical modules: the round trip below would prove nothing")
+    b.load_state_dict(a.state_dict())  # strict: same keys both ways
+    assert torch.equal(_flat(b(kjt), b), _flat(a(kjt), a))

@@ -119,11 +119,12 @@ class Capabilities:
     bounded_ids: bool
     fx_traceable: bool
     exportable: bool
+    pipelineable: bool
 
     @property
     def pipelined(self) -> bool:
         """TrainPipelineSparseDist pipelines the tables (remap in the input stage)."""
-        return self.has_tables and not self.stateful_remap
+        return self.has_tables and self.pipelineable and not self.stateful_remap
 
 
 # Sharding types that run correctly on each device for each TorchRec table kind
@@ -189,6 +190,10 @@ class EmbeddingMethod(nn.Module):
     fx_traceable: bool = True
     #: ``torch.export.export`` of a model holding it, in eval mode, equals eager.
     exportable: bool = True
+    #: Runs under TorchRec's train pipelines that trace the model (TrainPipelineSparseDist):
+    #: its forward outside the remap and the tables traces. False: refused there with a
+    #: clear error (TrainPipelineBase and plain loops still work).
+    pipelineable: bool = True
 
     @classmethod
     def capabilities(cls) -> Capabilities:
@@ -196,7 +201,8 @@ class EmbeddingMethod(nn.Module):
         return Capabilities(
             pooled=cls.supports_pooled, sequence=cls.supports_sequence, weighted=cls.supports_weighted,
             has_tables=cls.has_tables, stateful_remap=cls.stateful_remap, multi_rank=cls.supports_multi_rank,
-            bounded_ids=cls.bounded_ids, fx_traceable=cls.fx_traceable, exportable=cls.exportable)
+            bounded_ids=cls.bounded_ids, fx_traceable=cls.fx_traceable, exportable=cls.exportable,
+            pipelineable=cls.pipelineable)
 
     def table_kind(self) -> str | None:
         """``"ebc"`` or ``"ec"``: the TorchRec module kind holding the tables (QR ``mult``
@@ -345,6 +351,10 @@ class EmbeddingMethod(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         if not is_tracing():
             self.check_input(features)
+        elif not self.pipelineable and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            raise NotImplementedError(
+                f"{self.method_name} cannot be traced by fx, so it cannot run under TrainPipelineSparseDist "
+                "(which traces the model): train it with TrainPipelineBase or a plain loop")
         if self.weighted and self.dtype != "fp32":
             # nn.EmbeddingBag wants per_sample_weights in the table dtype.
             features = KeyedJaggedTensor(

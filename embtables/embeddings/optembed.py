@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import TORCHREC_DTYPE, EmbeddingMethod, is_tracing, select_features
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -214,6 +214,7 @@ class OptEmbed(EmbeddingMethod):
     # per-field counts): neither fx-traceable nor exportable today; refused under tracing.
     fx_traceable = False
     exportable = False
+    pipelineable = False  # the supernet's search forward branches on Python state
 
     def __init__(
         self,
@@ -303,16 +304,6 @@ class OptEmbed(EmbeddingMethod):
             return [(f"t_{f.name}", f.name, f.cardinality + 1, self.dim) for f in self.features]
         return [(f"t_{f.name}", f.name, k + 1, d)
                 for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)]
-
-    def table_configs(self) -> list[EmbeddingBagConfig | EmbeddingConfig]:
-        """The physical tables, from the plan: also valid once DMP has sharded ``tables``."""
-        dt = TORCHREC_DTYPE[self.dtype]
-        if self.searching:
-            return [EmbeddingConfig(name=t, num_embeddings=r, embedding_dim=w, feature_names=[f], data_type=dt)
-                    for t, f, r, w in self.physical_tables()]
-        return [EmbeddingBagConfig(name=t, num_embeddings=r, embedding_dim=w, feature_names=[f], data_type=dt,
-                                   pooling=spec.pooling)
-                for (t, f, r, w), spec in zip(self.physical_tables(), self.features, strict=True)]
 
     def table_weight(self, name: str) -> torch.Tensor:
         """The (unsharded) weight of feature ``name``'s table."""

@@ -136,3 +136,35 @@ def _dim_of(features) -> int:
 def _import_builtin_methods() -> None:
     # Importing the package registers every built-in method file.
     import embtables.embeddings  # noqa: F401
+
+
+def support_table() -> str:
+    """Markdown table of what each registered method supports in TorchRec's stack, from
+    the methods' capability declarations (docs/torchrec.md embeds it; a test keeps the
+    page equal to this, and the conformance suite checks every row)."""
+    from embtables.embeddings.spec import FeatureSpec
+
+    def yes(b: bool) -> str:
+        return "yes" if b else "no"
+
+    rows = ["| method | pooled | sequence | weighted | sharding types on CPU (pooled; sequence) | pipelined "
+            "| multi-rank | fx trace | torch.export | ids |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    probe = [FeatureSpec("a", 1000), FeatureSpec("b", 50)]
+    for name in list_methods():
+        cls = get_method(name)
+        c = cls.capabilities()
+        types = []
+        for seq, ok in ((False, c.pooled), (True, c.sequence)):
+            if not (ok and c.has_tables):
+                types.append("-" if not ok else "data-parallel (no tables)")
+                continue
+            try:  # the table kind can depend on knobs (qr's default mult looks ids up unpooled)
+                types.append(", ".join(build(probe, method=name, dim=8, sequence=seq).sharding_types("cpu")))
+            except ValueError:
+                types.append("see the method's docs (needs knobs to build)")
+        ids = "`[0, cardinality)`" if c.bounded_ids else "any id >= 0"
+        rows.append(f"| `{name}` | {yes(c.pooled)} | {yes(c.sequence)} | {yes(c.weighted)} | {types[0]}; {types[1]} "
+                    f"| {yes(c.pipelined)} | {yes(c.multi_rank)} | {yes(c.fx_traceable)} | {yes(c.exportable)} "
+                    f"| {ids} |")
+    return "\n".join(rows) + "\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
@@ -23,6 +23,10 @@ class FeatureSpec:
     cardinality: int
     pooling: PoolingType = PoolingType.SUM
     bounded: bool = True
+    #: The TorchRec table this feature had in the module being replaced (set by
+    #: ``features_from_configs`` for one-feature tables): ``full`` keeps that name, so its
+    #: state_dict interchanges with the EBC's.
+    table: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.cardinality < 1:
@@ -45,8 +49,9 @@ def features_from_configs(configs: Iterable[EmbeddingBagConfig | EmbeddingConfig
     out: list[FeatureSpec] = []
     for cfg in configs:
         pooling = getattr(cfg, "pooling", PoolingType.SUM)
+        table = cfg.name if len(cfg.feature_names) == 1 else None
         for name in cfg.feature_names:
-            out.append(FeatureSpec(name, int(cfg.num_embeddings), pooling))
+            out.append(FeatureSpec(name, int(cfg.num_embeddings), pooling, table=table))
     return out
 
 

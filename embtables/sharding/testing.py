@@ -3,6 +3,8 @@ benchmark (tiny tables, exact comparisons against unsharded references)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
@@ -331,10 +333,9 @@ def build_conf(spec: tuple[str, dict], sequence: bool = False, weighted: bool = 
 
 def conf_batch(step: int, batch: int, rank: int = 0, world: int = 1, weighted: bool = False):
     _, kjt, labels = make_batch(step, batch, CONF_FEATURES, max_bag=MAX_BAG, rank=rank, world=world)
-    if weighted:
-        g = torch.Generator().manual_seed(77 + step)
-        w_all = torch.rand(kjt.values().numel(), generator=g)
-        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w_all)
+    if weighted:  # a function of the id, so a rank's slice has the weights of the global batch
+        w = ((kjt.values() * 7919 + step) % 97 + 1).float() / 97
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w)
     return kjt, labels
 
 
@@ -347,8 +348,14 @@ def _stock_plan(model: nn.Module, world: int, pg, sharders_, forced: str | None)
     if forced is not None:
         names = [c.name for m in torchrec_tables(model)
                  for c in (m.embedding_bag_configs() if hasattr(m, "embedding_bag_configs") else m.embedding_configs())]
-        kernels = ["dense"] if forced == "data_parallel" else ["fused"]
-        constraints = {n: ParameterConstraints(sharding_types=[forced], compute_kernels=kernels) for n in names}
+        # "mixed": the first table data_parallel, the others table_wise (what the planner
+        # picked on its own for small tables): a sharded EBC then groups its output keys
+        # by sharding type, not in table order.
+        types = {n: ("data_parallel" if i == 0 else "table_wise") if forced == "mixed" else forced
+                 for i, n in enumerate(names)}
+        constraints = {n: ParameterConstraints(sharding_types=[t], compute_kernels=["dense" if t == "data_parallel"
+                                                                                   else "fused"])
+                       for n, t in types.items()}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
                                        constraints=constraints)
     return planner.collective_plan(model, sharders_, pg)
@@ -386,6 +393,10 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
 
     rank, world = dist.get_rank(pg), dist_world(pg)
     model = Probe(build_conf(spec, sequence, weighted))
+    # Eval mode unless the remap has state (mch admits ids only in training): a training
+    # forward may sample (optembed's supernet draws widths per sample), and a rank draws
+    # for its slice, the reference for the global batch. Gradients and steps are the same.
+    model.train(model.emb.stateful_remap)
     ref = copy.deepcopy(model)
     opt_cls = {"sgd": torch.optim.SGD, "rowwise_adagrad": RowWiseAdagrad}[opt_name]
     kw = {"lr": lr} if opt_name == "sgd" else {"lr": lr, "eps": 1e-8}
@@ -395,20 +406,37 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
         from torchrec.distributed.sharding_plan import get_default_sharders
 
         sh = get_default_sharders()
-    dmp = _stock_dmp(model, pg, sh, forced)
-    rest = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False)]
-    dense = [torch.optim.SGD([p for p in rest if p.numel() == 1], lr=lr)]
-    if [p for p in rest if p.numel() > 1]:  # data_parallel tables: the dense optimizer takes them
-        dense.append(opt_cls([p for p in rest if p.numel() > 1], **kw))
+    emb0 = model.emb
+    bytes0, configs0 = emb0.memory_bytes(), emb0.table_configs()
+    errors = _ErrorLines()
+    logging.getLogger().addHandler(errors)
+    try:
+        dmp = _stock_dmp(model, pg, sh, forced)
+        emb = dmp.module.emb
+        sizes = (bool(repr(emb)), emb.memory_bytes(), bytes0, _cfg_rows(emb.table_configs()) == _cfg_rows(configs0))
+    finally:
+        logging.getLogger().removeHandler(errors)
+    if errors.lines:
+        sizes = (*sizes[:3], f"TorchRec logged errors: {errors.lines[:2]}")
+    rest = list(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
+    dense = [torch.optim.SGD([p for n, p in rest if ".tables." not in n], lr=lr)]  # scale, a method's own
+    if [p for n, p in rest if ".tables." in n]:  # data_parallel tables ignore the fused optimizer
+        dense.append(opt_cls([p for n, p in rest if ".tables." in n], **kw))
     kjt_all, _ = conf_batch(0, batch, weighted=weighted)
     kjt, _ = conf_batch(0, batch, rank, world, weighted=weighted)
     per = batch // world
-    ref_opts = [torch.optim.SGD([ref.scale], lr=lr), opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()],
-                                                             **kw)]
+    table_ids = {id(p) for m in torchrec_tables(ref) for p in m.parameters()}
+    others = [p for p in ref.parameters() if id(p) not in table_ids and p is not ref.scale]  # a method's dense ones
+    ref_opts = [torch.optim.SGD([ref.scale, *others], lr=lr),
+                opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()], **kw)]
+    # Same RNG stream for both forwards (mch re-initialises evicted rows, optembed's supernet
+    # samples widths in training).
+    torch.manual_seed(123)
     ref_out = ref(kjt_all)
     _probe_loss(ref_out, batch).backward()
     for o in ref_opts:
         o.step()
+    torch.manual_seed(123)
     out = dmp(kjt)
     fwd = float((out - ref_out[rank * per:(rank + 1) * per]).abs().max())
     _probe_loss(out, per).backward()
@@ -417,7 +445,22 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
     got, want = gather_full_pg(dmp, pg), ref.state_dict()
     step = max(float((got[k] - want[k]).abs().max()) for k in want)
     types = sorted({s.sharding_type for m in dmp.plan.plan.values() for s in m.values()})
-    return fwd, step, types
+    return fwd, step, types, sizes
+
+
+def _cfg_rows(configs) -> list[tuple]:
+    return [(c.name, c.num_embeddings, c.embedding_dim, tuple(c.feature_names)) for c in configs]
+
+
+class _ErrorLines(logging.Handler):
+    """Collects ERROR records (TorchRec logged one per DMP when repr() of a method failed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage()[:200])
 
 
 def gather_full_pg(dmp: nn.Module, pg) -> dict[str, torch.Tensor]:
@@ -505,10 +548,10 @@ def conf_dcp_case(pg, spec, ck_dir: str, sequence: bool = False, batch: int = 8)
 
     rank, world = dist.get_rank(pg), dist_world(pg)
     kjt, _ = conf_batch(1, batch, rank, world)
-    a = _stock_dmp(Probe(build_conf(spec, sequence, seed=0)), pg, get_default_sharders(), None)
+    a = _stock_dmp(Probe(build_conf(spec, sequence, seed=0)).eval(), pg, get_default_sharders(), None)
     want = a(kjt).detach()
     dcp.save(a.state_dict(), checkpoint_id=ck_dir, process_group=pg)
-    b = _stock_dmp(Probe(build_conf(spec, sequence, seed=5)), pg, get_default_sharders(), None)
+    b = _stock_dmp(Probe(build_conf(spec, sequence, seed=5)).eval(), pg, get_default_sharders(), None)
     before = float((b(kjt).detach() - want).abs().max())
     sd = b.state_dict()
     dcp.load(sd, checkpoint_id=ck_dir, process_group=pg)
@@ -525,8 +568,8 @@ def conf_refusal_case(pg, what: str):
     rank, world = dist.get_rank(pg), dist_world(pg)
     kjt, _ = conf_batch(0, 8, rank, world)
     try:
-        if what == "mch-multi-rank":
-            model = Probe(build_conf(("mch", {})))
+        if what.endswith("-multi-rank"):
+            model = Probe(build_conf((what.removesuffix("-multi-rank"), {})))
             dmp = _stock_dmp(model, pg, get_default_sharders(), None)
         else:  # qr mult (an EmbeddingCollection) with only the EBC sharder, like TorchRec's golden example
             model = Probe(build_conf(("qr", {"operation": "mult"})))
@@ -540,9 +583,39 @@ def conf_refusal_case(pg, what: str):
     return "no error"
 
 
+def conf_legacy_checkpoint_case(pg, ck_dir: str, batch: int = 8):
+    """A run-dir checkpoint written before ``full`` took TorchRec's key layout (its tables
+    under ``tables.``) still loads: (max output difference before, after the load)."""
+    import torch.distributed as dist
+
+    from embtables.sharding import ShardingConfig
+    from embtables.sharding.checkpoint import load_checkpoint, save_checkpoint
+    from embtables.sharding.dmp import init_distributed, shard_model
+
+    ctx = init_distributed("cpu")
+    rank, world = dist.get_rank(pg), dist_world(pg)
+    kjt, _ = conf_batch(2, batch, rank, world)
+    cfg = ShardingConfig(sharding_types=["table_wise"])
+    a = shard_model(Probe(build_conf(("full", {}), seed=0)), cfg, ctx)
+    hooks = a.module.emb._state_dict_hooks
+    saved_hooks = dict(hooks)
+    hooks.clear()  # the old layout
+    try:
+        assert any(".tables." in k for k in a.state_dict())
+        save_checkpoint(ck_dir, a, {})
+    finally:
+        hooks.update(saved_hooks)
+    want = a(kjt).detach()
+    b = shard_model(Probe(build_conf(("full", {}), seed=3)), cfg, ctx)
+    before = float((b(kjt).detach() - want).abs().max())
+    load_checkpoint(ck_dir, b, {})
+    return before, float((b(kjt).detach() - want).abs().max())
+
+
 def conformance_worker(cases: list[tuple], tmp: str) -> list:
-    """Run every case on this rank; a case is (kind, world, *args). world 1 cases run on a
-    one-rank subgroup of rank 0 (rank 1 skips them)."""
+    """Run every case (kind, world, *args) whose world is this group's size, on this rank;
+    the others are skipped (a launch per world size: DMP creates process groups, so every
+    rank of the default group must run the same DMPs)."""
     import os
 
     import torch.distributed as dist
@@ -551,20 +624,21 @@ def conformance_worker(cases: list[tuple], tmp: str) -> list:
 
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=300)
-    groups = {ctx.world_size: dist.group.WORLD}
-    if ctx.world_size > 1:
-        groups[1] = dist.new_group([0])
+    pg = dist.group.WORLD
     results = []
     for n, (kind, world, *args) in enumerate(cases):
-        if ctx.rank >= world:
+        if world != ctx.world_size:
             results.append(("skip",))
             continue
-        pg = groups[world]
+        if os.environ.get("EMBTABLES_CONFORMANCE_TRACE"):
+            print(f"rank {ctx.rank} case {n}: {kind} {world} {args}", flush=True)
         try:
             if kind == "dmp":
                 res = conf_dmp_case(pg, *args)
             elif kind == "pipeline":
                 res = conf_pipeline_case(pg, *args)
+            elif kind == "legacy":
+                res = conf_legacy_checkpoint_case(pg, os.path.join(tmp, f"legacy{n}-w{world}"))
             elif kind == "dcp":
                 res = conf_dcp_case(pg, args[0], os.path.join(tmp, f"dcp{n}-w{world}"), *args[1:])
             else:
@@ -574,6 +648,6 @@ def conformance_worker(cases: list[tuple], tmp: str) -> list:
             import traceback
 
             results.append(("fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2500:]}"))
-        if world > 1 or ctx.world_size == 1:
+        if ctx.world_size > 1:
             dist.barrier()
     return results

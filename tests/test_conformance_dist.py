@@ -52,7 +52,7 @@ def _cases(full: bool) -> list[tuple]:
                     for w in worlds:
                         opts = ["sgd"] + (["rowwise_adagrad"] if t != "column_wise" else [])
                         cases += [("dmp", w, spec, seq, False, t, o, "embtables") for o in opts]
-            else:
+            elif types:  # a table-free method (dhe) has no sharding type to force
                 cases.append(("dmp", worlds[-1], spec, seq, False, types[turn % len(types)], "sgd", "embtables"))
                 turn += 1
         one = build_conf(spec)

@@ -28,8 +28,9 @@ def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
     lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
     values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
     w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values, dtype=dtype),
-                                               torch.tensor(lengths, dtype=dtype), weights=w)
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
+    )
 
 
 def encode_by_hand(x: int, feature: str, k: int) -> list[float]:
@@ -43,11 +44,15 @@ def encode_by_hand(x: int, feature: str, k: int) -> list[float]:
     return out
 
 
-GOLDEN_AB = ([6238072747940578789, 2185194620014831857, -5278393320434088483, 1346066267577507605],
-             [-2606959012126976886, -5213918032843888364, -3353203050545663124, -3068323830470825496])
-GOLDEN_ENC = [[0.7459117, -0.0370734, -0.9877665, -0.5116289],
-              [-0.0883926, -0.6132184, -0.4297159, 0.5836794],
-              [-0.2372057, 0.5246056, -0.1202340, -0.2810695]]
+GOLDEN_AB = (
+    [6238072747940578789, 2185194620014831857, -5278393320434088483, 1346066267577507605],
+    [-2606959012126976886, -5213918032843888364, -3353203050545663124, -3068323830470825496],
+)
+GOLDEN_ENC = [
+    [0.7459117, -0.0370734, -0.9877665, -0.5116289],
+    [-0.0883926, -0.6132184, -0.4297159, 0.5836794],
+    [-0.2372057, 0.5246056, -0.1202340, -0.2810695],
+]
 IDS = [0, 1, 2**40 + 7]
 
 
@@ -64,8 +69,10 @@ def test_encoding_golden_values_and_hand_oracle():
 
 
 def test_encoding_is_identical_in_a_fresh_process():
-    code = ("import torch; from embtables.embeddings.dhe import DHEEncoder; from embtables.embeddings.hashing "
-            "import salt; print(DHEEncoder(1024)(torch.tensor([5, 2**50]), salt('C3', 0)).sum().item())")
+    code = (
+        "import torch; from embtables.embeddings.dhe import DHEEncoder; from embtables.embeddings.hashing "
+        "import salt; print(DHEEncoder(1024)(torch.tensor([5, 2**50]), salt('C3', 0)).sum().item())"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     here = DHEEncoder(1024)(torch.tensor([5, 2**50]), salt_of("C3", 0)).sum().item()
@@ -80,7 +87,7 @@ def test_bag_is_weighted_sum_of_per_id_mlp_outputs():
         s = salt_of(name, 0)
         for b in range(3):
             o = x[name].offsets()
-            ids, w = x[name].values()[o[b]:o[b + 1]], x[name].weights()[o[b]:o[b + 1]]
+            ids, w = x[name].values()[o[b] : o[b + 1]], x[name].weights()[o[b] : o[b + 1]]
             want = (mod.mlp(mod.encoder(ids, s)) * w[:, None]).sum(0)
             torch.testing.assert_close(out[name][b], want)
     assert torch.all(out["a"][1] == 0)  # the empty bag
@@ -125,11 +132,17 @@ def test_sizing_memory_and_minimum():
 
 def test_inside_torchrec_and_embtables_dlrm():
     mod = build(FEATS, method="dhe", dim=16, hidden=32, hashes=128)
-    model = TorchRecDLRM(embedding_bag_collection=mod, dense_in_features=4, dense_arch_layer_sizes=[8, 16],
-                         over_arch_layer_sizes=[8, 1])
+    model = TorchRecDLRM(
+        embedding_bag_collection=mod,
+        dense_in_features=4,
+        dense_arch_layer_sizes=[8, 16],
+        over_arch_layer_sizes=[8, 1],
+    )
     model(torch.randn(3, 4), kjt()).sum().backward()
     assert all(p.grad is not None for p in mod.mlp.parameters())
-    ours = DLRM(build(FEATS, method="dhe", dim=16, hidden=32, hashes=128), 4, DLRMConfig(bottom_mlp=[8], top_mlp=[8]))
+    ours = DLRM(
+        build(FEATS, method="dhe", dim=16, hidden=32, hashes=128), 4, DLRMConfig(bottom_mlp=[8], top_mlp=[8])
+    )
     logits = ours(torch.randn(3, 4), kjt())
     assert logits.shape == (3,)
     logits.sum().backward()

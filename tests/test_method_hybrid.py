@@ -23,8 +23,9 @@ def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
     lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
     values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
     w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values, dtype=dtype),
-                                               torch.tensor(lengths, dtype=dtype), weights=w)
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
+    )
 
 
 def counts_file(tmp_path, hot_a: list[int]) -> str:
@@ -50,15 +51,29 @@ def test_ranked_hot_and_cold_rows_by_hand():
     k, c = p.hot[0], p.cold[0]
     assert 0 < k < 1000 and c > 0 and p.cold[1] == 0  # "b" (50 ids) fits: a plain table
     ids = torch.tensor([0, k - 1, k, 999])
-    rows = mod.remap(KeyedJaggedTensor.from_lengths_sync(
-        ["a", "b", "c"], torch.cat([ids, torch.tensor([3, 4])]), torch.tensor([4, 1, 1]))).to_dict()["a"].values()
-    want = [0, k - 1, k + int(hash_to_rows(torch.tensor([k]), salt("a", 0), c)),
-            k + int(hash_to_rows(torch.tensor([999]), salt("a", 0), c))]
+    rows = (
+        mod.remap(
+            KeyedJaggedTensor.from_lengths_sync(
+                ["a", "b", "c"], torch.cat([ids, torch.tensor([3, 4])]), torch.tensor([4, 1, 1])
+            )
+        )
+        .to_dict()["a"]
+        .values()
+    )
+    want = [
+        0,
+        k - 1,
+        k + int(hash_to_rows(torch.tensor([k]), salt("a", 0), c)),
+        k + int(hash_to_rows(torch.tensor([999]), salt("a", 0), c)),
+    ]
     assert rows.tolist() == want  # hot ids keep their own row, cold ones share hashed rows past K
     W = mod.tables.embedding_bags["t_a"].weight
     assert W.shape == (k + c, 8)
-    out = mod(KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor([1, 2, 999, 7, 8]),
-                                                  torch.tensor([3, 1, 1])))
+    out = mod(
+        KeyedJaggedTensor.from_lengths_sync(
+            ["a", "b", "c"], torch.tensor([1, 2, 999, 7, 8]), torch.tensor([3, 1, 1])
+        )
+    )
     torch.testing.assert_close(out["a"][0], W[[1, 2, want[3]]].sum(0))
 
 
@@ -67,8 +82,9 @@ def test_counts_hot_set_by_hand(tmp_path):
     mod = build(FEATS, method="hybrid", dim=8, budget=0.2, counts=counts_file(tmp_path, hot))
     k = mod.plan.hot[0]
     assert k >= 4
-    x = KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor([700, 3, 512, 99, 1, 2]),
-                                            torch.tensor([4, 1, 1]))
+    x = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor([700, 3, 512, 99, 1, 2]), torch.tensor([4, 1, 1])
+    )
     rows = mod.remap(x).to_dict()["a"].values().tolist()
     hot_sorted = sorted(mod.remap.hot_0.tolist())
     assert set(hot) <= set(hot_sorted) and len(hot_sorted) == k
@@ -76,7 +92,9 @@ def test_counts_hot_set_by_hand(tmp_path):
     # bytes: rows x dim x 4 + 8 per hot id of the id map, all counted
     p = mod.plan
     buf = sum(k * 8 for k, c in zip(p.hot, p.cold, strict=True) if c)
-    assert mod.memory_bytes() == p.bytes == sum(k + c for k, c in zip(p.hot, p.cold, strict=True)) * 8 * 4 + buf
+    assert (
+        mod.memory_bytes() == p.bytes == sum(k + c for k, c in zip(p.hot, p.cold, strict=True)) * 8 * 4 + buf
+    )
     with pytest.raises(FileNotFoundError, match="counts"):
         build(FEATS, method="hybrid", dim=8, budget=0.2, counts=str(tmp_path / "none.npz"))
     np.savez(tmp_path / "bad.npz", a=np.ones(1000))
@@ -102,9 +120,12 @@ def test_weighted_sequence_int32_and_dlrm():
     torch.testing.assert_close(mod(kjt(True)).values(), mod(kjt(True, torch.int32)).values(), rtol=0, atol=0)
     seq = build(FEATS, method="hybrid", dim=8, budget=0.2, frequency_ranked=True, sequence=True)
     assert seq(kjt())["c"].values().shape == (6, 8)
-    model = TorchRecDLRM(embedding_bag_collection=build(FEATS, method="hybrid", dim=8, budget=0.2,
-                                                        frequency_ranked=True),
-                         dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+    model = TorchRecDLRM(
+        embedding_bag_collection=build(FEATS, method="hybrid", dim=8, budget=0.2, frequency_ranked=True),
+        dense_in_features=4,
+        dense_arch_layer_sizes=[8, 8],
+        over_arch_layer_sizes=[8, 1],
+    )
     model(torch.randn(3, 4), kjt()).sum().backward()
 
 

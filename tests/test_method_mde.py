@@ -23,8 +23,9 @@ def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
     lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
     values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
     w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values, dtype=dtype),
-                                               torch.tensor(lengths, dtype=dtype), weights=w)
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
+    )
 
 
 def weights_of(mod) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ def test_projection_by_hand_with_weights():
     for name in ("a", "b", "c"):
         for b in range(3):
             o = x[name].offsets()
-            ids, w = x[name].values()[o[b]:o[b + 1]], x[name].weights()[o[b]:o[b + 1]]
+            ids, w = x[name].values()[o[b] : o[b + 1]], x[name].weights()[o[b] : o[b + 1]]
             row = (W[f"t_{name}"][ids] * w[:, None]).sum(0)
             want = row @ mod.proj[name] if name in mod.proj else row
             torch.testing.assert_close(out[name][b], want)
@@ -104,8 +105,12 @@ def test_int32_ids_key_order_and_mean_pooling():
 
 def test_inside_torchrec_and_embtables_dlrm():
     mod = build(FEATS, method="mde", dim=16, budget=1 / 4)
-    model = TorchRecDLRM(embedding_bag_collection=mod, dense_in_features=4, dense_arch_layer_sizes=[8, 16],
-                         over_arch_layer_sizes=[8, 1])
+    model = TorchRecDLRM(
+        embedding_bag_collection=mod,
+        dense_in_features=4,
+        dense_arch_layer_sizes=[8, 16],
+        over_arch_layer_sizes=[8, 1],
+    )
     model(torch.randn(3, 4), kjt()).sum().backward()
     assert all(w.grad is not None for w in weights_of(mod).values())
     ours = DLRM(build(FEATS, method="mde", dim=16), 4, DLRMConfig(bottom_mlp=[8], top_mlp=[8]))

@@ -23,8 +23,9 @@ def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
     lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
     values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
     w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values, dtype=dtype),
-                                               torch.tensor(lengths, dtype=dtype), weights=w)
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
+    )
 
 
 def weights_of(mod) -> dict[str, torch.Tensor]:
@@ -49,14 +50,15 @@ def test_tt_product_on_2x2_cores_by_hand():
         for w in W.values():
             w.zero_()
         # id 123 -> digits (3, 2, 1)
-        W["t_a@0"][3] = torch.tensor([1.0, 2, 0, 1])            # G1[a, p]: a=0 [1, 2], a=1 [0, 1]
-        W["t_a@1"][4] = torch.tensor([1.0, 0, 0, 1])            # G2[p=0, b, q]
-        W["t_a@1"][5] = torch.tensor([2.0, 1, 1, 0])            # G2[p=1, b, q]
-        W["t_a@2"][1] = torch.tensor([1.0, -1, 2, 3])           # G3[q, c]: q=0 [1, -1], q=1 [2, 3]
+        W["t_a@0"][3] = torch.tensor([1.0, 2, 0, 1])  # G1[a, p]: a=0 [1, 2], a=1 [0, 1]
+        W["t_a@1"][4] = torch.tensor([1.0, 0, 0, 1])  # G2[p=0, b, q]
+        W["t_a@1"][5] = torch.tensor([2.0, 1, 1, 0])  # G2[p=1, b, q]
+        W["t_a@2"][1] = torch.tensor([1.0, -1, 2, 3])  # G3[q, c]: q=0 [1, -1], q=1 [2, 3]
     # E[a,b,c] = sum_pq G1[a,p] G2[p,b,q] G3[q,c], by hand:
     want_123 = torch.tensor([9.0, 1, 4, 1, 4, 1, 1, -1])
-    x = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([123]), torch.tensor([1]),
-                                            weights=torch.tensor([1.0]))
+    x = KeyedJaggedTensor.from_lengths_sync(
+        ["a"], torch.tensor([123]), torch.tensor([1]), weights=torch.tensor([1.0])
+    )
     torch.testing.assert_close(mod(x).values()[0], want_123, rtol=0, atol=0)
 
     # a two-id weighted bag: per-id products, then the weighted sum (id 456 -> digits (6, 5, 4))
@@ -65,16 +67,24 @@ def test_tt_product_on_2x2_cores_by_hand():
         W["t_a@0"][6] = torch.randn(4, generator=g)
         W["t_a@1"][10:12] = torch.randn(2, 4, generator=g)
         W["t_a@2"][4] = torch.randn(4, generator=g)
-    e456 = torch.einsum("ap,pbq,qc->abc", W["t_a@0"][6].view(2, 2), W["t_a@1"][10:12].reshape(2, 2, 2),
-                        W["t_a@2"][4].view(2, 2)).reshape(-1)
-    y = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([123, 456]), torch.tensor([2]),
-                                            weights=torch.tensor([0.5, 2.0]))
+    e456 = torch.einsum(
+        "ap,pbq,qc->abc",
+        W["t_a@0"][6].view(2, 2),
+        W["t_a@1"][10:12].reshape(2, 2, 2),
+        W["t_a@2"][4].view(2, 2),
+    ).reshape(-1)
+    y = KeyedJaggedTensor.from_lengths_sync(
+        ["a"], torch.tensor([123, 456]), torch.tensor([2]), weights=torch.tensor([0.5, 2.0])
+    )
     out = mod(y).values()[0]
     torch.testing.assert_close(out, 0.5 * want_123 + 2.0 * e456)
     # not the product of pooled cores (the contraction is per id)
-    naive = torch.einsum("ap,pbq,qc->abc", (0.5 * W["t_a@0"][3] + 2 * W["t_a@0"][6]).view(2, 2),
-                         (0.5 * W["t_a@1"][4:6] + 2 * W["t_a@1"][10:12]).reshape(2, 2, 2),
-                         (0.5 * W["t_a@2"][1] + 2 * W["t_a@2"][4]).view(2, 2)).reshape(-1)
+    naive = torch.einsum(
+        "ap,pbq,qc->abc",
+        (0.5 * W["t_a@0"][3] + 2 * W["t_a@0"][6]).view(2, 2),
+        (0.5 * W["t_a@1"][4:6] + 2 * W["t_a@1"][10:12]).reshape(2, 2, 2),
+        (0.5 * W["t_a@2"][1] + 2 * W["t_a@2"][4]).view(2, 2),
+    ).reshape(-1)
     assert not torch.allclose(out, naive)
     out.sum().backward()
     rows = W["t_a@1"].grad.abs().sum(1).nonzero().flatten().tolist()
@@ -100,8 +110,19 @@ def test_sizing_rank_budget_and_minimum():
     p = plan(FEATS, "tt", dim=16)
     assert p.rank == 16 and p.shapes[1] is None and p.shapes[0] == (10, 10, 10)  # "b" (50 ids) stays plain
     d1, d2, d3 = p.dims
-    assert p.bytes == (10 * d1 * 16 + 10 * 16 * d2 * 16 + 10 * 16 * d3 + 50 * 16
-                       + 15 * d1 * 16 + 15 * 16 * d2 * 16 + 14 * 16 * d3) * 4
+    assert (
+        p.bytes
+        == (
+            10 * d1 * 16
+            + 10 * 16 * d2 * 16
+            + 10 * 16 * d3
+            + 50 * 16
+            + 15 * d1 * 16
+            + 15 * 16 * d2 * 16
+            + 14 * 16 * d3
+        )
+        * 4
+    )
     for budget in (1.0, 1 / 4, 1 / 16, 20_000, 6_000):
         q = plan(FEATS, "tt", dim=16, budget=budget)
         mod = build(FEATS, method="tt", dim=16, budget=budget)
@@ -131,13 +152,15 @@ def test_sequence_face_equals_pooled_on_single_id_bags_and_mean_pooling():
     pooled = build(FEATS, method="tt", dim=16, rank=4)
     seq = build(FEATS, method="tt", dim=16, rank=4, sequence=True)
     seq.load_state_dict(pooled.state_dict())
-    x = KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor([5, 7, 9, 1, 2, 3, 100, 200, 300]),
-                                            torch.ones(9, dtype=torch.int64))
+    x = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor([5, 7, 9, 1, 2, 3, 100, 200, 300]), torch.ones(9, dtype=torch.int64)
+    )
     s, p = seq(x), pooled(x).to_dict()
     for n in ("a", "b", "c"):
         torch.testing.assert_close(s[n].values(), p[n])
-    mean = build([FeatureSpec("a", 1000, pooling=__import__("torchrec").PoolingType.MEAN)], method="tt", dim=16,
-                 rank=4)
+    mean = build(
+        [FeatureSpec("a", 1000, pooling=__import__("torchrec").PoolingType.MEAN)], method="tt", dim=16, rank=4
+    )
     mean.load_state_dict({k: v for k, v in pooled.state_dict().items() if "t_a@" in k})
     y = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([5, 7, 9]), torch.tensor([3, 0]))
     torch.testing.assert_close(mean(y).values()[0], p["a"][:3].mean(0))
@@ -162,8 +185,12 @@ def test_key_order_and_extra_keys_like_an_ebc():
 
 def test_inside_torchrec_and_embtables_dlrm():
     mod = build(FEATS, method="tt", dim=16, budget=1 / 16)
-    model = TorchRecDLRM(embedding_bag_collection=mod, dense_in_features=4, dense_arch_layer_sizes=[8, 16],
-                         over_arch_layer_sizes=[8, 1])
+    model = TorchRecDLRM(
+        embedding_bag_collection=mod,
+        dense_in_features=4,
+        dense_arch_layer_sizes=[8, 16],
+        over_arch_layer_sizes=[8, 1],
+    )
     model(torch.randn(3, 4), kjt()).sum().backward()
     assert all(w.grad is not None for w in weights_of(mod).values())
     ours = DLRM(build(FEATS, method="tt", dim=16), 4, DLRMConfig(bottom_mlp=[8], top_mlp=[8]))
@@ -193,7 +220,7 @@ def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction
     slow = mod._per_id(mod.tables(remapped), computed=False)
     assert set(fast) == set(slow) == {"a", "b", "c"}
     params = list(mod.tables.parameters())
-    loss_fast, loss_slow = (sum((v ** 2).sum() for v in d.values()) for d in (fast, slow))
+    loss_fast, loss_slow = (sum((v**2).sum() for v in d.values()) for d in (fast, slow))
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-6, atol=1e-7)
     g_fast = torch.autograd.grad(loss_fast, params)

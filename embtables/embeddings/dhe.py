@@ -35,8 +35,8 @@ from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.tt import pool_per_id
 
-SHIFT = 40      # keep the top 64 - 40 = 24 bits of a_j x + b_j
-M = 2**24       # values per hash
+SHIFT = 40  # keep the top 64 - 40 = 24 bits of a_j x + b_j
+M = 2**24  # values per hash
 PARAM_BYTES = 4  # the MLP is fp32
 
 
@@ -63,7 +63,7 @@ class DHEPlan:
     hidden: int
     layers: int
     dim: int
-    bytes: int       # the MLP's weights
+    bytes: int  # the MLP's weights
 
     @property
     def num_parameters(self) -> int:
@@ -71,18 +71,27 @@ class DHEPlan:
 
 
 def plan_dhe(
-    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
-    hashes: int = 1024, hidden: int | None = None, layers: int = 2, max_hidden: int = 256,
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
+    hashes: int = 1024,
+    hidden: int | None = None,
+    layers: int = 2,
+    max_hidden: int = 256,
 ) -> DHEPlan:
     """Pure sizing. ``hidden`` fixes the MLP's width; else the widest MLP (``layers`` hidden
     layers) that fits the budget, at most ``max_hidden`` (compute per id grows as
     hashes*hidden + hidden^2: a larger budget buys nothing but time); no budget: max_hidden."""
     if dtype != "fp32":
-        raise ValueError(f"dhe: embedding.dtype={dtype!r} is not supported; DHE holds no table, only a dense fp32 "
-                         "MLP (use dtype fp32)")
+        raise ValueError(
+            f"dhe: embedding.dtype={dtype!r} is not supported; DHE holds no table, only a dense fp32 "
+            "MLP (use dtype fp32)"
+        )
     for name, v in (("hashes", hashes), ("layers", layers), ("max_hidden", max_hidden)):
         if v < 1:
             raise ValueError(f"dhe: knob {name} must be >= 1, got {v}")
+
     def nbytes(h: int) -> int:
         return mlp_parameters(hashes, h, layers, dim) * PARAM_BYTES
 
@@ -90,8 +99,12 @@ def plan_dhe(
         if hidden < 1:
             raise ValueError(f"dhe: knob hidden must be >= 1, got {hidden}")
         if budget_bytes is not None and nbytes(hidden) > budget_bytes:
-            raise BudgetTooSmall("dhe", nbytes(1), budget_bytes,
-                                 f"hidden={hidden} needs {nbytes(hidden)} bytes; lower `hidden` or drop it")
+            raise BudgetTooSmall(
+                "dhe",
+                nbytes(1),
+                budget_bytes,
+                f"hidden={hidden} needs {nbytes(hidden)} bytes; lower `hidden` or drop it",
+            )
         return DHEPlan(hashes, hidden, layers, dim, nbytes(hidden))
     if budget_bytes is None:
         return DHEPlan(hashes, max_hidden, layers, dim, nbytes(max_hidden))
@@ -141,10 +154,25 @@ class DHEEmbedding(EmbeddingMethod):
         layers: int = 2,
         max_hidden: int = 256,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted)
-        self.plan = p = plan_dhe(self.features, dim, budget_bytes, dtype, hashes=hashes, hidden=hidden,
-                                 layers=layers, max_hidden=max_hidden)
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
+        self.plan = p = plan_dhe(
+            self.features,
+            dim,
+            budget_bytes,
+            dtype,
+            hashes=hashes,
+            hidden=hidden,
+            layers=layers,
+            max_hidden=max_hidden,
+        )
         self.encoder = DHEEncoder(p.hashes)  # the remap stays the identity: lookup() encodes
         self.salts = [salt(f.name, 0) for f in self.features]
         mods: list[nn.Module] = []
@@ -173,9 +201,13 @@ class DHEEmbedding(EmbeddingMethod):
             w = torch.cat(ws) if ws is not None else None
             pooled = pool_per_id(vec, torch.cat(lens), w, means[0])
             stride = lens[0].shape[0]
-            return self._keyed(pooled.view(nf, stride, self.dim).transpose(0, 1).reshape(stride, nf * self.dim))
+            return self._keyed(
+                pooled.view(nf, stride, self.dim).transpose(0, 1).reshape(stride, nf * self.dim)
+            )
         parts = torch.split(vec, lpk if lpk is not None else [ln.sum() for ln in lens])  # mixed pooling
-        cols = [pool_per_id(parts[i], lens[i], ws[i] if ws is not None else None, means[i]) for i in range(nf)]
+        cols = [
+            pool_per_id(parts[i], lens[i], ws[i] if ws is not None else None, means[i]) for i in range(nf)
+        ]
         return self._keyed(torch.cat(cols, dim=1))
 
     def combine_sequence(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
@@ -184,4 +216,7 @@ class DHEEmbedding(EmbeddingMethod):
         return {f.name: JaggedTensor(values=parts[i], lengths=lens[i]) for i, f in enumerate(self.features)}
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", hashes={self.plan.hashes}, hidden={self.plan.hidden}, layers={self.plan.layers}"
+        return (
+            super().extra_repr()
+            + f", hashes={self.plan.hashes}, hidden={self.plan.hidden}, layers={self.plan.layers}"
+        )

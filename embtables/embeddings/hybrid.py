@@ -39,11 +39,11 @@ ID_BYTES = 8  # one int64 per hot id in the counts mode's id map
 
 @dataclass(frozen=True)
 class HybridPlan:
-    hot: tuple[int, ...]    # K per feature (== cardinality: a plain table, no cold rows)
-    cold: tuple[int, ...]   # C per feature
+    hot: tuple[int, ...]  # K per feature (== cardinality: a plain table, no cold rows)
+    cold: tuple[int, ...]  # C per feature
     cardinalities: tuple[int, ...]
     dim: int
-    id_map: bool            # counts mode: a sorted hot-id buffer per feature
+    id_map: bool  # counts mode: a sorted hot-id buffer per feature
     bytes: int
 
     @property
@@ -58,12 +58,18 @@ def _need_hot_source(frequency_ranked: bool, counts: str | None) -> None:
         raise ValueError(
             "hybrid: the hot ids must come from the data: set knob frequency_ranked: true when ids are "
             "numbered by descending frequency (the Criteo converter's vocab mode), or knob counts: PATH to a "
-            ".npz of per-id counts (one array per feature, indexed by id)")
+            ".npz of per-id counts (one array per feature, indexed by id)"
+        )
 
 
 def plan_hybrid(
-    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
-    hot_fraction: float = 0.5, frequency_ranked: bool = False, counts: str | None = None,
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
+    hot_fraction: float = 0.5,
+    frequency_ranked: bool = False,
+    counts: str | None = None,
 ) -> HybridPlan:
     """Pure sizing. Each feature's share of the budget is water-filled like `hash`'s
     (weights sqrt(n), between one hot and one cold row and a plain table); a feature
@@ -103,17 +109,23 @@ def load_counts(path: str, features: list[FeatureSpec]) -> dict[str, np.ndarray]
     """Per-feature per-id counts from a .npz (one array per feature name, indexed by id)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"hybrid: counts file {p} not found (knob counts); `embtables data synth` writes "
-                                "id_counts.npz into the dataset directory (regenerate data made before it did)")
+        raise FileNotFoundError(
+            f"hybrid: counts file {p} not found (knob counts); `embtables data synth` writes "
+            "id_counts.npz into the dataset directory (regenerate data made before it did)"
+        )
     with np.load(p) as z:
         missing = [f.name for f in features if f.name not in z.files]
         if missing:
-            raise ValueError(f"hybrid: counts file {p} has no array for feature(s) {missing}; it has {z.files}")
+            raise ValueError(
+                f"hybrid: counts file {p} has no array for feature(s) {missing}; it has {z.files}"
+            )
         out = {f.name: np.asarray(z[f.name]) for f in features}
     for f in features:
         if out[f.name].ndim != 1 or out[f.name].shape[0] < f.cardinality:
-            raise ValueError(f"hybrid: counts file {p}: array {f.name!r} must be 1-D with one count per id "
-                             f"(>= {f.cardinality} entries), got shape {out[f.name].shape}")
+            raise ValueError(
+                f"hybrid: counts file {p}: array {f.name!r} must be 1-D with one count per id "
+                f"(>= {f.cardinality} entries), got shape {out[f.name].shape}"
+            )
     return out
 
 
@@ -127,8 +139,9 @@ class HybridRemap(nn.Module):
     """Raw ids -> rows of each feature's table: hot ids to [0, K), the rest hashed into
     [K, K + C). Stateless; the counts mode's sorted hot ids are buffers."""
 
-    def __init__(self, names: list[str], plan: HybridPlan, hot_sets: dict[str, np.ndarray] | None,
-                 weighted: bool) -> None:
+    def __init__(
+        self, names: list[str], plan: HybridPlan, hot_sets: dict[str, np.ndarray] | None, weighted: bool
+    ) -> None:
         super().__init__()
         self.names, self.weighted = list(names), weighted
         self.hot, self.cold, self.cards = list(plan.hot), list(plan.cold), list(plan.cardinalities)
@@ -153,8 +166,13 @@ class HybridRemap(nn.Module):
                 ids = getattr(self, f"hot_{i}")
                 pos = torch.searchsorted(ids, v).clamp(max=k - 1)
                 out.append(torch.where(ids[pos] == v, pos, cold_row))
-        return KeyedJaggedTensor(keys=self.names, values=torch.cat(out), lengths=torch.cat(lens),
-                                 weights=torch.cat(ws) if ws is not None else None, length_per_key=lpk)
+        return KeyedJaggedTensor(
+            keys=self.names,
+            values=torch.cat(out),
+            lengths=torch.cat(lens),
+            weights=torch.cat(ws) if ws is not None else None,
+            length_per_key=lpk,
+        )
 
 
 @register("hybrid")
@@ -175,14 +193,33 @@ class HybridEmbedding(EmbeddingMethod):
         frequency_ranked: bool = False,
         counts: str | None = None,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted)
-        self.plan = p = plan_hybrid(self.features, dim, budget_bytes, dtype, hot_fraction=hot_fraction,
-                                    frequency_ranked=frequency_ranked, counts=counts)
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
+        self.plan = p = plan_hybrid(
+            self.features,
+            dim,
+            budget_bytes,
+            dtype,
+            hot_fraction=hot_fraction,
+            frequency_ranked=frequency_ranked,
+            counts=counts,
+        )
         hot_sets = None
         if counts is not None:
             cnt = load_counts(counts, self.features)
             hot_sets = {f.name: hot_ids(cnt[f.name], k) for f, k in zip(self.features, p.hot, strict=True)}
         self.remap = HybridRemap(self.feature_names, p, hot_sets, weighted)
-        self._make_tables([(f"t_{f.name}", k + c, dim, [f.name], None, f.pooling)
-                           for f, k, c in zip(self.features, p.hot, p.cold, strict=True)], device)
+        self._make_tables(
+            [
+                (f"t_{f.name}", k + c, dim, [f.name], None, f.pooling)
+                for f, k, c in zip(self.features, p.hot, p.cold, strict=True)
+            ],
+            device,
+        )

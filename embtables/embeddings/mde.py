@@ -40,25 +40,28 @@ PROJ_BYTES = 4  # projections are fp32 dense parameters whatever the table dtype
 
 @dataclass(frozen=True)
 class MDEPlan:
-    widths: tuple[int, ...]   # table width per feature (multiple of 4, <= dim)
-    rows: tuple[int, ...]     # table rows per feature (< cardinality: ids hashed into the rows)
+    widths: tuple[int, ...]  # table width per feature (multiple of 4, <= dim)
+    rows: tuple[int, ...]  # table rows per feature (< cardinality: ids hashed into the rows)
     cardinalities: tuple[int, ...]
     dim: int
-    scale: float              # lam of d_f = lam * n_f^(-alpha), before rounding (0: hashed regime)
+    scale: float  # lam of d_f = lam * n_f^(-alpha), before rounding (0: hashed regime)
     bytes: int
 
     @property
     def num_parameters(self) -> int:
-        return sum(n * w + (w * self.dim if w < self.dim else 0)
-                   for n, w in zip(self.rows, self.widths, strict=True))
+        return sum(
+            n * w + (w * self.dim if w < self.dim else 0) for n, w in zip(self.rows, self.widths, strict=True)
+        )
 
 
 def _widths(card: list[int], dim: int, alpha: float, lam: float) -> list[int]:
-    return [min(dim, max(4, 4 * round(lam * n ** -alpha / 4))) for n in card]
+    return [min(dim, max(4, 4 * round(lam * n**-alpha / 4))) for n in card]
 
 
 def _bytes(rows: list[int], widths: list[int], dim: int, b: int) -> int:
-    return sum(n * w * b + (w * dim * PROJ_BYTES if w < dim else 0) for n, w in zip(rows, widths, strict=True))
+    return sum(
+        n * w * b + (w * dim * PROJ_BYTES if w < dim else 0) for n, w in zip(rows, widths, strict=True)
+    )
 
 
 def _plan(w: list[int], rows: list[int], card: list[int], dim: int, lam: float, b: int) -> MDEPlan:
@@ -66,7 +69,10 @@ def _plan(w: list[int], rows: list[int], card: list[int], dim: int, lam: float, 
 
 
 def plan_mde(
-    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
     alpha: float = 0.3,
 ) -> MDEPlan:
     """Pure sizing. d_f = lam * n_f^(-alpha), rounded to a multiple of 4 in [4, dim]. No
@@ -92,10 +98,15 @@ def plan_mde(
         row = 4 * b
         minimum = proj + len(card) * row
         if budget_bytes < minimum:
-            raise BudgetTooSmall("mde", minimum, budget_bytes,
-                                 "one hashed row per feature at width 4 plus its 4 x dim projection")
-        shares = split_budget(budget_bytes - proj, feature_weights(card), [row] * len(card),
-                              [n * row for n in card])
+            raise BudgetTooSmall(
+                "mde",
+                minimum,
+                budget_bytes,
+                "one hashed row per feature at width 4 plus its 4 x dim projection",
+            )
+        shares = split_budget(
+            budget_bytes - proj, feature_weights(card), [row] * len(card), [n * row for n in card]
+        )
         rows = [max(1, min(n, math.floor(s / row + 1e-9))) for s, n in zip(shares, card, strict=True)]
         return _plan(four, rows, card, dim, 0.0, b)
     # Bytes are not quite monotone in lam (a feature reaching dim drops its projection), so
@@ -129,22 +140,37 @@ class MDEEmbedding(EmbeddingMethod):
         weighted: bool = False,
         alpha: float = 0.3,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted)
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
         if any(r < n for r, n in zip(p.rows, p.cardinalities, strict=True)):
-            self.remap = HashRemap(self.feature_names, list(p.rows),
-                                   [r >= n for r, n in zip(p.rows, p.cardinalities, strict=True)], weighted)
-        self._make_tables([(f"t_{f.name}", r, w, [f.name], None, f.pooling)
-                           for f, w, r in zip(self.features, p.widths, p.rows, strict=True)], device)
+            self.remap = HashRemap(
+                self.feature_names,
+                list(p.rows),
+                [r >= n for r, n in zip(p.rows, p.cardinalities, strict=True)],
+                weighted,
+            )
+        self._make_tables(
+            [
+                (f"t_{f.name}", r, w, [f.name], None, f.pooling)
+                for f, w, r in zip(self.features, p.widths, p.rows, strict=True)
+            ],
+            device,
+        )
         # Projections d_f -> dim; init keeps a plain table's variance (entries of variance
         # 1/d_f: the projected vector has the row's per-entry variance).
         self.proj = nn.ParameterDict()
         for f, w in zip(self.features, p.widths, strict=True):
             if w < dim:
                 bound = math.sqrt(3 / w)
-                self.proj[f.name] = nn.Parameter(
-                    torch.empty(w, dim, device=device).uniform_(-bound, bound))
+                self.proj[f.name] = nn.Parameter(torch.empty(w, dim, device=device).uniform_(-bound, bound))
 
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         # pooled_values selects by key (a sharded EBC groups its keys by sharding type)

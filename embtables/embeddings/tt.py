@@ -38,15 +38,20 @@ PAIR_TABLE_FLOATS = 2**22
 def tt_dims(dim: int) -> tuple[int, int, int]:
     """dim = d1*d2*d3, as balanced as possible, the smallest factor in the middle (the
     middle core's row holds r*d2*r floats, the costliest lookup per id)."""
-    cands = [(a, b, dim // (a * b)) for a in range(1, dim + 1) if dim % a == 0
-             for b in range(1, dim // a + 1) if (dim // a) % b == 0]
+    cands = [
+        (a, b, dim // (a * b))
+        for a in range(1, dim + 1)
+        if dim % a == 0
+        for b in range(1, dim // a + 1)
+        if (dim // a) % b == 0
+    ]
     return min(cands, key=lambda t: (max(t) - min(t), t[1], t[0]))
 
 
 def tt_shape(n: int) -> tuple[int, int, int]:
     """n <= n1*n2*n3 with n1 = n2 = ceil(n^(1/3)) (exact integer root)."""
     n1 = max(1, round(n ** (1 / 3)))
-    while n1 ** 3 < n:
+    while n1**3 < n:
         n1 += 1
     while n1 > 1 and (n1 - 1) ** 3 >= n:
         n1 -= 1
@@ -66,22 +71,28 @@ def chunk_width(dims: tuple[int, int, int], r: int, dim: int) -> int:
 class TTPlan:
     shapes: tuple[tuple[int, int, int] | None, ...]  # per feature (n1, n2, n3), None = plain table
     cardinalities: tuple[int, ...]
-    dims: tuple[int, int, int]                         # (d1, d2, d3), product dim
+    dims: tuple[int, int, int]  # (d1, d2, d3), product dim
     rank: int
-    chunk: int                                         # width of every physical table
+    chunk: int  # width of every physical table
     dim: int
     bytes: int
 
     @property
     def num_parameters(self) -> int:
         w = core_widths(self.dims, self.rank)
-        return sum(n * self.dim if s is None else sum(a * b for a, b in zip(s, w, strict=True))
-                   for s, n in zip(self.shapes, self.cardinalities, strict=True))
+        return sum(
+            n * self.dim if s is None else sum(a * b for a, b in zip(s, w, strict=True))
+            for s, n in zip(self.shapes, self.cardinalities, strict=True)
+        )
 
 
 def plan_tt(
-    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
-    rank: int = 16, threshold: int = 200,
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
+    rank: int = 16,
+    threshold: int = 200,
 ) -> TTPlan:
     """Pure sizing. Features above ``threshold`` whose TT cores are smaller than a plain
     table get three cores of TT rank r; the rest stay plain. With a budget, r is the
@@ -93,8 +104,10 @@ def plan_tt(
     dims = tt_dims(dim)
     ranks = [r for r in range(rank, 0, -1) if chunk_width(dims, r, dim) % 4 == 0]
     if not ranks:
-        raise ValueError(f"tt: no TT rank <= {rank} gives core widths {dims} x rank that share a multiple-of-4 "
-                         f"chunk at dim={dim} (FBGEMM); raise the knob rank (even ranks work at dim 16)")
+        raise ValueError(
+            f"tt: no TT rank <= {rank} gives core widths {dims} x rank that share a multiple-of-4 "
+            f"chunk at dim={dim} (FBGEMM); raise the knob rank (even ranks work at dim 16)"
+        )
     b = DTYPE_BYTES[dtype]
     card = [f.cardinality for f in features]
 
@@ -116,8 +129,12 @@ def plan_tt(
                 break
         else:
             minimum = cost(layout(ranks[-1]), ranks[-1])
-            raise BudgetTooSmall("tt", minimum, budget_bytes,
-                                 f"TT rank {ranks[-1]} cores for features > {threshold} ids, the rest plain")
+            raise BudgetTooSmall(
+                "tt",
+                minimum,
+                budget_bytes,
+                f"TT rank {ranks[-1]} cores for features > {threshold} ids, the rest plain",
+            )
         left = budget_bytes - cost(shapes, r)
         for i in sorted((i for i, s in enumerate(shapes) if s is not None), key=lambda i: card[i]):
             delta = card[i] * dim * b - tt_cost(card[i], r)
@@ -172,18 +189,30 @@ class TTRemap(nn.Module):
                 ol.append(ln * m)
                 if lpk is not None:
                     olpk.append(lpk[i] * m)
-        return KeyedJaggedTensor(keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol),
-                                 length_per_key=olpk if lpk is not None else None)
+        return KeyedJaggedTensor(
+            keys=self.physical,
+            values=torch.cat(ov),
+            lengths=torch.cat(ol),
+            length_per_key=olpk if lpk is not None else None,
+        )
 
 
-def pool_per_id(vec: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
+def pool_per_id(
+    vec: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, mean: bool
+) -> torch.Tensor:
     """Per-id vectors [N, d] -> bags [len(lengths), d]: the sum of each bag's ids (times
     their weights), divided by the bag's length for MEAN pooling (TorchRec's rule). One
     embedding_bag over the vectors themselves: no data-dependent branch (fx, export)."""
     idx = torch.arange(vec.shape[0], device=vec.device)
     offsets = nn.functional.pad(lengths.to(torch.int64).cumsum(0), (1, 0))
-    out = nn.functional.embedding_bag(idx, vec, offsets, mode="sum", include_last_offset=True,
-                                      per_sample_weights=None if weights is None else weights.to(vec.dtype))
+    out = nn.functional.embedding_bag(
+        idx,
+        vec,
+        offsets,
+        mode="sum",
+        include_last_offset=True,
+        per_sample_weights=None if weights is None else weights.to(vec.dtype),
+    )
     if mean:
         out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
     return out
@@ -206,8 +235,15 @@ class TTEmbedding(EmbeddingMethod):
         rank: int = 16,
         threshold: int = 200,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted)
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
         self.plan = p = plan_tt(self.features, dim, budget_bytes, dtype, rank=rank, threshold=threshold)
         self.remap = TTRemap(self.feature_names, p)
         widths = core_widths(p.dims, p.rank)
@@ -215,13 +251,17 @@ class TTEmbedding(EmbeddingMethod):
         for f, s in zip(self.features, p.shapes, strict=True):
             n = f.cardinality
             if s is None:  # a plain table's default init, U(+-sqrt(1/n)): variance 1/(3n)
-                tables.append((f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name], uniform_init(math.sqrt(1 / n))))
+                tables.append(
+                    (f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name], uniform_init(math.sqrt(1 / n)))
+                )
                 continue
             # The paper's sampled-Gaussian init: three N(0, s^2) cores give products of
             # variance r^2 s^6 (r^2 terms per element); match the plain table's 1/(3n).
-            std = (1 / (3 * n * p.rank ** 2)) ** (1 / 6)
-            tables += [(f"t_{f.name}@{k}", s[k] * (widths[k] // p.chunk), p.chunk, [f"{f.name}@{k}"], _normal(std))
-                       for k in range(3)]
+            std = (1 / (3 * n * p.rank**2)) ** (1 / 6)
+            tables += [
+                (f"t_{f.name}@{k}", s[k] * (widths[k] // p.chunk), p.chunk, [f"{f.name}@{k}"], _normal(std))
+                for k in range(3)
+            ]
         self._make_tables(tables, device, unpooled=True)
 
     def lookup(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
@@ -237,7 +277,10 @@ class TTEmbedding(EmbeddingMethod):
         d1, d2, d3 = self.plan.dims
         r, dim = self.plan.rank, self.dim
         pv, pl, _, _ = split_features(kjt, self.remap.physical, False)  # fx Proxies too
-        vals, lens = dict(zip(self.remap.physical, pv, strict=True)), dict(zip(self.remap.physical, pl, strict=True))
+        vals, lens = (
+            dict(zip(self.remap.physical, pv, strict=True)),
+            dict(zip(self.remap.physical, pl, strict=True)),
+        )
 
         def rows(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             """(one row index per id, the weight viewed as one logical row per index)."""
@@ -264,7 +307,9 @@ class TTEmbedding(EmbeddingMethod):
                 g1 = nn.functional.embedding(i1, w1).float().view(-1, d1, r)
                 m12 = torch.bmm(g1, nn.functional.embedding(i2, w2).float().view(-1, r, d2 * r))
             vec = torch.bmm(m12.reshape(-1, d1 * d2, r), g3).reshape(-1, dim)
-            out[f.name] = JaggedTensor(values=vec, lengths=lens[f"{f.name}@0"] // self.remap.chunks[f"{f.name}@0"])
+            out[f.name] = JaggedTensor(
+                values=vec, lengths=lens[f"{f.name}@0"] // self.remap.chunks[f"{f.name}@0"]
+            )
         return out
 
     def _contracts_in_lookup(self) -> bool:
@@ -272,7 +317,9 @@ class TTEmbedding(EmbeddingMethod):
         trace equals eager exactly). Sharded (DMP replaced the tables): core slices."""
         return type(self.tables) is EmbeddingCollection
 
-    def _per_id(self, looked: dict[str, JaggedTensor], computed: bool | None = None) -> dict[str, torch.Tensor]:
+    def _per_id(
+        self, looked: dict[str, JaggedTensor], computed: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         """Logical feature -> per-id vectors [N, dim] (fp32): ``looked`` holds them already
         (``computed``; default: the tables are unsharded, see ``lookup``), or it holds the
         core slices (sharded tables), contracted here per id."""
@@ -295,18 +342,25 @@ class TTEmbedding(EmbeddingMethod):
     def combine(self, looked: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> KeyedTensor:
         vecs = self._per_id(looked)
         _, lens, ws, _ = split_features(features, self.feature_names, self.weighted)
-        cols = [pool_per_id(vecs[f.name], lens[i], ws[i] if ws is not None else None, f.pooling.value == "MEAN")
-                for i, f in enumerate(self.features)]
+        cols = [
+            pool_per_id(vecs[f.name], lens[i], ws[i] if ws is not None else None, f.pooling.value == "MEAN")
+            for i, f in enumerate(self.features)
+        ]
         return self._keyed(torch.cat(cols, dim=1))
 
-    def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def combine_sequence(
+        self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor
+    ) -> dict[str, JaggedTensor]:
         vecs = self._per_id(seq)
         _, lens, _, _ = split_features(features, self.feature_names, False)
-        return {f.name: JaggedTensor(values=vecs[f.name], lengths=lens[i]) for i, f in enumerate(self.features)}
+        return {
+            f.name: JaggedTensor(values=vecs[f.name], lengths=lens[i]) for i, f in enumerate(self.features)
+        }
 
 
 def _normal(std: float):
     def init(w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return w.normal_(0.0, std)
+
     return init

@@ -52,7 +52,7 @@ def _cases(full: bool) -> list[tuple]:
                     for w in worlds:
                         opts = ["sgd"] + (["rowwise_adagrad"] if t != "column_wise" else [])
                         cases += [("dmp", w, spec, seq, False, t, o, "embtables") for o in opts]
-            else:
+            elif types:  # a table-free method (dhe) has no sharding type to force
                 stype = types[turn % len(types)]
                 cases.append(("dmp", worlds[-1], spec, seq, False, stype, "sgd", "embtables"))
                 turn += 1

@@ -14,7 +14,7 @@ from embtables.experiments.config import ConfigError, load_config, shipped_confi
         ({"train": {"batchsize": 3}}, "train.batchsize: unknown key"),
         ({"embedding": {"dim": "x"}}, "embedding.dim:"),
         ({"embedding": {"dim": 2}}, "embedding.dim:"),
-        ({"embedding": {"method": "nope"}}, "valid: full"),
+        ({"embedding": {"method": "nope"}}, "unknown method 'nope' at embedding.method; valid: "),
         ({"embedding": {"full": {"speed": 1}}}, "embedding.full"),
         ({"embedding": {"zzz": {}}}, "unknown key embedding.zzz"),
         ({"model": {"name": "transformer"}}, "unknown model 'transformer' at model.name; valid: "),

@@ -50,6 +50,7 @@ from embtables.datasets.schema import CategoricalFeature, DatasetSchema
 DEFAULT_ROWS = 1_000_000
 DEFAULT_SCALE = 0.05
 CHUNK_ROWS = 65536
+ID_COUNTS_FILE = "id_counts.npz"  # per-id train counts, one array per categorical feature
 TARGET_AUC = 0.80
 TARGET_CTR = 0.25
 _NOMINAL_ROWS = 1_000_000  # signal is planted for what this many rows can teach
@@ -228,6 +229,9 @@ def generate_synth(out: str | Path, rows: int = DEFAULT_ROWS, *, seed: int = 0, 
     m = _build_model(seed, scale)
     _calibrate(m, seed)
     seen = [np.zeros(v + 1, dtype=bool) for v in m.vocab]
+    # Per-id counts over the train split (frequency-aware methods read them: `hybrid`); ids
+    # are permuted, so their order says nothing about frequency.
+    id_counts = [np.zeros(v + 1, dtype=np.int64) for v in m.vocab]
     schema_pa = parquet_schema()
     tsv_sink = tsv_writer = None
     with atomic_output_dir(out, overwrite) as tmp:
@@ -253,6 +257,9 @@ def generate_synth(out: str | Path, rows: int = DEFAULT_ROWS, *, seed: int = 0, 
                     tsv_writer.write_table(t)
                 for i, s in enumerate(split_names):
                     lo, hi = max(bounds[i], start) - start, min(bounds[i + 1], start + n) - start
+                    if hi > lo and s == "train":
+                        for k in range(NUM_CAT):
+                            id_counts[k] += np.bincount(raw["ids"][lo:hi, k], minlength=id_counts[k].shape[0])
                     if hi > lo:
                         part = table.slice(lo, hi - lo)
                         writers[s].write(part)
@@ -282,8 +289,9 @@ def generate_synth(out: str | Path, rows: int = DEFAULT_ROWS, *, seed: int = 0, 
             splits={s: writers[s].files for s in split_names}, rows={s: writers[s].rows for s in split_names},
             extra={"source": "synth", "seed": seed, "scale": scale, "split": list(split),
                    "cat_mode": "raw", "missing_id": RAW_MISSING_ID, "dense_transform": "log1p",
-                   "oracle_auc": oracle, "ctr": ctr, "vocab_sizes": m.vocab,
+                   "oracle_auc": oracle, "ctr": ctr, "vocab_sizes": m.vocab, "id_counts": ID_COUNTS_FILE,
                    "model": {"alpha": m.alpha, "bias": m.bias, "pairs": [[CAT_NAMES[f], CAT_NAMES[g]] for f, g in _PAIRS]}},
         )
+        np.savez(Path(tmp) / ID_COUNTS_FILE, **{name: id_counts[k] for k, name in enumerate(CAT_NAMES)})
         schema.save(tmp)
     return schema

@@ -7,11 +7,9 @@ FBGEMM -- so ``embtables --help`` and ``embtables doctor`` work when FBGEMM does
 """
 
 import importlib
-import importlib.util
 
-# Importing a method file registers its name. Methods added later register the same
-# way once their file exists (find_spec keeps the package importable before that).
-BUILTIN_METHODS = ("full", "hash", "mch", "qr", "unified", "optembed", "dhe", "mde", "tt")
+# Importing a method file registers its name; a new method file adds its name here.
+BUILTIN_METHODS = ("full", "hash", "mch", "qr", "unified", "optembed", "dhe", "mde", "tt", "hybrid")
 
 _EXPORTS = {
     "EmbeddingMethod": "base",
@@ -29,12 +27,11 @@ __all__ = sorted(_EXPORTS)
 def load_methods() -> None:
     """Import every built-in method file (registering its name)."""
     for name in BUILTIN_METHODS:
-        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            importlib.import_module(f"{__name__}.{name}")
+        importlib.import_module(f"{__name__}.{name}")
 
 
 def __getattr__(name: str):
-    if name in BUILTIN_METHODS and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    if name in BUILTIN_METHODS:
         return importlib.import_module(f"{__name__}.{name}")  # `embtables.embeddings.qr` as an attribute
     module = _EXPORTS.get(name)
     if module is None:

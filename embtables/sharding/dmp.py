@@ -346,7 +346,9 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext) -> Dist
     planner counts its state). Tables planned ``data_parallel`` ignore that optimizer:
     give them to the dense optimizer (``in_backward_optimizer_filter``).
     """
-    plan = plan_model(model, cfg, ctx)
+    # A table-free embedding method (``dhe``: hashes -> MLP) leaves nothing to plan: DMP
+    # then only wraps the dense parameters in DDP.
+    plan = plan_model(model, cfg, ctx) if table_infos(model) else ShardingPlan({})
     # DMP does not copy CPU/meta weights into the shards: keep them and load them back,
     # taken from rank 0 so that every rank starts from the same tables whatever its seed.
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -307,8 +307,9 @@ SHAPE_VARIANTS: dict[str, list[dict]] = {
     "unified": [{"num_tables": 2, "probes": 2}],
 }
 # Knobs a method needs to build on the conformance features (mch: slots below the
-# vocabulary, so that it compresses; optembed has no budget before its search).
-BUILD_KNOBS: dict[str, dict] = {"mch": {"rows": 30}}
+# vocabulary, so that it compresses; optembed has no budget before its search; hybrid
+# needs to be told where its hot ids come from).
+BUILD_KNOBS: dict[str, dict] = {"mch": {"rows": 30}, "hybrid": {"frequency_ranked": True}}
 NO_BUDGET = ("full", "mch", "optembed")
 
 

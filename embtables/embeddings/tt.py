@@ -1,0 +1,366 @@
+"""`tt`: TT-Rec, tensor-train embedding tables (Yin et al., MLSys 2021).
+
+A large feature's vocabulary is factored n <= n1*n2*n3 and its width dim = d1*d2*d3.
+The id's mixed-radix digits (i1, i2, i3) (exact integer arithmetic, like `qr`) pick one
+slice of each of three cores G1[i1]: d1 x r, G2[i2]: r x d2 x r, G3[i3]: r x d3, and the
+id's vector is their contraction E[a, b, c] = sum_pq G1[a, p] G2[p, b, q] G3[q, c]
+(two batched matrix products per id). The contraction is not linear in the lookups, so
+ids are looked up unpooled, contracted per id, then pooled (DESIGN.md, Pooling).
+
+Tables: TorchRec's EmbeddingCollection needs one width for all its tables, and the
+cores are d1*r, r*d2*r and r*d3 wide. So every table is stored in ``chunk``-wide rows
+(chunk = gcd of all the widths and dim, a multiple of 4): core row i of width m*chunk is
+rows i*m .. i*m+m-1 of its table, and the remap asks for those m rows. Bytes are exactly
+the cores'; every table is a plain TorchRec table that DMP shards table-, row- or
+column-wise. Features that TT would not shrink (or that fit the budget whole) stay plain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from embtables.embeddings.base import EmbeddingMethod, split_features, uniform_init
+from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
+from embtables.embeddings.registry import register
+from embtables.embeddings.spec import FeatureSpec
+
+# Unsharded forward: contract G1 x G2 for every digit pair when that table is at most this
+# many floats (16 MiB); larger vocabularies contract per id.
+PAIR_TABLE_FLOATS = 2**22
+
+
+def tt_dims(dim: int) -> tuple[int, int, int]:
+    """dim = d1*d2*d3, as balanced as possible, the smallest factor in the middle (the
+    middle core's row holds r*d2*r floats, the costliest lookup per id)."""
+    cands = [
+        (a, b, dim // (a * b))
+        for a in range(1, dim + 1)
+        if dim % a == 0
+        for b in range(1, dim // a + 1)
+        if (dim // a) % b == 0
+    ]
+    return min(cands, key=lambda t: (max(t) - min(t), t[1], t[0]))
+
+
+def tt_shape(n: int) -> tuple[int, int, int]:
+    """n <= n1*n2*n3 with n1 = n2 = ceil(n^(1/3)) (exact integer root)."""
+    n1 = max(1, round(n ** (1 / 3)))
+    while n1**3 < n:
+        n1 += 1
+    while n1 > 1 and (n1 - 1) ** 3 >= n:
+        n1 -= 1
+    return n1, n1, -(-n // (n1 * n1))
+
+
+def core_widths(dims: tuple[int, int, int], r: int) -> tuple[int, int, int]:
+    d1, d2, d3 = dims
+    return d1 * r, r * d2 * r, r * d3
+
+
+def chunk_width(dims: tuple[int, int, int], r: int, dim: int) -> int:
+    return math.gcd(*core_widths(dims, r), dim)
+
+
+@dataclass(frozen=True)
+class TTPlan:
+    shapes: tuple[tuple[int, int, int] | None, ...]  # per feature (n1, n2, n3), None = plain table
+    cardinalities: tuple[int, ...]
+    dims: tuple[int, int, int]  # (d1, d2, d3), product dim
+    rank: int
+    chunk: int  # width of every physical table
+    dim: int
+    bytes: int
+
+    @property
+    def num_parameters(self) -> int:
+        w = core_widths(self.dims, self.rank)
+        return sum(
+            n * self.dim if s is None else sum(a * b for a, b in zip(s, w, strict=True))
+            for s, n in zip(self.shapes, self.cardinalities, strict=True)
+        )
+
+
+def plan_tt(
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
+    rank: int = 16,
+    threshold: int = 200,
+) -> TTPlan:
+    """Pure sizing. Features above ``threshold`` whose TT cores are smaller than a plain
+    table get three cores of TT rank r; the rest stay plain. With a budget, r is the
+    largest rank <= ``rank`` whose tables fit (ranks whose core widths leave no
+    multiple-of-4 chunk are skipped), then the leftover turns TT features back into plain
+    tables, smallest vocabulary first (a budget >= full gives plain tables: exactly `full`)."""
+    if rank < 1:
+        raise ValueError(f"tt: knob rank must be >= 1, got {rank}")
+    dims = tt_dims(dim)
+    ranks = [r for r in range(rank, 0, -1) if chunk_width(dims, r, dim) % 4 == 0]
+    if not ranks:
+        raise ValueError(
+            f"tt: no TT rank <= {rank} gives core widths {dims} x rank that share a multiple-of-4 "
+            f"chunk at dim={dim} (FBGEMM); raise the knob rank (even ranks work at dim 16)"
+        )
+    b = DTYPE_BYTES[dtype]
+    card = [f.cardinality for f in features]
+
+    def tt_cost(n: int, r: int) -> int:
+        return sum(a * w for a, w in zip(tt_shape(n), core_widths(dims, r), strict=True)) * b
+
+    def layout(r: int) -> list[tuple[int, int, int] | None]:
+        return [tt_shape(n) if n > threshold and tt_cost(n, r) < n * dim * b else None for n in card]
+
+    def cost(shapes: list, r: int) -> int:
+        return sum(n * dim * b if s is None else tt_cost(n, r) for s, n in zip(shapes, card, strict=True))
+
+    r = ranks[0]
+    shapes = layout(r)
+    if budget_bytes is not None:
+        for r in ranks:
+            shapes = layout(r)
+            if cost(shapes, r) <= budget_bytes:
+                break
+        else:
+            minimum = cost(layout(ranks[-1]), ranks[-1])
+            raise BudgetTooSmall(
+                "tt",
+                minimum,
+                budget_bytes,
+                f"TT rank {ranks[-1]} cores for features > {threshold} ids, the rest plain",
+            )
+        left = budget_bytes - cost(shapes, r)
+        for i in sorted((i for i, s in enumerate(shapes) if s is not None), key=lambda i: card[i]):
+            delta = card[i] * dim * b - tt_cost(card[i], r)
+            if delta <= left:
+                shapes[i], left = None, left - delta
+    return TTPlan(tuple(shapes), tuple(card), dims, r, chunk_width(dims, r, dim), dim, cost(shapes, r))
+
+
+def _chunk_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """Row ids of a ``m``-chunk-wide logical row -> the m physical rows, id-major."""
+    if m == 1:
+        return rows
+    return (rows.unsqueeze(1) * m + torch.arange(m, device=rows.device)).reshape(-1)
+
+
+class TTRemap(nn.Module):
+    """Raw ids -> the chunk rows of each core slice (physical features ``f@0..f@2``), or of
+    the plain row (``f``). Parameter-free; integer floor division and remainders only."""
+
+    def __init__(self, names: list[str], plan: TTPlan) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.shapes, self.cards = list(plan.shapes), list(plan.cardinalities)
+        w = core_widths(plan.dims, plan.rank)
+        self.core_chunks = [x // plan.chunk for x in w]
+        self.plain_chunks = plan.dim // plan.chunk
+        self.physical: list[str] = []
+        self.chunks: dict[str, int] = {}  # physical feature -> chunk rows per id
+        for n, s in zip(names, self.shapes, strict=True):
+            if s is None:
+                self.physical.append(n)
+                self.chunks[n] = self.plain_chunks
+            else:
+                self.physical += [f"{n}@{k}" for k in range(3)]
+                self.chunks.update({f"{n}@{k}": m for k, m in enumerate(self.core_chunks)})
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        # split_features: works on fx Proxies too (TorchRec's pipeline traces the model);
+        # ids per key come from the input, so no data-dependent size (torch.export).
+        vals, lens, _, lpk = split_features(kjt, self.names, False)
+        ov, ol, olpk = [], [], []
+        for i, (v, ln, s, n) in enumerate(zip(vals, lens, self.shapes, self.cards, strict=True)):
+            v = v.to(torch.int64)
+            if s is None:
+                digits, chunks = [v % n], [self.plain_chunks]  # `% n`: wraps ids of an unbounded feature
+            else:
+                n1, n2, n3 = s
+                q = v // n1
+                digits, chunks = [v % n1, q % n2, (q // n2) % n3], self.core_chunks
+            for digit, m in zip(digits, chunks, strict=True):
+                ov.append(_chunk_rows(digit, m))
+                ol.append(ln * m)
+                if lpk is not None:
+                    olpk.append(lpk[i] * m)
+        return KeyedJaggedTensor(
+            keys=self.physical,
+            values=torch.cat(ov),
+            lengths=torch.cat(ol),
+            length_per_key=olpk if lpk is not None else None,
+        )
+
+
+def pool_per_id(
+    vec: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, mean: bool
+) -> torch.Tensor:
+    """Per-id vectors [N, d] -> bags [len(lengths), d]: the sum of each bag's ids (times
+    their weights), divided by the bag's length for MEAN pooling (TorchRec's rule). One
+    embedding_bag over the vectors themselves: no data-dependent branch (fx, export)."""
+    idx = torch.arange(vec.shape[0], device=vec.device)
+    offsets = nn.functional.pad(lengths.to(torch.int64).cumsum(0), (1, 0))
+    out = nn.functional.embedding_bag(
+        idx,
+        vec,
+        offsets,
+        mode="sum",
+        include_last_offset=True,
+        per_sample_weights=None if weights is None else weights.to(vec.dtype),
+    )
+    if mean:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+@register("tt")
+class TTEmbedding(EmbeddingMethod):
+    plan_fn = staticmethod(plan_tt)  # pure sizing: registry.plan(...)
+
+    def __init__(
+        self,
+        features: list[FeatureSpec],
+        *,
+        dim: int,
+        budget_bytes: int | None = None,
+        dtype: str = "fp32",
+        sequence: bool = False,
+        device: torch.device | None = None,
+        weighted: bool = False,
+        rank: int = 16,
+        threshold: int = 200,
+    ) -> None:
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
+        self.plan = p = plan_tt(self.features, dim, budget_bytes, dtype, rank=rank, threshold=threshold)
+        self.remap = TTRemap(self.feature_names, p)
+        widths = core_widths(p.dims, p.rank)
+        tables = []
+        for f, s in zip(self.features, p.shapes, strict=True):
+            n = f.cardinality
+            if s is None:  # a plain table's default init, U(+-sqrt(1/n)): variance 1/(3n)
+                tables.append(
+                    (f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name], uniform_init(math.sqrt(1 / n)))
+                )
+                continue
+            # The paper's sampled-Gaussian init: three N(0, s^2) cores give products of
+            # variance r^2 s^6 (r^2 terms per element); match the plain table's 1/(3n).
+            std = (1 / (3 * n * p.rank**2)) ** (1 / 6)
+            tables += [
+                (f"t_{f.name}@{k}", s[k] * (widths[k] // p.chunk), p.chunk, [f"{f.name}@{k}"], _normal(std))
+                for k in range(3)
+            ]
+        self._make_tables(tables, device, unpooled=True)
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        """Sharded tables (DMP replaced ``self.tables``): TorchRec's forward on the chunk
+        rows, contracted per id in ``combine``. Unsharded: the per-id vectors themselves
+        (keyed by the logical feature), computed from the weights directly: G1 x G2 is
+        contracted once for all n1*n2 digit pairs (one GEMM; batched 2 x r x r products per
+        id cost ~10 ms per 4,096 ids on CPU), each id gathers its pair's row and one small
+        product with G3[i3] finishes it. Same values (up to summation order) and gradients."""
+        t = self.tables
+        if not self._contracts_in_lookup():
+            return super().lookup(kjt)
+        d1, d2, d3 = self.plan.dims
+        r, dim = self.plan.rank, self.dim
+        pv, pl, _, _ = split_features(kjt, self.remap.physical, False)  # fx Proxies too
+        vals, lens = (
+            dict(zip(self.remap.physical, pv, strict=True)),
+            dict(zip(self.remap.physical, pl, strict=True)),
+        )
+
+        def rows(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(one row index per id, the weight viewed as one logical row per index)."""
+            m, w = self.remap.chunks[name], t.embeddings[f"t_{name}"].weight
+            v = vals[name]
+            return (v if m == 1 else v.view(-1, m)[:, 0] // m), w.view(-1, m * w.shape[1])
+
+        out = {}
+        for f, s in zip(self.features, self.plan.shapes, strict=True):
+            if s is None:
+                idx, w = rows(f.name)
+                lengths = lens[f.name] // self.remap.chunks[f.name]
+                out[f.name] = JaggedTensor(values=nn.functional.embedding(idx, w).float(), lengths=lengths)
+                continue
+            n1, n2, _ = s
+            (i1, w1), (i2, w2), (i3, w3) = (rows(f"{f.name}@{k}") for k in range(3))
+            g3 = nn.functional.embedding(i3, w3).float().view(-1, r, d3)
+            if n1 * n2 * d1 * d2 * r <= PAIR_TABLE_FLOATS:
+                g2 = w2.float().view(n2, r, d2 * r).transpose(0, 1).reshape(r, n2 * d2 * r)
+                pairs = (w1.float().view(n1 * d1, r) @ g2).view(n1 * d1 * n2, d2 * r)  # rows (i1, a, i2)
+                a = torch.arange(d1, device=i1.device)
+                m12 = nn.functional.embedding(((i1 * d1).unsqueeze(1) + a) * n2 + i2.unsqueeze(1), pairs)
+            else:
+                g1 = nn.functional.embedding(i1, w1).float().view(-1, d1, r)
+                m12 = torch.bmm(g1, nn.functional.embedding(i2, w2).float().view(-1, r, d2 * r))
+            vec = torch.bmm(m12.reshape(-1, d1 * d2, r), g3).reshape(-1, dim)
+            out[f.name] = JaggedTensor(
+                values=vec, lengths=lens[f"{f.name}@0"] // self.remap.chunks[f"{f.name}@0"]
+            )
+        return out
+
+    def _contracts_in_lookup(self) -> bool:
+        """Unsharded tables: lookup() returns per-id vectors (eager and traced alike, so a
+        trace equals eager exactly). Sharded (DMP replaced the tables): core slices."""
+        return type(self.tables) is EmbeddingCollection
+
+    def _per_id(
+        self, looked: dict[str, JaggedTensor], computed: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logical feature -> per-id vectors [N, dim] (fp32): ``looked`` holds them already
+        (``computed``; default: the tables are unsharded, see ``lookup``), or it holds the
+        core slices (sharded tables), contracted here per id."""
+        d1, d2, d3 = self.plan.dims
+        r = self.plan.rank
+        if computed is None:
+            computed = self._contracts_in_lookup()
+        out = {}
+        for f, s in zip(self.features, self.plan.shapes, strict=True):
+            if s is None or computed:
+                out[f.name] = looked[f.name].values().float().reshape(-1, self.dim)
+                continue
+            g1, g2, g3 = (looked[f"{f.name}@{k}"].values().float() for k in range(3))
+            g1 = g1.reshape(-1, d1, r)
+            g2 = g2.reshape(-1, r, d2 * r)
+            g3 = g3.reshape(-1, r, d3)
+            out[f.name] = torch.bmm(torch.bmm(g1, g2).reshape(-1, d1 * d2, r), g3).reshape(-1, self.dim)
+        return out
+
+    def combine(self, looked: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> KeyedTensor:
+        vecs = self._per_id(looked)
+        _, lens, ws, _ = split_features(features, self.feature_names, self.weighted)
+        cols = [
+            pool_per_id(vecs[f.name], lens[i], ws[i] if ws is not None else None, f.pooling.value == "MEAN")
+            for i, f in enumerate(self.features)
+        ]
+        return self._keyed(torch.cat(cols, dim=1))
+
+    def combine_sequence(
+        self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor
+    ) -> dict[str, JaggedTensor]:
+        vecs = self._per_id(seq)
+        _, lens, _, _ = split_features(features, self.feature_names, False)
+        return {
+            f.name: JaggedTensor(values=vecs[f.name], lengths=lens[i]) for i, f in enumerate(self.features)
+        }
+
+
+def _normal(std: float):
+    def init(w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return w.normal_(0.0, std)
+
+    return init

@@ -9,7 +9,6 @@ feature.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,29 +21,14 @@ import torch.distributed as dist
 from embtables.datasets.schema import DatasetSchema, load_schema
 from embtables.experiments import metrics as M
 from embtables.experiments.config import load_config, read_yaml
+from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.rundir import RunDir
 from embtables.experiments.trainer import Trainer
 from embtables.sharding import init_distributed
 
-VOCAB_FILE = "data_vocab.json"  # in the run directory: the training data's vocabulary fingerprints
-
 
 class IncompatibleData(ValueError):
     """The dataset's ids do not mean what they meant in the training data."""
-
-
-def vocab_fingerprints(data_root: Path, schema: DatasetSchema) -> dict[str, str]:
-    """sha256 of each vocabulary-mode feature's id -> value list (``DIR/vocab/<feature>.parquet``,
-    column ``raw``): equal exactly when the same id means the same value."""
-    info = schema.extra.get("vocab") or {}
-    vdir = Path(data_root) / info.get("dir", "vocab")
-    out = {}
-    for f in schema.categorical:
-        path = vdir / f"{f.name}.parquet"
-        if f.mode == "vocab" and path.exists():
-            raw = pq.read_table(path, columns=["raw"]).column("raw").to_numpy()
-            out[f.name] = hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()[:16]
-    return out
 
 
 def check_id_space(train: DatasetSchema, data: DatasetSchema, path: Path, train_vocab: dict[str, str] | None,
@@ -95,6 +79,7 @@ def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str |
     for s in splits:
         if s not in schema.splits:
             raise KeyError(f"{data} has no split {s!r}; it has {sorted(schema.splits)}")
+    check_parts(schema, data, splits)
     # The newest checkpoint is the trained model; an older one is not, so a damaged newest
     # one is an error (load_checkpoint names the file), never a silent fall-back.
     ckpt = rd.latest_checkpoint()

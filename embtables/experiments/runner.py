@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from embtables.datasets.schema import load_schema
 from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
+from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.jsonfile import write_json
-from embtables.experiments.predict import VOCAB_FILE, vocab_fingerprints
 from embtables.experiments.rundir import RunDir, RunDirError
 from embtables.experiments.stages import (
     RESULT_NEUTRAL,
@@ -173,6 +173,7 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
     torch.set_num_threads(threads)
     data_root = resolve_data_root(cfg.data.path)
     schema = load_schema(data_root)
+    check_parts(schema, data_root, [cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split])
     rd = RunDir(run_dir if run_dir is not None else new_run_dir(cfg))
     stages = pipeline_for(cfg)
     with ExitStack() as stack:
@@ -219,7 +220,7 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
                 msg = (f"stopped by {stop.signal_name}" + (f" in stage {current.name}" if len(stages) > 1 else "")
                        + f" after a checkpoint; continue with: embtables run --resume {rd.path}")
                 if ctx.is_main:
-                    print(f"== {msg}", file=sys.stderr, flush=True)
+                    _tell(f"== {msg}")
                 raise RunInterrupted(msg, rd.path, step, stop.signal_name) from None
             out = {"stopped_at_step": step, "run_dir": str(rd.path)}
             if len(stages) > 1:
@@ -231,8 +232,7 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
             if ctx.is_main:
                 last = rd.latest_checkpoint()
                 where = f"from {last}" if last is not None else "from the start (no checkpoint yet)"
-                print(f"\n== interrupted; continue {where} with: embtables run --resume {rd.path}",
-                      file=sys.stderr, flush=True)
+                _tell(f"\n== interrupted; continue {where} with: embtables run --resume {rd.path}")
             raise
         if summary is None:
             summary = rd.summary()
@@ -275,8 +275,7 @@ def _stop_signals(ctx, quiet: bool):
             raise KeyboardInterrupt
         stop.signal_name = "SIGINT"
         if ctx.is_main:
-            print("\n== Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now)",
-                  file=sys.stderr, flush=True)
+            _tell("\n== Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now)")
 
     old = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
     try:
@@ -284,6 +283,14 @@ def _stop_signals(ctx, quiet: bool):
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+
+
+def _tell(msg: str) -> None:
+    """To stderr, which may be gone (a closed pipe, a dead terminal) when we are being stopped."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _local_world_size() -> int:

@@ -74,6 +74,9 @@ def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], th
             return _execute_locked(cdir, config, meta, threads)
     except RunDirBusy as e:
         return {"status": "busy", "error": str(e)}
+    finally:
+        if _parent is not None and os.getppid() != _parent:
+            os._exit(0)  # a worker of a sweep that died: its cell is recorded, nobody is left to report to
 
 
 def _execute_locked(cdir: Path, config: dict[str, Any], meta: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -135,7 +138,12 @@ def _clear_partial(cdir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+_parent: int | None = None  # in a worker: the sweep's process
+
+
 def _worker_init(threads: int, parent: int) -> None:
+    global _parent
+    _parent = parent
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 

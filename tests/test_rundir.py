@@ -85,7 +85,7 @@ def test_rundir_states(tmp_path):
     rd.write_config("name: x\n")
     rd.summary_path.write_text('{"auc": 0.7, "config_h')  # cut mid-write (not through RunDir)
     assert not rd.is_finished()
-    rd.summary_path.write_text('{"auc": 0.7}')  # not a run summary
+    rd.summary_path.write_text('[0.7]')  # not a run summary
     assert not rd.is_finished()
     rd.write_summary({"auc": 0.7, "config_hash": "abc"})
     assert rd.is_finished() and rd.summary()["auc"] == 0.7

@@ -7,8 +7,8 @@
     RUN/metrics.jsonl        one evaluation record per line
     RUN/checkpoints/step-N/  complete checkpoints only (the newest two are kept);
                              .step-N.partial/ while one is being written
-    RUN/summary.json         written last and atomically: its presence (valid, with a
-                             config_hash) means "finished"
+    RUN/summary.json         written last and atomically: its presence (a whole JSON
+                             object) means "finished"
     RUN/.lock                held (flock) by the one process that runs in RUN
     RUN/<stage folders>      what a stage pipeline's other stages write (see stages.py)
 
@@ -104,9 +104,9 @@ class RunDir:
         return not self.path.exists() or not any(p.name not in NOT_RUN_FILES for p in self.path.iterdir())
 
     def summary(self) -> dict[str, Any] | None:
-        """The finished run's summary, or None (absent, half-written, not a summary)."""
+        """The finished run's summary, or None (absent, or cut short: not a JSON object)."""
         s = read_json(self.summary_path)
-        return s if isinstance(s, dict) and "config_hash" in s else None
+        return s if isinstance(s, dict) else None
 
     def is_finished(self) -> bool:
         return self.summary() is not None

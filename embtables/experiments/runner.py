@@ -8,8 +8,11 @@ artefacts exist. It knows no embedding method by name.
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,6 +52,43 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.run_dir, self.step, self.signal_name = run_dir, step, signal_name
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
+
+
+class PeerLost(RuntimeError):
+    """Another rank died (or its host became unreachable) during a collective."""
+
+
+def peer_table(ctx) -> list[tuple[int, str, str]]:
+    """(rank, address, hostname) of every rank: a failed collective names the peer's
+    address only, and the user needs to know which rank (and host) was lost."""
+    addr = "127.0.0.1"
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+                addr = s.getsockname()[0]
+        except OSError:
+            pass
+    table: list = [None] * ctx.world_size
+    dist.all_gather_object(table, (ctx.rank, addr, platform.node()))
+    return table
+
+
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
+                 "Connection refused", "NCCL communicator was aborted")
+
+
+def lost_peer(e: BaseException, ctx, peers: list[tuple[int, str, str]], run_dir: Path) -> PeerLost | None:
+    text = str(e)
+    if not (isinstance(e, dist.DistError) or any(m in text for m in _PEER_FAILURE)):
+        return None
+    addrs = set(re.findall(r"\[?(\d+\.\d+\.\d+\.\d+)\]?:\d+", text))
+    ranks = [(r, a, h) for r, a, h in peers if r != ctx.rank and a in addrs]
+    who = ", ".join(f"rank {r} ({h}, {a})" for r, a, h in ranks) if ranks else "another rank"
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    return PeerLost(f"lost {who} during a collective: it died or became unreachable ({first}); every rank "
+                    f"stops. Once all are back, continue with: embtables run --resume {run_dir}")
 
 
 def resolve_data_root(path: str) -> Path:
@@ -195,8 +235,7 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
         if not quiet and ctx.is_main:
             print(f"== {cfg.name}: method={cfg.embedding.method} model={cfg.model.name} data={data_root} "
                   f"world_size={ctx.world_size} threads={threads}\n== run directory: {rd.path}")
-        if ctx.world_size > 1:
-            dist.barrier()
+        peers = peer_table(ctx) if ctx.world_size > 1 else []
         stop = stack.enter_context(_stop_signals(ctx, quiet))
         sc = StageContext(cfg, ctx, rd, data_root, schema, resuming, stop_after_step, quiet, threads,
                           should_stop=stop.requested)
@@ -226,6 +265,11 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
             if len(stages) > 1:
                 out["stopped_at_stage"] = current.name
             return out
+        except Exception as e:
+            lost = lost_peer(e, ctx, peers, rd.path) if ctx.world_size > 1 else None
+            if lost is not None:
+                raise lost from e
+            raise
         except KeyboardInterrupt as e:
             if isinstance(e, RunInterrupted):
                 raise

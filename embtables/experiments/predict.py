@@ -111,7 +111,3 @@ def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str |
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
-
-# The old name of the check (features only), kept for callers.
-def _check_compatible(train: DatasetSchema, data: DatasetSchema, path: Path) -> None:
-    check_id_space(train, data, path, None, {})

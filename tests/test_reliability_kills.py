@@ -130,7 +130,9 @@ def reference_sweep(tiny_synth, tmp_path_factory):
     return {c.cell_id: json.loads((tmp / "out" / c.cell_id / "summary.json").read_text()) for c in plan.cells}
 
 
-def test_killing_compare_ends_its_workers_and_the_rerun_completes(reference_sweep, tiny_synth, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGKILL", "SIGTERM"])
+def test_killing_compare_ends_its_workers_and_the_rerun_completes(reference_sweep, tiny_synth, tmp_path, sig):
     cmp_file = _comparison(tmp_path, tiny_synth)
     sweep_dir = tmp_path / "out"
     log = tmp_path / "compare.log"
@@ -149,9 +151,11 @@ def test_killing_compare_ends_its_workers_and_the_rerun_completes(reference_swee
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"compare ended or hung before the kill: {log.read_text()[-2000:]}")
             time.sleep(0.05)
-        proc.kill()  # SIGKILL the sweep only: its workers must notice and stop
+        proc.send_signal(sig)  # to the sweep only: its workers must notice (SIGKILL) or be told (SIGTERM)
     finally:
-        proc.wait(timeout=30)
+        proc.wait(timeout=90)
+    if sig == signal.SIGTERM:
+        assert proc.returncode != 0 and "run the same command again to continue" in log.read_text()
     t0 = time.time()
     while any(_alive(w) for w in workers) and time.time() - t0 < 60:
         time.sleep(0.2)

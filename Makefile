@@ -17,7 +17,7 @@ DEMO_DATA := data/synth-criteo
 DEMO_ROWS ?= 1000000
 STAMP := $(VENV)/.stamp-installed-$(DEVICE)
 
-.PHONY: setup demo test data lint bench clean doctor
+.PHONY: setup demo test data lint docs bench clean doctor
 
 setup: $(STAMP)
 
@@ -49,11 +49,18 @@ data: $(DEMO_DATA)/schema.json
 demo: setup data
 	$(VENV)/bin/embtables run quickstart
 
+# The layer contract (import-linter, pyproject.toml), the documentation site, then the tests.
 test: setup
+	$(VENV)/bin/ruff check embtables tests bench docs
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/site
 	$(PY) -m pytest -q
 
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir $(CURDIR)/site
+
 lint: setup
-	$(VENV)/bin/ruff check embtables tests bench
+	$(VENV)/bin/ruff check embtables tests bench docs
 
 doctor: setup
 	$(VENV)/bin/embtables doctor
@@ -62,4 +69,4 @@ bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) data runs bench/results
+	rm -rf $(VENV) data runs site bench/results

@@ -62,7 +62,8 @@ def _arrow_types():
     from embtables.datasets.criteo_format import CAT_NAMES, DENSE_NAMES
 
     names = ["label"] + DENSE_NAMES + CAT_NAMES
-    types = {"label": pa.int64(), **{c: pa.int64() for c in DENSE_NAMES}, **{c: pa.binary() for c in CAT_NAMES}}
+    types = {"label": pa.int64(), **{c: pa.int64() for c in DENSE_NAMES},
+             **{c: pa.binary() for c in CAT_NAMES}}
     return names, types
 
 
@@ -96,13 +97,15 @@ def run_bare_open_csv(src: Path, out: Path) -> int:
 _OURS = ["embtables.datasets.criteo"]
 _ARROW = ["pyarrow.csv", "embtables.datasets.criteo_format"]
 PIPELINES = {
-    "ours_raw": ("embtables convert, --cat-mode raw (parse, validate, hex, log1p, splits, distinct counts, Parquet)",
+    "ours_raw": ("embtables convert, --cat-mode raw "
+                 "(parse, validate, hex, log1p, splits, distinct counts, Parquet)",
                  lambda s, o: run_ours(s, o, "raw"), _OURS),
-    "bare_read_csv": ("pyarrow.csv.read_csv, explicit types, no transform, no write", run_bare_read_csv, _ARROW),
+    "bare_read_csv": ("pyarrow.csv.read_csv, explicit types, no transform, no write", run_bare_read_csv,
+                      _ARROW),
     "ours_vocab": ("embtables convert, --cat-mode vocab (two passes: counts, then map + write)",
                    lambda s, o: run_ours(s, o, "vocab"), _OURS),
-    "bare_open_csv": ("pyarrow.csv.open_csv streaming, explicit types, no transform, no write", run_bare_open_csv,
-                      _ARROW),
+    "bare_open_csv": ("pyarrow.csv.open_csv streaming, explicit types, no transform, no write",
+                      run_bare_open_csv, _ARROW),
     "pandas": ("pandas read_csv + int(x,16) map + log1p + to_parquet", run_pandas,
                ["pandas", "pyarrow.parquet", "embtables.datasets.criteo_format"]),
 }
@@ -138,7 +141,8 @@ def child(name: str, src: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--repeat", type=int, default=1, help="rounds over the pipelines; the fastest run of each is reported")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over the pipelines; the fastest run of each is reported")
     ap.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated subset")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -175,7 +179,8 @@ def main() -> None:
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 res["process_wall_s"] = time.perf_counter() - t0
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"run {r + 1}/{args.repeat} {name:14s} {res['wall_s']:7.2f} s wall  {res['cpu_s']:7.2f} s cpu  "
+                print(f"run {r + 1}/{args.repeat} {name:14s} {res['wall_s']:7.2f} s wall  "
+                      f"{res['cpu_s']:7.2f} s cpu  "
                       f"{res['peak_rss_mb']:7.0f} MB peak RSS", flush=True)
                 res["all_wall_s"] = best.get(name, {}).get("all_wall_s", []) + [res["wall_s"]]
                 if name not in best or res["wall_s"] < best[name]["wall_s"]:
@@ -189,14 +194,16 @@ def main() -> None:
             res["rows_per_s"] = res["rows"] / res["wall_s"]
             res["what"] = PIPELINES[name][0]
             results[name] = res
-        bare = min((results[k]["wall_s"] for k in ("bare_read_csv", "bare_open_csv") if k in results), default=None)
+        bare = min((results[k]["wall_s"] for k in ("bare_read_csv", "bare_open_csv") if k in results),
+                   default=None)
         for res in results.values():
             if "pandas" in results:
                 res["speedup_vs_pandas"] = results["pandas"]["wall_s"] / res["wall_s"]
             if bare:
                 res["ratio_to_bare_parse"] = res["wall_s"] / bare
             if "bare_read_csv" in results:  # round by round: both ran within seconds of each other
-                rounds = [a / b for a, b in zip(res["all_wall_s"], results["bare_read_csv"]["all_wall_s"], strict=True)]
+                pairs = zip(res["all_wall_s"], results["bare_read_csv"]["all_wall_s"], strict=True)
+                rounds = [a / b for a, b in pairs]
                 res["ratio_to_read_csv_rounds"] = rounds
                 res["ratio_to_read_csv_median"] = statistics.median(rounds)
         load = os.getloadavg()
@@ -210,7 +217,8 @@ def main() -> None:
               "(best / best) | × read_csv (median of rounds) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, r in results.items():
-            print(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['mb_per_s']:.1f} | {r['rows_per_s']:,.0f} | "
+            print(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['mb_per_s']:.1f} | "
+                  f"{r['rows_per_s']:,.0f} | "
                   f"{r['peak_rss_mb']:.0f} | {r.get('speedup_vs_pandas', float('nan')):.2f}× | "
                   f"{r.get('ratio_to_bare_parse', float('nan')):.2f} | "
                   f"{r.get('ratio_to_read_csv_median', float('nan')):.2f} |")

@@ -97,25 +97,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=int, default=0, metavar="STEPS",
                     help="also time STEPS steps of a RecBole-style DIN (padded, attention MLP 256-256-256) "
                          "in the same process, right after ours, and print the speed ratio")
-    ap.add_argument("--set", action="append", default=[], help="model knob override key=value (e.g. attention_activation=sigmoid)")
+    ap.add_argument("--set", action="append", default=[],
+                    help="model knob override key=value (e.g. attention_activation=sigmoid)")
     args = ap.parse_args(argv)
 
     import yaml
 
     from embtables.datasets import load_schema
     from embtables.datasets.sequences import EpochNegatives, TableBatcher
+    from embtables.experiments.build import embedding_factory
     from embtables.experiments.config import EmbeddingSection
     from embtables.models.registry import get_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if not (Path(args.data) / "schema.json").exists():
-        raise SystemExit(f"no dataset at {args.data}: run `embtables data movielens ../shared/data/ml-100k "
-                         f"--out {args.data}` first")
+        raise SystemExit(f"no dataset at {args.data}: run `embtables data movielens ML100K_DIR "
+                         f"--out {args.data}` first (ML100K_DIR: the GroupLens ml-100k files)")
     schema = load_schema(args.data)
     entry = get_model(args.model)
     knobs = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    model = entry.builder(entry.config_cls(**knobs), schema, EmbeddingSection(method="full", dim=args.dim))
+    model = entry.builder(entry.config_cls(**knobs), schema,
+                          embedding_factory(EmbeddingSection(method="full", dim=args.dim)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     train = TableBatcher(EpochNegatives(args.data, schema).table(0, 0), schema)
     n = args.warmup + args.steps
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     hist_len = float(np.diff(train.seq[0][0]).mean())
 
     def step(b) -> None:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b.dense_features, b.sparse_features), b.labels)
+        logits = model(b.dense_features, b.sparse_features)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels)
         loss = loss + model.regularization_loss(b.sparse_features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             rstep(i)
         tr, cr = time.perf_counter() - t0, time.process_time() - c0
         rrows = args.reference * args.batch_size
-        ref = {"recbole_style_step_rows_per_s": round(rrows / tr), "recbole_style_step_rows_per_cpu_s": round(rrows / cr),
+        ref = {"recbole_style_step_rows_per_s": round(rrows / tr),
+               "recbole_style_step_rows_per_cpu_s": round(rrows / cr),
                "speedup_step_cpu": round((timed / c_step) / (rrows / cr), 1)}
     out = {
         "model": args.model, "threads": args.threads, "batch_size": args.batch_size, "dim": args.dim,

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", default="1/8", help="fraction of the full size or bytes (default 1/8)")
     ap.add_argument("--reps", type=int, default=5, help="timed blocks per module (median taken)")
     ap.add_argument("--steps", type=int, default=20,
-                    help="batches per block; a multiple of mch's eviction_interval so evictions are amortised")
+                    help="batches per block; a multiple of mch's eviction_interval so evictions are "
+                         "amortised")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cap", type=int, default=300_000, help="cap on the Criteo cardinalities")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     for label, method, knobs, lookups in CONFIGS:
         if args.only and label not in args.only:
             continue
-        mod = build(feats, method=method, dim=args.dim, budget=None if method == "full" else args.budget, **knobs)
+        budget = None if method == "full" else args.budget
+        mod = build(feats, method=method, dim=args.dim, budget=budget, **knobs)
         mod.train()
         ebc, rows = plain_ebc(mod.num_parameters(), len(feats), args.dim)
         bxs = [batch(rows, args.batch, gen) for _ in range(3)]
@@ -137,13 +139,16 @@ def main(argv: list[str] | None = None) -> dict:
             "ms": round(t * 1e3, 2), "ebc_ms": round(te * 1e3, 2), "ratio": round(t / te, 3),
             "target": target, "meets_target": t / te <= target, "remap_share": round(tr / t, 3),
         })
-    print(f"\nbatch {args.batch} x {len(feats)} features, single-id bags, dim {args.dim}, budget {args.budget}, "
+    print(f"\nbatch {args.batch} x {len(feats)} features, single-id bags, dim {args.dim}, "
+          f"budget {args.budget}, "
           f"{args.threads} thread(s), median of {args.reps} blocks of {args.steps} steps")
     # MiB = memory_bytes() after training: tables plus any state (mch: its history buffer
     # grows with eviction_interval, the price of evicting less often)
-    print(f"{'method':<13}{'params':>11}{'MiB':>8}{'ms':>9}{'EBC ms':>9}{'ratio':>8}{'target':>8}{'ok':>5}{'remap':>8}")
+    print(f"{'method':<13}{'params':>11}{'MiB':>8}{'ms':>9}{'EBC ms':>9}{'ratio':>8}{'target':>8}"
+          f"{'ok':>5}{'remap':>8}")
     for o in rows_out:
-        print(f"{o['label']:<13}{o['params']:>11,}{o['bytes'] / 2**20:>8.1f}{o['ms']:>9.1f}{o['ebc_ms']:>9.1f}{o['ratio']:>8.2f}"
+        print(f"{o['label']:<13}{o['params']:>11,}{o['bytes'] / 2**20:>8.1f}{o['ms']:>9.1f}"
+              f"{o['ebc_ms']:>9.1f}{o['ratio']:>8.2f}"
               f"{o['target']:>8.1f}{'yes' if o['meets_target'] else 'NO':>5}{o['remap_share']:>8.0%}")
     result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "cardinalities": cards,
               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),

@@ -43,7 +43,8 @@ def main() -> None:
                 summary = launch(_run_rank, nproc, ("quickstart-dist", overrides, run_dir, None))[0]
                 row = {"method": method, "nproc": nproc, "samples_per_second": summary["samples_per_second"],
                        "train_seconds": summary["train_seconds"], "auc": summary["auc"],
-                       "wall_seconds": round(time.monotonic() - t0, 1), "train_samples": summary["train_samples"]}
+                       "wall_seconds": round(time.monotonic() - t0, 1),
+                       "train_samples": summary["train_samples"]}
                 results.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{'method':<8} " + " ".join(f"{f'{n} proc samples/s':>20}" for n in args.nprocs.split(",")))
@@ -53,7 +54,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "config": "quickstart-dist", "rows": args.rows, "results": results}, indent=2) + "\n")
+                               "config": "quickstart-dist", "rows": args.rows, "results": results},
+                              indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -82,7 +82,8 @@ def main() -> int:
         step(b)
     results["train step, batches in memory"] = n * args.batch_size / (time.perf_counter() - t)
     # (1) the whole loop with the reader's prefetch thread
-    reader2 = BatchReader(root, "train", args.batch_size, shuffle=True, seed=1, shuffle_buffer=65536, prefetch=2)
+    reader2 = BatchReader(root, "train", args.batch_size, shuffle=True, seed=1, shuffle_buffer=65536,
+                          prefetch=2)
     it2 = iter(reader2)
     for _ in range(warm):
         step(next(it2))

@@ -9,6 +9,8 @@ import sys
 import traceback
 import warnings
 
+from embtables.argtypes import positive_int
+
 
 def _quiet_libraries() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -58,6 +60,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_types(parser: argparse.ArgumentParser, **types) -> None:
+    """Options by dest -> a checking type from embtables.argtypes (its error names the flag)."""
+    for action in parser._actions:
+        if action.dest in types:
+            action.type = types[action.dest]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embtables", description="Memory-efficient embedding tables on TorchRec")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -75,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a NEW run directory from RUN_DIR's finished stages (with --stage; RUN_DIR is only read)")
     r.add_argument("--stage", help="with --from: the stage the new run starts at (e.g. search for OptEmbed)")
     r.set_defaults(fn=_cmd_run)
+    _check_types(r, nproc=positive_int)
 
     pr = sub.add_parser("predict", help="score a dataset with a trained run")
     pr.add_argument("run_dir")
@@ -111,13 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user mistakes become one clear line
-        from embtables.errors import is_user_error
+    except SystemExit:
+        raise
+    except BrokenPipeError:  # `embtables list | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        return _report_error(e, args.debug, argv)
 
-        if args.debug or not is_user_error(e):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _report_error(e: BaseException, debug: bool, argv: list[str] | None) -> int:
+    """One clear line; a traceback only with --debug, else in a log file named on a second line
+    when the error is not a plain user mistake."""
+    from embtables.errors import describe, is_user_error, needs_log, one_line, write_log
+
+    if debug:
+        traceback.print_exception(e)
+    message = describe(e)
+    user = is_user_error(e)
+    print(f"error: {message if user and 'Traceback' not in message else one_line(message)}", file=sys.stderr)
+    if not debug and needs_log(e):
+        log = write_log(e, argv)
+        if log is not None:
+            print(f"(full traceback in {log}; `embtables --debug ...` prints it)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

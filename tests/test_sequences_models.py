@@ -11,6 +11,7 @@ import embtables.models.dare  # noqa: F401  (registers dare)
 import embtables.models.din  # noqa: F401  (registers din)
 import embtables.models.pooling  # noqa: F401  (registers pool)
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, SequenceFeature
+from embtables.experiments.build import embedding_factory
 from embtables.experiments.config import EmbeddingSection
 from embtables.models.registry import get_model
 from embtables.models.seq_common import Dice
@@ -40,7 +41,8 @@ BATCH = ([1, 2, 3, 4], [1, 5, 7, 2], [1, 2, 3, 2])
 def build(name: str, dim: int = 8, **knobs):
     entry = get_model(name)
     torch.manual_seed(0)
-    return entry.builder(entry.config_cls(**knobs), SCHEMA, EmbeddingSection(method="full", dim=dim))
+    make_embedding = embedding_factory(EmbeddingSection(method="full", dim=dim))
+    return entry.builder(entry.config_cls(**knobs), SCHEMA, make_embedding)
 
 
 @pytest.mark.parametrize("name,knobs", [("din", {}), ("din", {"softmax": True}), ("dare", {}),

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 from embtables.embeddings import FeatureSpec
+from embtables.experiments.planning import plan_config
 from embtables.sharding import ShardingConfig, init_distributed, shard_model
 from embtables.sharding.dmp import PlanDoesNotFit, ShardingError, build_constraints, build_topology
-from embtables.sharding.plan import plan_config, plan_model_offline
+from embtables.sharding.plan import plan_model_offline
 from embtables.sharding.testing import attach_table_optimizer, tiny_dlrm
 
 GiB = 2**30

@@ -4,9 +4,11 @@ SRC is a CSV/TSV file (or a Parquet file) with one event per row: user, item,
 category, timestamp and optionally a 0/1 label (Amazon reviews, Taobao user
 behaviour, any CTR log). Columns are named by flags (``--user-col`` ...) or by a
 YAML file (``--columns FILE`` with keys ``user``, ``item``, ``category``,
-``timestamp``, ``label``, ``sep``, ``header``). With a label column the default mode
-is ``threshold`` (label >= 1 is a click, history = earlier clicked events); without
-one, ``sampled`` (every event a positive plus sampled negatives).
+``timestamp``, ``label``, ``label_threshold``, ``sep``, ``header``). With a label column
+the default mode is ``threshold`` (history = earlier clicked events); without one,
+``sampled`` (every event a positive plus sampled negatives). Labels must be 0 or 1, unless
+``--label-threshold T`` says how to map them (label >= T is a click): a column of
+ratings 1-5 or of labels {1, 2} is refused rather than read as all clicks.
 
 Raw ids (any strings or integers) become vocabulary ids ``1..n``; an item's category
 is the category of its first event.
@@ -22,6 +24,7 @@ import pandas as pd
 import yaml
 
 from embtables.datasets.sequences import EventLog, SampleConfig, SideFeatures, build_samples, write_samples
+from embtables.errors import clip
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ColumnMap:
     category: str | None = "category"
     timestamp: str = "timestamp"
     label: str | None = None
+    label_threshold: float | None = None  # label >= this is a click; None: labels must be 0/1
     sep: str | None = None  # None: from the suffix (.tsv/.txt tab, else comma)
     header: bool = True
 
@@ -49,6 +53,8 @@ class ColumnMap:
 
 def read_events(src: str | Path, cols: ColumnMap) -> pd.DataFrame:
     src = Path(src)
+    if src.is_dir():
+        raise IsADirectoryError(f"input {src} is a directory, not an event file (CSV, TSV or Parquet)")
     if not src.exists():
         raise FileNotFoundError(f"{src} not found")
     if src.suffix == ".parquet":
@@ -68,27 +74,57 @@ def read_events(src: str | Path, cols: ColumnMap) -> pd.DataFrame:
     missing = {k: v for k, v in wanted.items() if v not in df.columns}
     if missing:
         raise ValueError(
-            f"{src}: column(s) {missing} not found (columns: {list(df.columns)}); "
+            f"{src}: column(s) {missing} not found (columns: {clip(list(df.columns))}); "
             "name them with --user-col/--item-col/--category-col/--time-col/--label-col or --columns FILE"
         )
     out = pd.DataFrame({k: df[v] for k, v in wanted.items()})
-    ts = pd.to_numeric(out["timestamp"], errors="coerce")
-    if ts.isna().any():
-        # timestamps may be dates: convert to epoch seconds
-        parsed = pd.to_datetime(out["timestamp"], errors="coerce", utc=True)
-        if parsed.isna().any():
-            row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-            raise ValueError(f"{src}: row {row + 1 + cols.header}: timestamp {out['timestamp'].iloc[row]!r} is neither "
-                             "a number nor a date")
-        ts = parsed.astype("int64") // 10**9
-    out["timestamp"] = ts.astype(np.int64)
+    out["timestamp"] = _timestamps(out["timestamp"], src, cols)
     if cols.label:
-        lab = pd.to_numeric(out["label"], errors="coerce")
-        if lab.isna().any():
-            row = int(np.flatnonzero(lab.isna().to_numpy())[0])
-            raise ValueError(f"{src}: row {row + 1 + cols.header}: label {out['label'].iloc[row]!r} is not a number")
-        out["label"] = (lab >= 1).astype(np.float32)
+        out["label"] = _labels(out["label"], src, cols)
     return out
+
+
+def _line(row: int, cols: ColumnMap) -> int:
+    return row + 1 + cols.header  # file line of a 0-based data row
+
+
+def _timestamps(raw: pd.Series, src: Path, cols: ColumnMap) -> np.ndarray:
+    """Epoch seconds: numbers as they are, or dates -- one or the other for the whole column.
+    The row named in an error is the first that is neither (or, in a column of dates, the
+    first that is not a date)."""
+    num = pd.to_numeric(raw, errors="coerce")
+    if not num.isna().any():
+        return num.to_numpy().astype(np.int64)
+    parsed = pd.to_datetime(raw.where(num.isna()), errors="coerce", utc=True, format="mixed")
+    neither = (num.isna() & parsed.isna()).to_numpy()
+    if neither.any():
+        row = int(np.flatnonzero(neither)[0])
+        raise ValueError(f"{src}: line {_line(row, cols)}: timestamp {clip(raw.iloc[row])} is neither a "
+                         "number nor a date")
+    if num.isna().all():
+        return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy().astype(np.int64)
+    row = int(np.flatnonzero(num.notna().to_numpy())[0])  # both kinds present
+    date = raw.iloc[int(np.flatnonzero(num.isna().to_numpy())[0])]
+    raise ValueError(f"{src}: line {_line(row, cols)}: timestamp {clip(raw.iloc[row])} is a number, but the "
+                     f"column also holds dates (e.g. {clip(date)}); use one or the other")
+
+
+def _labels(raw: pd.Series, src: Path, cols: ColumnMap) -> np.ndarray:
+    lab = pd.to_numeric(raw, errors="coerce")
+    if lab.isna().any():
+        row = int(np.flatnonzero(lab.isna().to_numpy())[0])
+        raise ValueError(f"{src}: line {_line(row, cols)}: label {clip(raw.iloc[row])} is not a number")
+    if cols.label_threshold is not None:
+        return (lab >= cols.label_threshold).to_numpy(np.float32)
+    bad = ~lab.isin((0, 1)).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        values = np.unique(lab.to_numpy())
+        shown = ", ".join(f"{v:g}" for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise ValueError(f"{src}: line {_line(row, cols)}: label {clip(raw.iloc[row])} is not 0 or 1 (the "
+                         f"column holds {shown}); say which are clicks with --label-threshold T "
+                         "(label >= T is a click)")
+    return lab.to_numpy(np.float32)
 
 
 def to_event_log(df: pd.DataFrame) -> EventLog:
@@ -113,6 +149,8 @@ def to_event_log(df: pd.DataFrame) -> EventLog:
 def convert_behavior(src: str | Path, out: str | Path, *, cols: ColumnMap | None = None,
                      cfg: SampleConfig | None = None, name: str | None = None, overwrite: bool = False) -> Path:
     cols = cols or ColumnMap()
+    if cols.label_threshold is not None and not cols.label:
+        raise ValueError("--label-threshold needs a label column (--label-col)")
     df = read_events(src, cols)
     if cfg is None:
         cfg = SampleConfig(mode="threshold" if cols.label else "sampled",

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from embtables.argtypes import nonnegative_int, positive_float, positive_int
+
 
 def _fractions(text: str) -> tuple[float, ...]:
     try:
@@ -72,10 +74,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("synth", help="synthetic Criteo-style data with a planted model (stores true `prob`)")
-    p.add_argument("--rows", type=int, default=1_000_000, help="rows in total (default 1,000,000)")
+    p.add_argument("--rows", type=positive_int, default=1_000_000, help="rows in total (default 1,000,000)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=0.05,
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--scale", type=positive_float, default=0.05,
                    help="multiplies the Criteo Kaggle cardinalities (features under 2,000 ids keep theirs); default 0.05")
     p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test fractions (sequential)")
     p.add_argument("--tsv", type=Path, default=None,
@@ -84,7 +86,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_synth)
 
-    p = sub.add_parser("criteo", help="convert Criteo Kaggle/Terabyte TSV (or header CSV) files to Parquet")
+    p = sub.add_parser("criteo", help="convert Criteo TSV (Kaggle, Terabyte), header CSV or Kaggle's "
+                                      "Id,Label,... CSV to Parquet")
     p.add_argument("src", nargs="*", type=Path, help="input files, split by --split fractions (or --random-split)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--train", nargs="+", type=Path, help="files for the train split (split by file)")
@@ -93,10 +96,11 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                    help="train,valid,test fractions of SRC rows; sequential tail unless --random-split")
     p.add_argument("--random-split", action="store_true", help="assign rows to splits at random (seeded)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-split")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --random-split")
     p.add_argument("--cat-mode", choices=["raw", "vocab"], default="vocab",
                    help="raw: hex value as int64 (missing -> 0); vocab: ids by frequency (default)")
-    p.add_argument("--min-count", type=int, default=1, help="vocab mode: values seen fewer times -> OOV id")
+    p.add_argument("--min-count", type=positive_int, default=1,
+                   help="vocab mode: values seen fewer times -> OOV id")
     p.add_argument("--vocab-from", type=Path, default=None,
                    help="vocab mode: reuse the vocabulary of another converted dataset directory")
     p.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p",
@@ -104,8 +108,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                    help="error: stop at the first bad row (file, line, text); skip: drop and count per reason")
     p.add_argument("--name", default=None, help="dataset name in schema.json (default: criteo)")
-    p.add_argument("--block-mb", type=float, default=16.0, help="bytes parsed per block (MB)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--block-mb", type=positive_float, default=16.0, help="bytes parsed per block (MB)")
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="blocks parsed at once, one thread each (default 1: one block at a time, "
                         "parsed by pyarrow's threads)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -5,7 +5,8 @@ header, ``label``, 13 integer columns, 26 hex-string columns, empty field = miss
 or gzip (detected by magic bytes), and the CSV/TSV-with-header variant (header
 ``label,I1..I13,C1..C26``; this variant writes dense values as floats, so its dense columns
 are parsed as numbers, ``1.0`` and ``2.5`` alike, while an official file's dense columns
-must be integers: ``1.5`` there is a bad row).
+must be integers: ``1.5`` there is a bad row), including Kaggle's CSV ``Id,Label,I1,...``
+(its ``Id`` column is dropped). Header names match case-insensitively.
 
 How it runs: the input (mapped, or decompressed as a stream for gzip) is cut into blocks of
 whole lines (``block_mb``); a read-ahead thread parses each block with pyarrow's CSV reader
@@ -24,7 +25,9 @@ Bad rows (``on_bad_row``): ``column_count``, ``bad_label`` (not 0/1), ``bad_dens
 (non-numeric, or non-integer in an official file), ``bad_categorical`` (not a hex id below
 2**63), ``bad_encoding`` (not UTF-8). ``error`` stops at the first one with file, line number
 and text; ``skip`` drops them and counts them per reason in schema.json. Empty lines are
-ignored. Output goes to ``OUT.tmp-*`` and is renamed to ``OUT`` only when complete.
+ignored. A split the user asked for that gets no rows (an empty or header-only input,
+every row skipped as bad) is an error. Output goes to ``OUT.tmp-*`` and is renamed to
+``OUT`` only when complete (see :func:`~embtables.datasets.parquet_out.atomic_output_dir`).
 
 Categorical modes: ``raw`` stores the hex value as int64 (missing -> 0); ``vocab`` stores ids
 by descending frequency: 0 = OOV (values seen fewer than ``min_count`` times, or unseen when
@@ -56,6 +59,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from embtables import faults
 from embtables.datasets.criteo_format import (
     CAT_NAMES,
     DENSE_NAMES,
@@ -73,9 +77,11 @@ from embtables.datasets.criteo_format import (
 from embtables.datasets.parquet_out import PartWriter, atomic_output_dir, split_counts
 from embtables.datasets.prefetch import prefetch
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, load_schema
+from embtables.errors import clip
 
 COLUMNS = [LABEL] + DENSE_NAMES + CAT_NAMES
 NUM_COLUMNS = len(COLUMNS)
+ID_COLUMN = "id"  # Kaggle's CSV (`Id,Label,I1,...,C26`) numbers its rows in a first column
 BAD_REASONS = ("column_count", "bad_label", "bad_dense", "bad_categorical", "bad_encoding")
 VOCAB_DIR = "vocab"
 OOV_ID = 0
@@ -90,18 +96,28 @@ _HEX_RE = re.compile(r"[0-9a-fA-F]{1,16}\Z")
 
 
 class BadRowError(ValueError):
-    """A bad input row under ``on_bad_row="error"``; the message names file, line, text."""
+    """A bad input row under ``on_bad_row="error"``; the message names file, line, text
+    (cut to 200 characters, with the full length stated)."""
 
     def __init__(self, path: Path, line: int, reason: str, detail: str, text: str):
         self.path, self.line, self.reason, self.detail, self.text = path, line, reason, detail, text
-        super().__init__(f"{path}:{line}: bad row ({reason}: {detail}): {text!r} "
+        super().__init__(f"{path}:{line}: bad row ({reason}: {detail}): {clip(text)} "
                          "(use --on-bad-row skip to drop and count such rows)")
+
+
+class EmptySplitError(ValueError):
+    """A split the user asked for came out with no rows."""
 
 
 @dataclass(frozen=True)
 class _Format:
     delimiter: str
     header: bool
+    id_column: bool = False  # the Kaggle CSV's leading `Id` column, dropped
+
+    @property
+    def columns(self) -> list[str]:
+        return [ID_COLUMN, *COLUMNS] if self.id_column else COLUMNS
 
     @property
     def dense_type(self) -> pa.DataType:  # the header variant writes dense values as floats
@@ -113,12 +129,31 @@ class _Format:
 
 def _open(path: Path) -> tuple[pa.NativeFile, pa.NativeFile]:
     """(decompressed stream, raw file whose tell() is the compressed position)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"input {path} is a directory, not a Criteo file")
     raw = pa.OSFile(str(path), "rb")
     magic = raw.read(2)
     raw.seek(0)
     if magic == b"\x1f\x8b":
-        return pa.CompressedInputStream(raw, "gzip"), raw
+        return _GzipStream(pa.CompressedInputStream(raw, "gzip"), path), raw
     return raw, raw
+
+
+class _GzipStream:
+    """A decompressing stream whose read errors name the file (pyarrow's say only
+    "Truncated compressed stream")."""
+
+    def __init__(self, stream: pa.NativeFile, path: Path):
+        self.stream, self.path = stream, path
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.stream.read(n)
+        except OSError as e:
+            raise ValueError(f"{self.path}: truncated or corrupt gzip file ({e})") from None
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _detect_format(path: Path) -> _Format:
@@ -130,12 +165,15 @@ def _detect_format(path: Path) -> _Format:
         raw.close()
     first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
     delimiter = "\t" if "\t" in first else ","
-    fields = first.split(delimiter)
-    if fields and fields[0].strip().lower() == LABEL:
-        if [f.strip() for f in fields] != COLUMNS:
-            raise ValueError(f"{path}:1: header {first!r} is not the Criteo header "
-                             f"{delimiter.join(COLUMNS)!r}")
-        return _Format(delimiter, True)
+    names = [f.strip().lower() for f in first.split(delimiter)]  # Kaggle capitalises: Label, I1
+    if names and names[0] in (LABEL, ID_COLUMN):
+        expected = [c.lower() for c in COLUMNS]
+        if names == expected:
+            return _Format(delimiter, True)
+        if names == [ID_COLUMN, *expected]:
+            return _Format(delimiter, True, id_column=True)
+        raise ValueError(f"{path}:1: header {clip(first)} is not the Criteo header "
+                         f"{delimiter.join(COLUMNS)!r} (nor Kaggle's, with a first column Id)")
     return _Format(delimiter, False)
 
 
@@ -331,7 +369,7 @@ def _arrow_parse(block: pa.Buffer | bytes, fmt: _Format, cat_type: pa.DataType =
     types.update({n: cat_type for n in CAT_NAMES})  # validated as hex below; binary skips a UTF-8 pass
     return pacsv.read_csv(
         pa.BufferReader(block),
-        read_options=pacsv.ReadOptions(column_names=COLUMNS, use_threads=False, block_size=_PARSE_CHUNK),
+        read_options=pacsv.ReadOptions(column_names=fmt.columns, use_threads=False, block_size=_PARSE_CHUNK),
         parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, double_quote=False,
                                          escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
         convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
@@ -375,23 +413,27 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
     except UnicodeDecodeError as e:
         return "bad_encoding", f"invalid UTF-8 at byte {e.start}"
     fields = text.rstrip("\r").split(fmt.delimiter)
-    if len(fields) != NUM_COLUMNS:
-        return "column_count", f"expected {NUM_COLUMNS} fields, got {len(fields)}"
+    if len(fields) != len(fmt.columns):
+        hint = (" (Kaggle's CSV with a first column Id is read when its header line Id,Label,I1,... is there)"
+                if len(fields) == NUM_COLUMNS + 1 and not fmt.header else "")
+        return "column_count", f"expected {len(fmt.columns)} fields, got {len(fields)}{hint}"
+    if fmt.id_column:
+        fields = fields[1:]
     lab = fields[0]
     good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None and float(lab) in (0.0, 1.0))
     if not good_label:
-        return "bad_label", f"label {lab!r} is not 0 or 1"
+        return "bad_label", f"label {clip(lab)} is not 0 or 1"
     for name, v in zip(DENSE_NAMES, fields[1 : 1 + NUM_DENSE], strict=True):
         if v == "":
             continue
         if fmt.header:
             if _FLOAT_RE.match(v) is None or not np.isfinite(float(v)):
-                return "bad_dense", f"{name}={v!r} is not a number"
-        elif _INT_RE.match(v) is None or not -(2**63) <= int(v) < 2**63:
-            return "bad_dense", f"{name}={v!r} is not an integer"
+                return "bad_dense", f"{name}={clip(v)} is not a number"
+        elif _INT_RE.match(v) is None or len(v) > 20 or not -(2**63) <= int(v) < 2**63:
+            return "bad_dense", f"{name}={clip(v)} is not an integer"
     for name, v in zip(CAT_NAMES, fields[1 + NUM_DENSE :], strict=True):
         if v != "" and (_HEX_RE.match(v) is None or int(v, 16) >= 2**63):
-            return "bad_categorical", f"{name}={v!r} is not a hex id below 2**63"
+            return "bad_categorical", f"{name}={clip(v)} is not a hex id below 2**63"
     return None
 
 
@@ -453,8 +495,7 @@ class _Parser:
                 good.append(line)
                 good_lines.append(first_line + i)
                 continue
-            text = line.decode("utf-8", errors="backslashreplace")
-            text = text if len(text) <= 300 else text[:300] + "..."
+            text = line.decode("utf-8", errors="backslashreplace")  # cut to 200 characters when shown
             if self.on_bad_row == "error":
                 raise BadRowError(path, first_line + i, why[0], why[1], text)
             bad[why[0]] += 1
@@ -713,6 +754,8 @@ def _normalise_sources(sources) -> tuple[list[tuple[Path, str | None]], str]:
     if not files:
         raise ValueError("no input files")
     for f, _ in files:
+        if f.is_dir():
+            raise IsADirectoryError(f"input {f} is a directory, not a Criteo file (give the files in it)")
         if not f.is_file():
             raise FileNotFoundError(f"input file {f} not found")
     return files, method
@@ -814,6 +857,7 @@ def convert_criteo(
                     distinct[k].add(raw_cats[k])
                 for s, t in pieces:
                     writers[s].write(t)
+                faults.hit("convert_block", str(out))  # a block's rows are handed to the writers
 
             with bar("convert") as b, _Worker(consume) as sink:
                 for fi, ((f, fixed), fmt) in enumerate(zip(files, fmts, strict=True)):
@@ -861,6 +905,7 @@ def convert_criteo(
                         b.update(pos - last)
                         last = pos
                         b.set_postfix(rows=f"{total_rows:,}", refresh=False)
+            _check_rows(files, method, split, {s: w.total_rows for s, w in writers.items()}, bad, examples)
             with ThreadPoolExecutor(2, thread_name_prefix="criteo-finish") as pool:  # the last merges overlap the last writes
                 cardinalities = pool.map(lambda d: d.count(exclude=RAW_MISSING_ID), distinct)
                 for w in writers.values():
@@ -875,7 +920,7 @@ def convert_criteo(
                     for k, n in enumerate(CAT_NAMES)]
             extra = {
                 "source": "criteo",
-                "files": [{"path": str(f), "split": fixed, "header": fmt.header,
+                "files": [{"path": str(f), "split": fixed, "header": fmt.header, "id_column": fmt.id_column,
                            "delimiter": "tab" if fmt.delimiter == "\t" else fmt.delimiter}
                           for (f, fixed), fmt in zip(files, fmts, strict=True)],
                 "split_method": method, "split": list(split) if method != "file" else None,
@@ -897,6 +942,33 @@ def convert_criteo(
         return schema
     finally:  # stop an unfinished line count (an error, or no row was ever routed)
         stop_counting.set()
+
+
+def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, int],
+                examples: list[str]) -> None:
+    """Refuse a conversion that leaves a split the user asked for with no rows (by file: a
+    split given files; by fraction: a split with a fraction above 0)."""
+    asked = [s for s in rows if method == "file" or float(split[SPLITS.index(s)]) > 0]
+    empty = [s for s in asked if rows[s] == 0]
+    if not empty:
+        return
+    inputs = ", ".join(str(f) for f, _ in files)
+    total = sum(rows.values())
+    nbad = sum(bad.values())
+    if total == 0 and nbad:
+        reasons = ", ".join(f"{r} {n:,}" for r, n in bad.items() if n)
+        raise EmptySplitError(f"{inputs}: every row was bad ({reasons}); nothing to convert. "
+                              f"First: {examples[0]}")
+    if total == 0:
+        raise EmptySplitError(f"{inputs}: no data rows (the input is empty or holds only a header line)")
+    if method == "file":
+        which = ", ".join(str(f) for f, s in files if s in empty)
+        raise EmptySplitError(f"split {'/'.join(empty)}: its files ({which}) hold no good rows"
+                              + (f" ({nbad:,} bad rows skipped)" if nbad else ""))
+    fractions = ", ".join(f"{s} {float(split[SPLITS.index(s)]):g}" for s in empty)
+    raise EmptySplitError(
+        f"split {'/'.join(empty)} got none of the {total:,} rows converted (fraction: {fractions}); "
+        "give more rows, or a fraction of 0 for a split you do not want (e.g. --split 0.9,0,0.1)")
 
 
 def _load_vocabs(root: Path) -> list[_Vocab]:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from embtables.datasets.sequences import EventLog, SampleConfig, SideFeatures, build_samples, write_samples
+from embtables.errors import clip
 
 GROUPLENS_URLS = {
     "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
@@ -66,7 +67,22 @@ def _read_atomic(path: Path) -> pd.DataFrame:
     return df
 
 
+def _numbers(values: pd.Series, path: Path, column: str, first_line: int, integer: bool = False) -> pd.Series:
+    """A column of numbers; the first value that is not one is named with its file and line."""
+    num = pd.to_numeric(values, errors="coerce")
+    bad = num.isna().to_numpy()
+    if integer:
+        bad = bad | (num.fillna(0) % 1 != 0).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{path}:{row + first_line}: {column} {clip(values.iloc[row])} is not {kind}")
+    return num.astype(np.int64) if integer else num
+
+
 def detect_layout(src: Path) -> str:
+    if src.is_file():
+        raise NotADirectoryError(f"{src} is a file; give the MovieLens folder that holds it")
     if list(src.glob("*.inter")):
         return "atomic"
     if (src / "u.data").exists():
@@ -88,10 +104,11 @@ def read_movielens(src: str | Path) -> RawMovieLens:
         df = _read_atomic(inter)
         need = {"user_id", "item_id", "timestamp"}
         if not need <= set(df.columns):
-            raise ValueError(f"{inter}: header needs {sorted(need)}, has {list(df.columns)}")
+            raise ValueError(f"{inter}: header needs {sorted(need)}, has {clip(list(df.columns))}")
         ratings = pd.DataFrame({"user": df["user_id"], "item": df["item_id"],
-                                "rating": pd.to_numeric(df.get("rating", pd.Series(["1"] * len(df)))),
-                                "ts": pd.to_numeric(df["timestamp"]).astype(np.int64)})
+                                "rating": _numbers(df.get("rating", pd.Series(["1"] * len(df))), inter,
+                                                   "rating", 2),
+                                "ts": _numbers(df["timestamp"], inter, "timestamp", 2, integer=True)})
         upath, ipath = inter.with_suffix(".user"), inter.with_suffix(".item")
         if upath.exists():
             u = _read_atomic(upath)
@@ -108,8 +125,10 @@ def read_movielens(src: str | Path) -> RawMovieLens:
                 items["year"] = it["release_year"]
     elif layout == "ml-100k":
         df = pd.read_csv(src / "u.data", sep="\t", header=None, names=["user", "item", "rating", "ts"],
-                         dtype={"user": str, "item": str})
-        ratings = df.astype({"ts": np.int64})
+                         dtype=str, keep_default_na=False)
+        ratings = pd.DataFrame({"user": df["user"], "item": df["item"],
+                                "rating": _numbers(df["rating"], src / "u.data", "rating", 1),
+                                "ts": _numbers(df["ts"], src / "u.data", "timestamp", 1, integer=True)})
         if (src / "u.user").exists():
             u = pd.read_csv(src / "u.user", sep="|", header=None, dtype=str, encoding="latin-1")
             users = pd.DataFrame({"user": u[0], "age": u[1], "gender": u[2], "occupation": u[3]})
@@ -125,8 +144,10 @@ def read_movielens(src: str | Path) -> RawMovieLens:
             })
     else:  # ml-1m
         df = _read_dat(src / "ratings.dat", ["user", "item", "rating", "ts"])
-        ratings = pd.DataFrame({"user": df["user"], "item": df["item"], "rating": pd.to_numeric(df["rating"]),
-                                "ts": pd.to_numeric(df["ts"]).astype(np.int64)})
+        dat = src / "ratings.dat"
+        ratings = pd.DataFrame({"user": df["user"], "item": df["item"],
+                                "rating": _numbers(df["rating"], dat, "rating", 1),
+                                "ts": _numbers(df["ts"], dat, "timestamp", 1, integer=True)})
         if (src / "users.dat").exists():
             u = _read_dat(src / "users.dat", ["user", "gender", "age", "occupation", "zip"])
             users = u[["user", "age", "gender", "occupation"]]

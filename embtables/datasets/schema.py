@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embtables.errors import clip
+
 SCHEMA_FILE = "schema.json"
 FORMAT_VERSION = 1
 
@@ -105,6 +107,10 @@ class DatasetSchema:
 
 def load_schema(root: str | Path) -> DatasetSchema:
     path = Path(root) / SCHEMA_FILE
+    if Path(root).is_file():
+        raise NotADirectoryError(
+            f"{root} is a file; a dataset is the directory that holds {SCHEMA_FILE} "
+            "(convert raw files with `embtables data criteo|behavior|movielens ... --out DIR`)")
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {root} is not a converted dataset (or its conversion did not finish). "
@@ -112,5 +118,5 @@ def load_schema(root: str | Path) -> DatasetSchema:
         )
     try:
         return DatasetSchema.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid embtables schema ({e})") from e
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # JSON, or not the layout
+        raise ValueError(f"{path}: not a valid embtables schema ({clip(str(e))})") from e

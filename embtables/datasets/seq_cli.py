@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from embtables.argtypes import finite_float, fraction_below_one, nonnegative_int, positive_float, positive_int
+
 
 def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
     g = p.add_argument_group("samples (see embtables.datasets.sequences)")
@@ -18,20 +20,25 @@ def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
                         "threshold: every event a sample labelled by --threshold / the label column")
     g.add_argument("--split", choices=["loo", "time"], default="loo",
                    help="loo: per user last event -> test, previous -> valid (default); time: global time cut")
-    g.add_argument("--valid-frac", type=float, default=0.1, help="time split: share of the latest events for valid")
-    g.add_argument("--test-frac", type=float, default=0.1, help="time split: share of the latest events for test")
-    g.add_argument("--max-len", type=int, default=50, help="keep the most recent N history events (default 50)")
+    g.add_argument("--valid-frac", type=fraction_below_one, default=0.1,
+                   help="time split: share of the latest events for valid")
+    g.add_argument("--test-frac", type=fraction_below_one, default=0.1,
+                   help="time split: share of the latest events for test")
+    g.add_argument("--max-len", type=positive_int, default=50,
+                   help="keep the most recent N history events (default 50)")
     g.add_argument("--ties", choices=["strict", "order"], default="strict",
                    help="strict: history = events with a smaller timestamp (default); order: every event earlier "
                         "in (timestamp, file row) order, RecBole's convention")
-    g.add_argument("--neg-ratio", type=int, default=1, help="sampled: negatives per training positive (default 1)")
-    g.add_argument("--eval-negatives", type=int, default=100,
+    g.add_argument("--neg-ratio", type=nonnegative_int, default=1,
+                   help="sampled: negatives per training positive (default 1)")
+    g.add_argument("--eval-negatives", type=positive_int, default=100,
                    help="sampled: negatives ranked with each valid/test positive (default 100)")
     g.add_argument("--history-from", choices=["all", "positive"], default=None,
                    help="threshold mode: history of all events or only clicks (default: positive for behavior "
                         "logs with labels, all for MovieLens)")
-    g.add_argument("--min-history", type=int, default=0, help="drop samples with a shorter history")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    g.add_argument("--min-history", type=nonnegative_int, default=0,
+                   help="drop samples with a shorter history")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sampled negatives")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--name", default=None, help="dataset name in schema.json")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -93,7 +100,8 @@ def _run_behavior(args: argparse.Namespace) -> int:
     try:
         cols = ColumnMap.from_yaml(args.columns) if args.columns else ColumnMap()
         for flag, key in (("user_col", "user"), ("item_col", "item"), ("category_col", "category"),
-                          ("time_col", "timestamp"), ("label_col", "label"), ("sep", "sep")):
+                          ("time_col", "timestamp"), ("label_col", "label"), ("sep", "sep"),
+                          ("label_threshold", "label_threshold")):
             val = getattr(args, flag)
             if val is not None:
                 setattr(cols, key, None if val == "" else val)
@@ -130,8 +138,9 @@ def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> N
     p.add_argument("--download", choices=["ml-100k", "ml-1m"], default=None, help="fetch from GroupLens first")
     p.add_argument("--url", default=None, help="archive URL for --download (default: GroupLens)")
     p.add_argument("--download-dir", type=Path, default=None, help="where to unzip (default: OUT/../raw)")
-    p.add_argument("--timeout", type=float, default=20.0, help="--download network timeout in seconds")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--timeout", type=positive_float, default=20.0,
+                   help="--download network timeout in seconds")
+    p.add_argument("--threshold", type=finite_float, default=None,
                    help="rating >= T is a click (implies --mode threshold: every rating a sample)")
     _sample_args(p, None)
     p.set_defaults(func=_run_movielens)
@@ -146,18 +155,21 @@ def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> N
     p.add_argument("--category-col", default=None, help="category column (default 'category'; '' = none)")
     p.add_argument("--time-col", default=None, help="timestamp column: numbers or dates (default 'timestamp')")
     p.add_argument("--label-col", default=None, help="0/1 click column (default: none -> sampled mode)")
+    p.add_argument("--label-threshold", type=finite_float, default=None, metavar="T",
+                   help="labels other than 0/1 (ratings, {1, 2}): label >= T is a click "
+                        "(default: labels must be 0/1)")
     p.add_argument("--sep", default=None, help="field separator (default: tab for .tsv/.txt, else comma)")
     p.add_argument("--no-header", action="store_true", help="no header line: name columns by position 0, 1, ...")
     _sample_args(p, None)
     p.set_defaults(func=_run_behavior)
 
     p = data_subparsers.add_parser("synth-seq", help="synthetic Criteo-style rows with behaviour sequences (stores prob)")
-    p.add_argument("--rows", type=int, default=150_000)
-    p.add_argument("--users", type=int, default=50_000)
-    p.add_argument("--items", type=int, default=5_000)
-    p.add_argument("--categories", type=int, default=100)
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=positive_int, default=150_000)
+    p.add_argument("--users", type=positive_int, default=50_000)
+    p.add_argument("--items", type=positive_int, default=5_000)
+    p.add_argument("--categories", type=positive_int, default=100)
+    p.add_argument("--max-len", type=positive_int, default=50)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_run_synth_seq)

@@ -45,6 +45,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables import faults
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, SequenceFeature
 
 PAD_ID = 0
@@ -253,6 +254,7 @@ def build_samples(log: EventLog, cfg: SampleConfig, name: str, source: str = "")
         idx = np.flatnonzero((split == s) & keep)
         if cfg.mode == "sampled":
             k = cfg.neg_ratio if sname == "train" else cfg.eval_negatives
+            _check_negatives_exist(user[idx], k, keys, log.num_items, distinct=sname != "train")
             negs = sample_negatives(user[idx], k, keys, log.num_items, rng, distinct=sname != "train")
             # row layout: each positive followed by its k negatives (kept together, so a
             # user's ranking group is contiguous in valid/test)
@@ -263,6 +265,7 @@ def build_samples(log: EventLog, cfg: SampleConfig, name: str, source: str = "")
             rows, tgt, lab = idx, item[idx], label[idx]
         tables[sname] = _sample_table(rows, tgt, lab, user, ts, src, hstart, hlen, item, item_side, user_side, cfg)
 
+    _check_splits(tables, cfg, n)
     # catalogue for per-epoch negatives and frequencies for the DIN regulariser
     items = pa.table({cfg.item_feature: np.arange(log.num_items + 1, dtype=np.int64),
                       **{c: v.astype(np.int64) for c, v in item_side.columns.items()}})
@@ -274,6 +277,44 @@ def build_samples(log: EventLog, cfg: SampleConfig, name: str, source: str = "")
 
     schema = _make_schema(name, log, item_side, user_side, cfg, tables, source)
     return Samples(tables, schema, items, user_items, id_counts)
+
+
+def _check_negatives_exist(users: np.ndarray, k: int, keys: np.ndarray, num_items: int,
+                           distinct: bool) -> None:
+    """Refuse up front when some user has fewer never-seen items than the negatives asked
+    for (rejection sampling would only give up after its rounds, blaming the data)."""
+    if k == 0 or len(users) == 0:
+        return
+    seen = np.bincount(keys // (num_items + 1), minlength=int(users.max()) + 1)[users]
+    free = num_items - seen
+    need = k if distinct else 1
+    short = free < need
+    if not short.any():
+        return
+    flag = "--eval-negatives" if distinct else "--neg-ratio"
+    if num_items - 1 < need:
+        raise ValueError(f"the catalogue has only {num_items} items: {flag} {k} asks for {k} distinct items "
+                         f"besides each positive; lower {flag} to at most {max(int(free.min()), 0)}")
+    users_short = len(np.unique(users[short]))
+    raise ValueError(f"{users_short:,} users interacted with so many of the {num_items} items "
+                     f"that fewer than {need} are left to draw as negatives ({flag} {k}); lower {flag} to at "
+                     f"most {max(int(free.min()), 0)}")
+
+
+def _check_splits(tables: dict[str, pa.Table], cfg: SampleConfig, events: int) -> None:
+    """A split the configuration asks for must get samples (train always; valid/test under
+    ``loo``, or with a fraction above 0 under ``time``)."""
+    asked = {"train": True, "valid": cfg.split == "loo" or cfg.valid_frac > 0,
+             "test": cfg.split == "loo" or cfg.test_frac > 0}
+    empty = [s for s, t in tables.items() if asked[s] and t.num_rows == 0]
+    if not empty:
+        return
+    if events == 0:
+        raise ValueError("the event log is empty (no rows after the header)")
+    why = ("under --split loo only users with 3 or more events get a valid and a test sample"
+           if cfg.split == "loo" and "train" not in empty else
+           f"--split {cfg.split}, --min-history {cfg.min_history}")
+    raise ValueError(f"split {'/'.join(empty)} has no samples ({events:,} events; {why})")
 
 
 def _sample_table(rows, tgt, lab, user, ts, src, hstart, hlen, item, item_side, user_side, cfg) -> pa.Table:
@@ -371,6 +412,7 @@ def write_samples(samples: Samples, out: str | Path, overwrite: bool = False, ro
             w.write(table)
             w.close()
             splits[sname] = w.files
+            faults.hit("convert_block", str(out))  # a split written
         (tmp / META_DIR).mkdir(exist_ok=True)
         pq.write_table(samples.items, tmp / ITEMS_FILE)
         pq.write_table(samples.user_items, tmp / USER_ITEMS_FILE)

@@ -1,10 +1,23 @@
-"""Memory budgets: a fraction of the full tables' size, or bytes ("4MiB", "2GB")."""
+"""Memory budgets: a fraction of the full tables' size, or bytes ("4MiB", "2GB").
+
+The one rule, everywhere a budget is read (run configs, ``--set``, ``embtables size``,
+comparison files, the Python API): a number in (0, 1] -- ``1``, ``1.0``, ``0.25``,
+``"1/16"`` -- is a fraction of the full size (so ``1`` is the whole size, never one
+byte); an integer above 1 or a size with a unit (``"4MiB"``, ``"2GB"``, ``"1000B"``)
+is bytes. Anything else (``1.5``, ``"3/2"``, ``"1/0"``, ``0``) is an error that states
+this rule.
+
+Torch-free (the CLI validates ``--budget`` while building its parser's arguments).
+"""
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from typing import TYPE_CHECKING
 
-from embtables.embeddings.spec import FeatureSpec
+if TYPE_CHECKING:
+    from embtables.embeddings.spec import FeatureSpec
 
 _UNITS = {
     "": 1, "b": 1,
@@ -12,6 +25,8 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+BUDGET_RULE = ("a budget is a fraction of the full size -- a number in (0, 1] such as 1, 0.25 or 1/16 "
+               "(1 is the whole size) -- or bytes: an integer above 1 or a size with a unit such as 4MiB")
 
 
 def full_bytes(features: list[FeatureSpec], dim: int) -> int:
@@ -30,29 +45,69 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def resolve_budget(budget: float | int | str | None, features: list[FeatureSpec], dim: int) -> int | None:
-    """Budget in bytes. A float in (0, 1] (or a string like '0.1', '1/16') is a
-    fraction of the full size; an int > 1 or a string with a unit is bytes."""
-    if budget is None:
-        return None
+def parse_budget_value(budget: float | int | str) -> tuple[Fraction | None, int | None]:
+    """(fraction, None) or (None, bytes) by the rule in the module docstring; ValueError
+    (stating the rule) for anything else. No dataset needed: this is the syntax check."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise ValueError(f"budget {budget!r} is not a number or a size; {BUDGET_RULE}")
     if isinstance(budget, str):
         s = budget.strip()
-        if re.fullmatch(r"[0-9]+\s*/\s*[0-9]+", s):
-            num, den = (int(x) for x in s.split("/"))
-            budget = num / den
-        elif re.fullmatch(r"[0-9]*\.[0-9]+(?:[eE][+-]?[0-9]+)?", s):
-            budget = float(s)
-        else:
-            return parse_bytes(s)
-    if isinstance(budget, bool) or budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
-    if isinstance(budget, float) and budget <= 1.0:
-        return int(budget * full_bytes(features, dim))
-    if isinstance(budget, float):
-        raise ValueError(
-            f"budget {budget!r} is ambiguous: a fraction must be in (0, 1]; give bytes as an integer or with a unit"
-        )
-    return int(budget)
+        m = re.fullmatch(r"([0-9]+)\s*/\s*([0-9]+)", s)
+        if m:
+            num, den = int(m.group(1)), int(m.group(2))
+            if den == 0 or num == 0 or num > den:
+                raise ValueError(f"budget {s!r} is not a fraction in (0, 1]; {BUDGET_RULE}")
+            return Fraction(num, den), None
+        if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", s):
+            value = float(s)
+            return parse_budget_value(int(value) if value.is_integer() and value > 1 else value)
+        try:
+            nbytes = parse_bytes(s)
+        except ValueError:
+            raise ValueError(f"budget {s!r} is not a fraction or a size; {BUDGET_RULE}") from None
+        if nbytes < 1:
+            raise ValueError(f"budget {s!r} is less than one byte; {BUDGET_RULE}")
+        return None, nbytes
+    if not budget > 0 or budget != budget or budget == float("inf"):
+        raise ValueError(f"budget must be positive, got {budget!r}; {BUDGET_RULE}")
+    if budget <= 1:
+        return Fraction(budget).limit_denominator(1 << 20), None
+    if isinstance(budget, float) and not budget.is_integer():
+        raise ValueError(f"budget {budget!r} is ambiguous: above 1 but not whole bytes; {BUDGET_RULE}")
+    return None, int(budget)
+
+
+def budget_arg(text: str) -> str:
+    """argparse ``type=`` for ``--budget``: the rule above, its error naming the flag."""
+    import argparse
+
+    try:
+        parse_budget_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def size_arg(text: str) -> str:
+    """argparse ``type=`` for a memory size such as ``80GiB``."""
+    import argparse
+
+    try:
+        if parse_bytes(text) < 1:
+            raise ValueError(f"size {text!r} is less than one byte")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def resolve_budget(budget: float | int | str | None, features: list[FeatureSpec], dim: int) -> int | None:
+    """Budget in bytes (see the module docstring for the rule)."""
+    if budget is None:
+        return None
+    frac, nbytes = parse_budget_value(budget)
+    if frac is not None:
+        return int(float(frac) * full_bytes(features, dim))
+    return nbytes
 
 
 def format_bytes(n: float) -> str:

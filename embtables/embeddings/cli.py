@@ -8,6 +8,9 @@ import argparse
 import ast
 from pathlib import Path
 
+from embtables.argtypes import table_dim
+from embtables.embeddings.budget import budget_arg
+
 
 def _knob(text: str) -> tuple[str, object]:
     key, sep, val = text.partition("=")
@@ -59,8 +62,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("size", help="size an embedding method for a dataset and budget (builds nothing)")
     p.add_argument("data", type=Path, help="dataset directory (schema.json)")
     p.add_argument("--method", required=True, help="embedding method (see `embtables list`)")
-    p.add_argument("--budget", default=None, help="fraction of the full size (0.1, 1/16) or bytes (4MiB)")
-    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--budget", type=budget_arg, default=None,
+                   help="fraction of the full size, a number in (0, 1] (1, 0.1, 1/16), or bytes (4MiB)")
+    p.add_argument("--dim", type=table_dim, default=16, help="output width per feature (multiple of 4)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--knob", type=_knob, action="append", default=[], metavar="KEY=VALUE",
                    help="a method knob, repeatable (e.g. --knob operation=concat --knob partitions=3)")

@@ -134,5 +134,6 @@ def _dim_of(features) -> int:
 
 
 def _import_builtin_methods() -> None:
-    # Importing the package registers every built-in method file.
-    import embtables.embeddings  # noqa: F401
+    from embtables.embeddings import load_methods
+
+    load_methods()

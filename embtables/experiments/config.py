@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embtables.embeddings.budget import parse_budget_value
 from embtables.sharding.config import ShardingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -50,6 +51,21 @@ class EmbeddingSection(Strict):
     dim: int = Field(16, ge=4, description="output width per feature (multiple of 4)")
     budget: float | int | str | None = Field(None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
+
+    @field_validator("dim")
+    @classmethod
+    def _dim_multiple_of_4(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"must be a multiple of 4 (FBGEMM's kernels need it), got {v}")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_rule(cls, v: float | int | str | None) -> float | int | str | None:
+
+        if v is not None:
+            parse_budget_value(v)  # its ValueError states the rule; pydantic adds the key path
+        return v
 
     @model_validator(mode="after")
     def _check_method_and_knobs(self) -> EmbeddingSection:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from embtables.argtypes import positive_int
+
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from embtables.experiments.sweep import default_sweep_dir, default_threads, run_sweep
@@ -51,8 +53,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("config", help="comparison file (YAML with a sweep: section) or shipped name, "
                                   "e.g. budget-synth-criteo")
     c.add_argument("--quick", action="store_true", help="apply the file's sweep.quick section (fewer cells, less data)")
-    c.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1)")
-    c.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / jobs)")
+    c.add_argument("--jobs", type=positive_int, default=1,
+                   help="cells run at once, each in its own process (default 1)")
+    c.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per cell (default: cores / jobs)")
     c.add_argument("--sweep-dir", default=None, help="directory of the comparison (default runs/<name>[-quick])")
     c.add_argument("--methods", default=None, help="comma-separated method labels or names to keep")
     c.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -176,41 +176,22 @@ class BudgetSpec:
 
 
 def parse_budget(value: Budget, where: str) -> BudgetSpec:
-    """``1``, ``0.25``, ``"1/16"`` -> a fraction; ``4194304``, ``"4MiB"`` -> bytes.
-
-    Unlike ``embedding.budget``, the integer 1 means the whole full size here: a sweep's
-    budgets are read as a column of fractions, and 1 byte is never a useful budget."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: a budget is a fraction or a size, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigError(f"{where}: budget must be positive, got {value!r}")
-        if value <= 1:
-            frac = Fraction(value).limit_denominator(1 << 20)
-            return BudgetSpec(_frac_label(frac, value), frac)
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where}: budget {value!r} is neither a fraction in (0, 1] nor whole bytes")
-        return BudgetSpec(str(int(value)), None, str(int(value)))
-    s = str(value).strip()
-    m = re.fullmatch(r"([0-9]+)\s*/\s*([0-9]+)", s)
-    if m:
-        num, den = int(m.group(1)), int(m.group(2))
-        if num <= 0 or den <= 0 or num > den:
-            raise ConfigError(f"{where}: fraction {s!r} must be in (0, 1]")
-        return BudgetSpec(f"{num}/{den}", Fraction(num, den))
-    try:
-        as_float = float(s)
-    except ValueError:
-        as_float = None
-    if as_float is not None:
-        return parse_budget(int(as_float) if as_float.is_integer() else as_float, where)
-    from embtables.embeddings import parse_bytes
+    """``1``, ``0.25``, ``"1/16"`` -> a fraction; ``4194304``, ``"4MiB"`` -> bytes: the rule
+    of :mod:`embtables.embeddings.budget`, the same as ``embedding.budget``'s."""
+    from embtables.embeddings.budget import parse_budget_value
 
     try:
-        parse_bytes(s)
+        frac, nbytes = parse_budget_value(value)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return BudgetSpec(s.replace(" ", ""), None, s)
+    if frac is not None:
+        if isinstance(value, str) and "/" in value:
+            return BudgetSpec(f"{frac.numerator}/{frac.denominator}" if frac != 1 else "1", frac)
+        return BudgetSpec(_frac_label(frac, float(value)), frac)
+    if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit():
+        s = value.strip()
+        return BudgetSpec(s.replace(" ", ""), None, s)
+    return BudgetSpec(str(nbytes), None, str(nbytes))
 
 
 def _frac_label(frac: Fraction, value: float) -> str:

@@ -20,16 +20,13 @@ from tqdm import tqdm
 
 from embtables import faults
 from embtables.datasets.reader import BatchReader
+from embtables.errors import TrainingDiverged
 from embtables.experiments import metrics as M
 from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
 from embtables.experiments.optim import attach_embedding_optimizer, dense_optimizer, lr_factor, set_lr
 from embtables.sharding import DistContext, shard_model
 from embtables.sharding.collectives_metrics import all_gather_1d, gather_predictions
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 class StopRequested(Exception):

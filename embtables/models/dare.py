@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
 from embtables.models.segment_ops import (
@@ -39,10 +40,14 @@ from embtables.models.seq_common import BehaviorModel, SeqModelConfig, head_mlp,
 
 
 class DAREConfig(SeqModelConfig):
-    attention_dim: int | None = Field(None, ge=4, description="attention embedding width (default embedding.dim)")
-    attention_method: str | None = Field(None, description="embedding method of the attention module (default embedding.method)")
-    attention_budget: float | int | str | None = Field(None, description="budget of the attention module (default embedding.budget)")
-    top_k: int | None = Field(None, ge=1, description="aggregate only the k highest-scoring behaviours (soft search)")
+    attention_dim: int | None = Field(
+        None, ge=4, description="attention embedding width (default embedding.dim)")
+    attention_method: str | None = Field(
+        None, description="embedding method of the attention module (default embedding.method)")
+    attention_budget: float | int | str | None = Field(
+        None, description="budget of the attention module (default embedding.budget)")
+    top_k: int | None = Field(
+        None, ge=1, description="aggregate only the k highest-scoring behaviours (soft search)")
     target_product: bool = True
 
 
@@ -101,9 +106,9 @@ class DARE(BehaviorModel):
 
 
 @register_model("dare", DAREConfig)
-def build_dare(cfg: DAREConfig, schema, embedding_cfg, device=None) -> DARE:
-    rep, context = build_behavior_embeddings(schema, embedding_cfg, cfg, device)
-    att, _ = build_behavior_embeddings(schema, embedding_cfg, cfg, device, method=cfg.attention_method,
+def build_dare(cfg: DAREConfig, schema, make_embedding: MakeEmbedding, device=None) -> DARE:
+    rep, context = build_behavior_embeddings(schema, make_embedding, cfg)
+    att, _ = build_behavior_embeddings(schema, make_embedding, cfg, method=cfg.attention_method,
                                        dim=cfg.attention_dim, budget=cfg.attention_budget, context=False)
     model = DARE(schema, cfg, att, rep, context)
     return model.to(device) if device is not None else model

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings import features_from_schema
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.mlp import mlp
 from embtables.models.registry import register_model
 
@@ -15,7 +17,8 @@ from embtables.models.registry import register_model
 class DCNConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cross_layers: int = Field(3, ge=1)
-    low_rank: int | None = Field(None, ge=1, description="rank of each cross layer's weight; None = full rank")
+    low_rank: int | None = Field(
+        None, ge=1, description="rank of each cross layer's weight; None = full rank")
     deep_mlp: list[int] = Field(default_factory=lambda: [256, 128])
     structure: str = Field("stacked", pattern="^(stacked|parallel)$")
 
@@ -61,7 +64,5 @@ class DCNv2(nn.Module):
 
 
 @register_model("dcn", DCNConfig)
-def build_dcn(cfg: DCNConfig, schema, embedding_cfg, device=None) -> DCNv2:
-    from embtables.experiments.build import build_embedding
-
-    return DCNv2(build_embedding(embedding_cfg, schema, device=device), len(schema.dense), cfg)
+def build_dcn(cfg: DCNConfig, schema, make_embedding: MakeEmbedding, device=None) -> DCNv2:
+    return DCNv2(make_embedding(features_from_schema(schema)), len(schema.dense), cfg)

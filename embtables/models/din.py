@@ -23,9 +23,11 @@ from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.registry import register_model
 from embtables.models.segment_ops import GatherPlan, gather, segment_softmax, segment_sum
 from embtables.models.seq_common import (
+    BehaviorInputs,
     BehaviorModel,
     SeqModelConfig,
     activation,
@@ -91,22 +93,18 @@ class DIN(BehaviorModel):
         return target, segment_sum(hist * w.unsqueeze(1), rows)
 
 
-def build_behavior_embeddings(schema, embedding_cfg, inputs_cfg: SeqModelConfig, device=None, *, method=None,
-                              dim=None, budget=None, context: bool = True):
+def build_behavior_embeddings(schema, make_embedding: MakeEmbedding, inputs_cfg: SeqModelConfig, *,
+                              method=None, dim=None, budget=None, context: bool = True):
     """(behaviour sequence module over the target features, pooled context module or None)."""
-    from embtables.experiments.build import build_embedding
-    from embtables.models.seq_common import BehaviorInputs
-
-    inputs = BehaviorInputs(schema, inputs_cfg.behavior_features, inputs_cfg.context_features, inputs_cfg.padding_id)
-    behavior = build_embedding(embedding_cfg, schema, device=device, sequence=True, features=inputs.behavior_specs,
-                               method=method, dim=dim, budget=budget)
-    context = (build_embedding(embedding_cfg, schema, device=device, features=inputs.context_specs)
-               if inputs.context_specs and context else None)
+    inputs = BehaviorInputs(schema, inputs_cfg.behavior_features, inputs_cfg.context_features,
+                            inputs_cfg.padding_id)
+    behavior = make_embedding(inputs.behavior_specs, sequence=True, method=method, dim=dim, budget=budget)
+    context = make_embedding(inputs.context_specs) if inputs.context_specs and context else None
     return behavior, context
 
 
 @register_model("din", DINConfig)
-def build_din(cfg: DINConfig, schema, embedding_cfg, device=None) -> DIN:
-    behavior, context = build_behavior_embeddings(schema, embedding_cfg, cfg, device)
+def build_din(cfg: DINConfig, schema, make_embedding: MakeEmbedding, device=None) -> DIN:
+    behavior, context = build_behavior_embeddings(schema, make_embedding, cfg)
     model = DIN(schema, cfg, behavior, context)
     return model.to(device) if device is not None else model

@@ -8,13 +8,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings import features_from_schema
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.mlp import mlp
 from embtables.models.registry import register_model
 
 
 class DLRMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bottom_mlp: list[int] = Field(default_factory=lambda: [64, 32], description="last size is set to embedding.dim")
+    bottom_mlp: list[int] = Field(
+        default_factory=lambda: [64, 32], description="last size is set to embedding.dim")
     top_mlp: list[int] = Field(default_factory=lambda: [128, 64])
     self_interaction: bool = False
 
@@ -46,7 +49,5 @@ class DLRM(nn.Module):
 
 
 @register_model("dlrm", DLRMConfig)
-def build_dlrm(cfg: DLRMConfig, schema, embedding_cfg, device=None) -> DLRM:
-    from embtables.experiments.build import build_embedding
-
-    return DLRM(build_embedding(embedding_cfg, schema, device=device), len(schema.dense), cfg)
+def build_dlrm(cfg: DLRMConfig, schema, make_embedding: MakeEmbedding, device=None) -> DLRM:
+    return DLRM(make_embedding(features_from_schema(schema)), len(schema.dense), cfg)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def mlp(in_dim: int, sizes: list[int], *, last_activation: bool = True, dropout: float = 0.0) -> nn.Sequential:
+def mlp(in_dim: int, sizes: list[int], *, last_activation: bool = True,
+        dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = in_dim
     for i, h in enumerate(sizes):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embtables.embeddings.factory import MakeEmbedding
 from embtables.models.din import build_behavior_embeddings
 from embtables.models.registry import register_model
 from embtables.models.segment_ops import GatherPlan, segment_sum
@@ -37,7 +38,7 @@ class PoolModel(BehaviorModel):
 
 
 @register_model("pool", PoolConfig)
-def build_pool(cfg: PoolConfig, schema, embedding_cfg, device=None) -> PoolModel:
-    behavior, context = build_behavior_embeddings(schema, embedding_cfg, cfg, device)
+def build_pool(cfg: PoolConfig, schema, make_embedding: MakeEmbedding, device=None) -> PoolModel:
+    behavior, context = build_behavior_embeddings(schema, make_embedding, cfg)
     model = PoolModel(schema, cfg, behavior, context)
     return model.to(device) if device is not None else model

@@ -1,8 +1,11 @@
 """Model registry: ``@register_model("dlrm", DLRMConfig)`` on a builder function.
 
-A builder is ``fn(cfg, schema, embedding: EmbeddingSection) -> nn.Module``; the module
-is a pure ``nn.Module`` returning logits from ``forward(dense, sparse)`` and exposes
-``embedding_modules() -> dict[str, EmbeddingMethod]``.
+A builder is ``fn(cfg, schema, make_embedding: MakeEmbedding, device=None) -> nn.Module``:
+it calls ``make_embedding`` (``embtables.embeddings.factory``) for each embedding module
+it needs and never sees the experiment's ``embedding:`` section. The module is a pure
+``nn.Module`` returning logits from ``forward(dense, sparse)`` and exposes
+``embedding_modules() -> dict[str, EmbeddingMethod]``. Importing this module imports the
+package, whose ``__init__`` registers the built-in models.
 """
 
 from __future__ import annotations
@@ -34,14 +37,10 @@ def register_model(name: str, config_cls: type[BaseModel]):
 
 
 def list_models() -> list[str]:
-    import embtables.models  # noqa: F401  (registers the built-in models)
-
     return sorted(_MODELS)
 
 
 def get_model(name: str) -> ModelEntry:
-    import embtables.models  # noqa: F401
-
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]

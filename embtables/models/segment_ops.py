@@ -52,7 +52,8 @@ class GatherPlan:
     def from_lengths(cls, lengths: torch.Tensor, total: int | None = None) -> GatherPlan:
         """Row ``r`` repeated ``lengths[r]`` times (jagged values in row order)."""
         n = int(lengths.sum()) if total is None else total
-        return cls(row_index(lengths, n), offsets_from_lengths(lengths), torch.arange(n, device=lengths.device),
+        return cls(row_index(lengths, n), offsets_from_lengths(lengths),
+                   torch.arange(n, device=lengths.device),
                    len(lengths))
 
     @classmethod

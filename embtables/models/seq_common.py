@@ -47,9 +47,11 @@ class SeqModelConfig(BaseModel):
     activation: Literal["dice", "prelu", "relu"] = "dice"
     dropout: float = Field(0.0, ge=0, lt=1)
     l2: float = Field(0.0, ge=0, description="mini-batch aware L2 weight lambda (0 = off)")
-    padding_id: int | None = Field(0, description="history id that means 'no behaviour' (dropped); null = none")
+    padding_id: int | None = Field(
+        0, description="history id that means 'no behaviour' (dropped); null = none")
     behavior_features: list[str] | None = Field(
-        None, description="target features with a history (default: every shares_with of the schema's sequences)")
+        None,
+        description="target features with a history (default: every shares_with of the schema's sequences)")
     context_features: list[str] | None = Field(None, description="pooled categoricals (default: all others)")
     dedup: bool = Field(True, description="look up each distinct behaviour id once per batch and expand")
 
@@ -173,11 +175,14 @@ class BehaviorInputs(nn.Module):
         self.behavior = list(behavior) if behavior is not None else [t for t in seq_of if t in cats]
         for f in self.behavior:
             if f not in cats:
-                raise ValueError(f"model behavior_features: {f!r} is not a categorical feature of {schema.name!r}")
+                raise ValueError(
+                    f"model behavior_features: {f!r} is not a categorical feature of {schema.name!r}")
             if f not in seq_of:
-                raise ValueError(f"model behavior_features: {f!r} has no history (no sequence feature shares_with it)")
+                raise ValueError(
+                    f"model behavior_features: {f!r} has no history (no sequence feature shares_with it)")
         if not self.behavior:
-            raise ValueError(f"dataset {schema.name!r} has no sequence feature with shares_with: not a behaviour dataset")
+            raise ValueError(
+                f"dataset {schema.name!r} has no sequence feature with shares_with: not a behaviour dataset")
         self.history = [seq_of[f] for f in self.behavior]
         self.context = (list(context) if context is not None
                         else [c.name for c in schema.categorical if c.name not in self.behavior])
@@ -215,7 +220,8 @@ class BehaviorInputs(nn.Module):
             hist_vals.append(v if keep is None else v[keep])
         assert lengths is not None
         ones = lengths.new_ones(b)
-        values = torch.cat([t for f, hv in zip(self.behavior, hist_vals, strict=True) for t in (seg[f][0], hv)])
+        pairs = zip(self.behavior, hist_vals, strict=True)
+        values = torch.cat([t for f, hv in pairs for t in (seg[f][0], hv)])
         all_lengths = torch.cat([t for _ in self.behavior for t in (ones, lengths)])
         for f in self.behavior:
             if int(seg[f][1].sum()) != b:
@@ -297,7 +303,8 @@ class BehaviorModel(nn.Module):
         self.mba_l2 = MiniBatchL2([*self.inputs.behavior_specs, *self.inputs.context_specs], cfg.l2)
 
     # -- to be filled in by subclasses
-    def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def interest(self, packed: KeyedJaggedTensor, lengths: torch.Tensor,
+                 b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (target representation [B, Dt], interest vector [B, Di])."""
         raise NotImplementedError
 

@@ -46,14 +46,11 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torchrec.optim.keyed import KeyedOptimizer
 
 from embtables import faults
+from embtables.errors import CheckpointError
 
 MARKER = "checkpoint.json"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: manifest.json and the .partial directory; 1 (no manifest) still loads
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupted or does not fit the model it is loaded into."""
 
 
 class CheckpointDiskFull(CheckpointError):

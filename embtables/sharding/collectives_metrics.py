@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from embtables.metrics import auc, logloss
+
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -17,7 +19,8 @@ def all_gather_1d(x: torch.Tensor) -> torch.Tensor:
     if not _active():
         return x.clone()
     # nccl moves only device tensors; gloo only host tensors.
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     n = torch.tensor([x.numel()], dtype=torch.long, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
@@ -40,7 +43,6 @@ def gather_predictions(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 def global_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int | None]:
     """AUC, logloss and count over all ranks' predictions; the same on every rank.
     AUC is None when only one class is present."""
-    from embtables.experiments.metrics import auc, logloss
-
     p, y = gather_predictions(probs, labels)
-    return {"auc": auc(y.numpy(), p.numpy()), "logloss": logloss(y.numpy(), p.numpy()), "count": int(p.numel())}
+    y_np, p_np = y.numpy(), p.numpy()
+    return {"auc": auc(y_np, p_np), "logloss": logloss(y_np, p_np), "count": int(p.numel())}

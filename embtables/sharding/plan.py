@@ -1,10 +1,12 @@
-"""`embtables plan`: TorchRec's sharding plan for a config, offline.
+"""TorchRec's sharding plan for a module, offline, and what to change when it does not fit.
 
-The model is built on the ``meta`` device (no memory, no GPU), the configured embedding
-optimizer is attached in backward so that the planner counts its state, and TorchRec's
-``EmbeddingShardingPlanner.plan()`` runs for any world size / device / memory. The
-per-shard memory is TorchRec's own ``EmbeddingStorageEstimator`` estimate (weights,
-optimizer state, input/output buffers), as the planner used it.
+:func:`plan_model_offline` runs TorchRec's ``EmbeddingShardingPlanner.plan()`` on a model
+(typically built on the ``meta`` device: no memory, no GPU, with its embedding optimizer
+attached in backward so that the planner counts its state) for any world size / device /
+memory in a :class:`ShardingConfig`. The per-shard memory is TorchRec's own
+``EmbeddingStorageEstimator`` estimate (weights, optimizer state, input/output buffers),
+as the planner used it. Planning a YAML config (``embtables plan``) is
+``embtables.experiments.planning.plan_config``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torchrec.distributed.planner.types import PlannerError
 
 from embtables.embeddings.budget import format_bytes, parse_bytes
 from embtables.sharding.config import ShardingConfig
-from embtables.sharding.dmp import PlanDoesNotFit, make_planner, sharders, table_infos
+from embtables.sharding.dmp import local_world_size, make_planner, sharders, table_infos
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "schemas"
 # Optimizer state per row, in fp32 values: (per row, per element).
 _OPT_STATE = {"rowwise_adagrad": (1, 0), "adagrad": (0, 1), "adam": (0, 2), "sgd": (0, 0)}
 
@@ -57,58 +57,6 @@ class PlanReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def _schema_for(cfg):
-    """The dataset's schema.json; a shipped schema-only description when the data is absent."""
-    from embtables.datasets.schema import load_schema
-
-    root = Path(cfg.data.path).expanduser()
-    if (root / "schema.json").exists():
-        return load_schema(root), str(root / "schema.json")
-    shipped = SCHEMA_DIR / root.name
-    if (shipped / "schema.json").exists():
-        return load_schema(shipped), str(shipped / "schema.json")
-    raise FileNotFoundError(
-        f"data.path: {root} holds no schema.json and there is no shipped schema {shipped}/schema.json; "
-        "`embtables plan` needs only schema.json (feature names and cardinalities), not the data"
-    )
-
-
-def build_meta_model(cfg, device: str | None = None) -> torch.nn.Module:
-    """The configured model with its tables on ``meta`` and the embedding optimizer attached."""
-    from embtables.experiments.build import build_model
-    from embtables.experiments.optim import attach_embedding_optimizer
-
-    schema, _ = _schema_for(cfg)
-    model = build_model(cfg, schema, device=torch.device("meta"))
-    attach_embedding_optimizer(model, cfg.train.embedding_optimizer, device or cfg.sharding.device)
-    return model
-
-
-def _sharding_for(cfg, world_size, device, hbm, host_memory, offload) -> ShardingConfig:
-    s = cfg.sharding.model_copy()
-    updates = {"world_size": world_size, "device": device, "hbm_per_device": hbm, "host_memory": host_memory,
-               "offload": offload}
-    return s.model_copy(update={k: v for k, v in updates.items() if v is not None})
-
-
-def plan_config(
-    config, overrides: list[str] | None = None, *, world_size: int | None = None, device: str | None = None,
-    hbm: str | None = None, host_memory: str | None = None, offload: str | None = None, suggest: bool = True,
-) -> PlanReport:
-    """Plan ``config`` offline; raises PlanDoesNotFit (with the smallest change that fits)."""
-    from embtables.experiments.config import load_config
-
-    cfg = load_config(config, overrides)
-    scfg = _sharding_for(cfg, world_size, device, hbm, host_memory, offload)
-    model = build_meta_model(cfg, scfg.device)
-    try:
-        return plan_model_offline(model, scfg, cfg.name)
-    except PlannerError as e:
-        if not suggest:
-            raise PlanDoesNotFit(str(e).splitlines()[0]) from None
-        raise PlanDoesNotFit(_explain(cfg, model, scfg, e)) from None
-
-
 def plan_model_offline(model: torch.nn.Module, scfg: ShardingConfig, name: str = "model") -> PlanReport:
     dev = scfg.device
     planner = make_planner(model, scfg, scfg.world_size, dev)
@@ -117,7 +65,8 @@ def plan_model_offline(model: torch.nn.Module, scfg: ShardingConfig, name: str =
     infos = {t.name: t for t in table_infos(model)}
     topo = planner._topology
     rep = PlanReport(
-        config=name, world_size=scfg.world_size, device=dev, offload=scfg.offload if dev == "cuda" else "none",
+        config=name, world_size=scfg.world_size, device=dev,
+        offload=scfg.offload if dev == "cuda" else "none",
         hbm_per_rank=topo.devices[0].storage.hbm if dev == "cuda" else None,
         host_per_rank=topo.devices[0].storage.ddr, reserve=scfg.storage_reserve,
         rank_hbm=[0] * scfg.world_size, rank_host=[0] * scfg.world_size,
@@ -168,7 +117,10 @@ def _fits(model, scfg) -> bool:
         return False
 
 
-def _explain(cfg, model, scfg: ShardingConfig, err: PlannerError) -> str:
+def explain_does_not_fit(model, scfg: ShardingConfig, err: PlannerError, method: str) -> str:
+    """The planner's refusal as the memory it needed and the smallest changes that fit
+    (more ranks, offload, a smaller ``embedding.budget``); ``method`` is the embedding
+    method, for the hint."""
     tables = table_infos(model)
     opt = _optimizer_name(model)
     per_row, per_elem = _OPT_STATE.get(opt, (0, 0))
@@ -182,7 +134,8 @@ def _explain(cfg, model, scfg: ShardingConfig, err: PlannerError) -> str:
         cap = parse_bytes(scfg.hbm_per_device) if scfg.hbm_per_device else None
     else:
         cap = parse_bytes(scfg.host_memory) // _lws(scfg) if scfg.host_memory else None
-    cap = cap if cap is not None else make_planner(model, scfg, 1, scfg.device)._topology.devices[0].storage.ddr
+    if cap is None:
+        cap = make_planner(model, scfg, 1, scfg.device)._topology.devices[0].storage.ddr
     usable = int(cap * (1 - scfg.storage_reserve))
     total = sum(need(t) for t in tables)
     big = max(tables, key=need)
@@ -206,16 +159,17 @@ def _explain(cfg, model, scfg: ShardingConfig, err: PlannerError) -> str:
     if gpu_resident:
         trial = scfg.model_copy(update={"offload": "uvm_caching"})
         if _fits(model, trial):
-            lines.append(f"  - offload: sharding.offload=uvm_caching (cache_load_factor={scfg.cache_load_factor}) "
+            lines.append("  - offload: sharding.offload=uvm_caching "
+                         f"(cache_load_factor={scfg.cache_load_factor}) "
                          f"keeps tables in host memory with an HBM cache")
         else:
-            lines.append("  - offload: sharding.offload=uvm_caching does not fit either (host memory too small)")
+            lines.append("  - offload: sharding.offload=uvm_caching does not fit either "
+                         "(host memory too small)")
     # 3. a smaller embedding budget
     fraction = usable * scfg.world_size * 0.85 / max(total, 1)
     weights = sum(t.rows * t.dim * t.bytes_per_value for t in tables)
     budget = int(weights * fraction)
     if fraction < 1:
-        method = cfg.embedding.method
         hint = "" if method != "full" else " with a compressing method (embedding.method=hash, qr or unified)"
         lines.append(f"  - smaller tables: embedding.budget={budget} (~{format_bytes(budget)}, "
                      f"{fraction:.3f} of the current tables){hint}")
@@ -224,8 +178,6 @@ def _explain(cfg, model, scfg: ShardingConfig, err: PlannerError) -> str:
 
 
 def _lws(scfg: ShardingConfig) -> int:
-    from embtables.sharding.dmp import local_world_size
-
     return local_world_size(scfg, scfg.world_size, scfg.device)
 
 
@@ -252,7 +204,8 @@ def format_report(rep: PlanReport) -> str:
                      gib(t.host_bytes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        out.append("  ".join(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        cells = enumerate(zip(r, widths, strict=True))
+        out.append("  ".join(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w) for i, (c, w) in cells))
     out.append("per rank (TorchRec storage estimate: weights + optimizer state + I/O buffers):")
     for r in range(rep.world_size):
         if rep.world_size > 8 and 3 <= r < rep.world_size - 2:
@@ -265,7 +218,8 @@ def format_report(rep: PlanReport) -> str:
         parts.append(f"host {gib(rep.rank_host[r])} / {gib(rep.host_per_rank)}")
         out.append(f"  rank {r:>3}: " + ", ".join(parts))
     if rep.device == "cuda":
-        out.append(f"  max HBM {gib(max(rep.rank_hbm))} on one rank, {max(rep.rank_hbm) / rep.hbm_per_rank:.1%} "
+        share = max(rep.rank_hbm) / rep.hbm_per_rank
+        out.append(f"  max HBM {gib(max(rep.rank_hbm))} on one rank, {share:.1%} "
                    f"of {gib(rep.hbm_per_rank)}")
     out.append(f"  max host {gib(max(rep.rank_host))} on one rank")
     out.append(f"total: weights {gib(rep.weights_bytes)} + optimizer state {gib(rep.optimizer_bytes)} = "

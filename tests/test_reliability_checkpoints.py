@@ -99,8 +99,13 @@ def test_resume_falls_back_to_the_older_checkpoint_and_says_so(straight, tiny_sy
 
 def test_resume_refuses_when_no_checkpoint_is_sound(tiny_synth, tmp_path):
     d = tmp_path / "r"
-    run("quickstart", overrides=tiny_overrides(tiny_synth, **{**STEPS, "train.max_steps": 16}), run_dir=d, quiet=True,
-        stop_after_step=12)
+    run(
+        "quickstart",
+        overrides=tiny_overrides(tiny_synth, **{**STEPS, "train.max_steps": 16}),
+        run_dir=d,
+        quiet=True,
+        stop_after_step=12,
+    )
     for ck in RunDir(d).checkpoints():
         _flip(_distcp(ck))
     with pytest.raises(CheckpointError, match="no checkpoint passes its check"):
@@ -119,7 +124,9 @@ def test_a_checkpoint_without_manifest_loads_with_a_warning(straight, tiny_synth
     assert report["test"]["auc"] == pytest.approx(full["test_auc"], abs=1e-6)
 
 
-def test_full_disk_while_saving_leaves_no_partial_step_and_resumes(straight, tiny_synth, tmp_path, monkeypatch):
+def test_full_disk_while_saving_leaves_no_partial_step_and_resumes(
+    straight, tiny_synth, tmp_path, monkeypatch
+):
     full, _ = straight
     d = tmp_path / "r"
     # Six files a checkpoint (1 .distcp, .metadata, extra, replicated, checkpoint.json, manifest):

@@ -15,9 +15,18 @@ METRICS = ("valid_auc", "test_auc", "valid_logloss", "test_logloss")
 
 
 def _overrides(data) -> list[str]:
-    return [f"data.path={data}", "train.progress=false", "train.batch_size=256", "train.max_steps=10",
-            "train.eval_every=4", "embedding.dim=8", "model.dlrm.bottom_mlp=[16]", "model.dlrm.top_mlp=[16]",
-            "train.threads=1", "data.shuffle_buffer=1024"]
+    return [
+        f"data.path={data}",
+        "train.progress=false",
+        "train.batch_size=256",
+        "train.max_steps=10",
+        "train.eval_every=4",
+        "embedding.dim=8",
+        "model.dlrm.bottom_mlp=[16]",
+        "model.dlrm.top_mlp=[16]",
+        "train.threads=1",
+        "data.shuffle_buffer=1024",
+    ]
 
 
 @pytest.mark.slow  # three 2-rank launches: ~3 min on a loaded 2-core machine

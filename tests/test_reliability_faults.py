@@ -15,7 +15,9 @@ def test_spec_parses_points_actions_and_ranks():
     assert faults.parse("ckpt_write:3", rank=0) == {"ckpt_write": (3, "enospc")}
     assert faults.parse("kill_after_step:5", rank=0) == {"kill_after_step": (5, "kill")}
     assert faults.parse("ckpt_write:2:eio, kill_after_step:4@1", rank=1) == {
-        "ckpt_write": (2, "eio"), "kill_after_step": (4, "kill")}
+        "ckpt_write": (2, "eio"),
+        "kill_after_step": (4, "kill"),
+    }
     assert faults.parse("kill_after_step:4@1", rank=0) == {}
     for bad in ("ckpt_write", "ckpt_write:0", "ckpt_write:x", "ckpt_write:1:explode"):
         with pytest.raises(faults.FaultSpecError, match="EMBTABLES_FAULT"):
@@ -38,9 +40,17 @@ def test_the_nth_pass_trips_and_no_other(monkeypatch):
 
 
 def test_kill_action_kills_the_process():
-    code = "from embtables import faults\nfor i in range(5):\n    faults.hit('kill_after_step')\n    print(i, flush=True)\n"
-    p = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, faults.ENV: "kill_after_step:2"},
-                       capture_output=True, text=True, timeout=60)
+    code = (
+        "from embtables import faults\nfor i in range(5):\n"
+        "    faults.hit('kill_after_step')\n    print(i, flush=True)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**__import__("os").environ, faults.ENV: "kill_after_step:2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == -9 and p.stdout.split() == ["0"]
 
 

@@ -45,8 +45,12 @@ def _cli_run(data: Path, run_dir: Path, fault: str) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def straight(tiny_synth, tmp_path_factory):
-    return run("quickstart", overrides=tiny_overrides(tiny_synth, **STEPS),
-               run_dir=tmp_path_factory.mktemp("straight") / "r", quiet=True)
+    return run(
+        "quickstart",
+        overrides=tiny_overrides(tiny_synth, **STEPS),
+        run_dir=tmp_path_factory.mktemp("straight") / "r",
+        quiet=True,
+    )
 
 
 def _same(a: dict, b: dict) -> None:
@@ -101,7 +105,9 @@ def test_a_truncated_parquet_part_is_refused_naming_it_before_anything_is_writte
 def _comparison(tmp_path: Path, data: Path) -> Path:
     cfg: dict = {"name": "killcmp"}
     # Long enough cells (7 epochs of 18 steps) for the kill to land while both run.
-    for key, val in tiny_overrides(data, **{"train.epochs": 7, "train.max_steps": 120, "train.eval_every": 20}).items():
+    for key, val in tiny_overrides(
+        data, **{"train.epochs": 7, "train.max_steps": 120, "train.eval_every": 20}
+    ).items():
         node = cfg
         *head, last = key.split(".")
         for h in head:
@@ -130,15 +136,32 @@ def reference_sweep(tiny_synth, tmp_path_factory):
     return {c.cell_id: json.loads((tmp / "out" / c.cell_id / "summary.json").read_text()) for c in plan.cells}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"]
+)
 def test_killing_compare_ends_its_workers_and_the_rerun_completes(reference_sweep, tiny_synth, tmp_path, sig):
     cmp_file = _comparison(tmp_path, tiny_synth)
     sweep_dir = tmp_path / "out"
     log = tmp_path / "compare.log"
-    proc = subprocess.Popen([sys.executable, "-m", "embtables.cli", "compare", str(cmp_file), "--sweep-dir",
-                             str(sweep_dir), "--jobs", "2", "--threads", "1", "--quiet"],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embtables.cli",
+            "compare",
+            str(cmp_file),
+            "--sweep-dir",
+            str(sweep_dir),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
     deadline = time.time() + 240
     workers: set[int] = set()
     try:
@@ -160,9 +183,11 @@ def test_killing_compare_ends_its_workers_and_the_rerun_completes(reference_swee
     while any(_alive(w) for w in workers) and time.time() - t0 < 60:
         time.sleep(0.2)
     left = [w for w in workers if _alive(w)]
-    assert not left, ("workers of a killed compare are still running",
-                      [Path(f"/proc/{w}/status").read_text()[:300] for w in left],
-                      [p.read_text() for p in sweep_dir.glob("*/status.json")])
+    assert not left, (
+        "workers of a killed compare are still running",
+        [Path(f"/proc/{w}/status").read_text()[:300] for w in left],
+        [p.read_text() for p in sweep_dir.glob("*/status.json")],
+    )
     statuses = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/status.json")]
     assert "interrupted" in statuses  # a worker checkpointed and recorded itself on its way out
     plan = load_sweep(cmp_file)
@@ -178,8 +203,10 @@ def test_a_cell_held_by_a_live_process_is_not_run_again(tiny_synth, tmp_path):
     plan = load_sweep(cmp_file)
     held = plan.cells[0]
     cdir = tmp_path / "out" / held.cell_id
-    code = ("import time\nfrom embtables.experiments.rundir import RunDir\n"
-            f"with RunDir({str(cdir)!r}).lock():\n    print('held', flush=True)\n    time.sleep(120)\n")
+    code = (
+        "import time\nfrom embtables.experiments.rundir import RunDir\n"
+        f"with RunDir({str(cdir)!r}).lock():\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -57,9 +57,17 @@ def two_hosts():
 
 
 def _overrides(data: Path) -> list[str]:
-    return [f"data.path={data}", "data.max_train_rows=null", "data.max_eval_rows=null", "train.progress=false",
-            "train.batch_size=256", "train.max_steps=12", "train.eval_every=4", "train.threads=1",
-            "sharding.timeout_s=20"]
+    return [
+        f"data.path={data}",
+        "data.max_train_rows=null",
+        "data.max_eval_rows=null",
+        "train.progress=false",
+        "train.batch_size=256",
+        "train.max_steps=12",
+        "train.eval_every=4",
+        "train.threads=1",
+        "sharding.timeout_s=20",
+    ]
 
 
 def _torchrun(host, master: str, port: int, run_args: list[str], log: Path, fault: str | None = None):
@@ -68,12 +76,36 @@ def _torchrun(host, master: str, port: int, run_args: list[str], log: Path, faul
     env.pop("EMBTABLES_FAULT", None)
     if fault:
         env["EMBTABLES_FAULT"] = fault
-    cmd = ["ip", "netns", "exec", ns, str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{port}", "--rdzv-id", f"job{port}",
-           # torchrun tells the store's host by its hostname, which both namespaces share
-           "--rdzv-conf", f"is_host={'true' if addr == master else 'false'}", "--local-addr", addr,
-           "--max-restarts", "0", "-m", "embtables.cli", *run_args]
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        str(TORCHRUN),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{master}:{port}",
+        "--rdzv-id",
+        f"job{port}",
+        # torchrun tells the store's host by its hostname, which both namespaces share
+        "--rdzv-conf",
+        f"is_host={'true' if addr == master else 'false'}",
+        "--local-addr",
+        addr,
+        "--max-restarts",
+        "0",
+        "-m",
+        "embtables.cli",
+        *run_args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -102,7 +134,13 @@ def test_two_hosts_equal_one_host_and_a_lost_worker_ends_the_job(one_host, tiny_
         # 1. Two hosts, same metrics as one host with two processes.
         d = tmp_path / "two"
         port = free_port()
-        args = ["run", "quickstart-dist", "--run-dir", str(d), *sum((["--set", o] for o in _overrides(tiny_synth)), [])]
+        args = [
+            "run",
+            "quickstart-dist",
+            "--run-dir",
+            str(d),
+            *sum((["--set", o] for o in _overrides(tiny_synth)), []),
+        ]
         procs = [_torchrun(h, master, port, args, tmp_path / f"two-{i}.log") for i, h in enumerate(hosts)]
         for p in procs:
             p.wait(timeout=600)
@@ -116,7 +154,13 @@ def test_two_hosts_equal_one_host_and_a_lost_worker_ends_the_job(one_host, tiny_
         # 2. The worker on host B dies (SIGKILL at step 6, after the step-4 checkpoint).
         d = tmp_path / "killed"
         port = free_port()
-        args = ["run", "quickstart-dist", "--run-dir", str(d), *sum((["--set", o] for o in _overrides(tiny_synth)), [])]
+        args = [
+            "run",
+            "quickstart-dist",
+            "--run-dir",
+            str(d),
+            *sum((["--set", o] for o in _overrides(tiny_synth)), []),
+        ]
         a = _torchrun(hosts[0], master, port, args, tmp_path / "a.log")
         b = _torchrun(hosts[1], master, port, args, tmp_path / "b.log", fault="kill_after_step:6")
         b.wait(timeout=600)
@@ -124,7 +168,8 @@ def test_two_hosts_equal_one_host_and_a_lost_worker_ends_the_job(one_host, tiny_
         try:
             a.wait(timeout=50)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"host A still running 50 s after host B's worker died:\n{(tmp_path / 'a.log').read_text()[-3000:]}")
+            tail = (tmp_path / "a.log").read_text()[-3000:]
+            pytest.fail(f"host A still running 50 s after host B's worker died:\n{tail}")
         waited = time.monotonic() - t_dead
         a_log = (tmp_path / "a.log").read_text()
         assert a.returncode != 0 and b.returncode != 0, a_log[-2000:]

@@ -34,7 +34,9 @@ def _with_vocab(src: Path, dest: Path, shuffle: str | None = None) -> Path:
         raw = np.arange(c["num_embeddings"], dtype=np.int64) * 7 + 3
         if c["name"] == shuffle:
             raw = np.random.default_rng(0).permutation(raw)
-        pq.write_table(pa.table({"raw": raw, "count": np.ones_like(raw)}), dest / "vocab" / f"{c['name']}.parquet")
+        pq.write_table(
+            pa.table({"raw": raw, "count": np.ones_like(raw)}), dest / "vocab" / f"{c['name']}.parquet"
+        )
     s["extra"]["vocab"] = {"dir": "vocab"}
     (dest / "schema.json").write_text(json.dumps(s))
     return dest
@@ -44,10 +46,17 @@ def _with_vocab(src: Path, dest: Path, shuffle: str | None = None) -> Path:
 def trained(tiny_synth, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pred")
     raw_run = tmp / "raw-run"
-    run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 3}), run_dir=raw_run, quiet=True)
+    run(
+        "quickstart",
+        overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 3}),
+        run_dir=raw_run,
+        quiet=True,
+    )
     vdata = _with_vocab(tiny_synth, tmp / "vdata")
     vocab_run = tmp / "vocab-run"
-    run("quickstart", overrides=tiny_overrides(vdata, **{"train.max_steps": 3}), run_dir=vocab_run, quiet=True)
+    run(
+        "quickstart", overrides=tiny_overrides(vdata, **{"train.max_steps": 3}), run_dir=vocab_run, quiet=True
+    )
     return raw_run, vocab_run, vdata
 
 
@@ -64,7 +73,9 @@ def test_another_num_embeddings_is_refused_naming_the_feature(trained, tiny_synt
     raw_run, _, _ = trained
     other = tmp_path / "d"
     shutil.copytree(tiny_synth, other)
-    _edit_schema(other, lambda s: s["categorical"][4].update(num_embeddings=s["categorical"][4]["num_embeddings"] + 9))
+    _edit_schema(
+        other, lambda s: s["categorical"][4].update(num_embeddings=s["categorical"][4]["num_embeddings"] + 9)
+    )
     with pytest.raises(IncompatibleData, match="feature C5 has num_embeddings="):
         predict(raw_run, other, tmp_path / "p.parquet")
 

@@ -27,15 +27,20 @@ METRICS = ("valid_auc", "test_auc", "valid_logloss", "test_logloss")
 
 @pytest.mark.slow
 def test_random_kills_and_full_disks_always_resume_to_the_same_metrics(tiny_synth, tmp_path):
-    straight = run("quickstart", overrides=tiny_overrides(tiny_synth, **STEPS), run_dir=tmp_path / "straight",
-                   quiet=True)
+    straight = run(
+        "quickstart", overrides=tiny_overrides(tiny_synth, **STEPS), run_dir=tmp_path / "straight", quiet=True
+    )
     rng = random.Random(int(os.environ.get("EMBTABLES_RANDOM_SEED", "0")))
     cases = int(os.environ.get("EMBTABLES_RANDOM_CASES", "20"))
     tried, survived, outcomes = 0, 0, []
     for i in range(cases):
         kind = rng.choice(["kill", "term", "int", "enospc"])
         # 8 checkpoints (steps 4, 8, ..., 28, 30) of 6 files each: writes 1..48
-        fault = f"kill_after_step:{rng.randint(1, 29)}:{kind}" if kind != "enospc" else f"ckpt_write:{rng.randint(1, 48)}"
+        fault = (
+            f"kill_after_step:{rng.randint(1, 29)}:{kind}"
+            if kind != "enospc"
+            else f"ckpt_write:{rng.randint(1, 48)}"
+        )
         d = tmp_path / f"case{i}"
         args = [sys.executable, "-m", "embtables.cli", "run", "quickstart", "--run-dir", str(d)]
         for k, v in tiny_overrides(tiny_synth, **STEPS).items():

@@ -23,20 +23,33 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def finished(tiny_synth, tmp_path_factory):
     d = tmp_path_factory.mktemp("rd") / "run"
-    s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 12, "train.eval_every": 4}),
-            run_dir=d, quiet=True)
+    s = run(
+        "quickstart",
+        overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 12, "train.eval_every": 4}),
+        run_dir=d,
+        quiet=True,
+    )
     return d, s
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_an_existing_run_dir_is_refused_naming_resume(finished, tiny_synth):
     d, _ = finished
     before = _snapshot(d)
     with pytest.raises(RunDirError, match=r"--resume") as e:
-        run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}), run_dir=d, quiet=True)
+        run(
+            "quickstart",
+            overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}),
+            run_dir=d,
+            quiet=True,
+        )
     assert str(d) in str(e.value) and "--overwrite" in str(e.value)
     assert _snapshot(d) == before  # not one byte changed
 
@@ -59,7 +72,9 @@ def test_resume_refuses_a_result_changing_set_and_names_the_keys(finished):
         run(None, resume=d, overrides=["train.batch_size=512", "seed=3", "train.threads=1"], quiet=True)
     msg = str(e.value)
     assert "train.batch_size" in msg and "seed" in msg and "--from" in msg
-    assert "train.threads," not in msg.split("would change")[1].split("which")[0]  # a neutral key is not blamed
+    assert (
+        "train.threads," not in msg.split("would change")[1].split("which")[0]
+    )  # a neutral key is not blamed
     assert _snapshot(d) == before
 
 
@@ -85,7 +100,7 @@ def test_rundir_states(tmp_path):
     rd.write_config("name: x\n")
     rd.summary_path.write_text('{"auc": 0.7, "config_h')  # cut mid-write (not through RunDir)
     assert not rd.is_finished()
-    rd.summary_path.write_text('[0.7]')  # not a run summary
+    rd.summary_path.write_text("[0.7]")  # not a run summary
     assert not rd.is_finished()
     rd.write_summary({"auc": 0.7, "config_hash": "abc"})
     assert rd.is_finished() and rd.summary()["auc"] == 0.7
@@ -105,10 +120,16 @@ def test_rundir_states(tmp_path):
 
 def test_the_lock_keeps_out_a_second_process(tmp_path):
     rd = RunDir(tmp_path / "x")
-    code = ("import sys, time\nfrom embtables.experiments.rundir import RunDir\n"
-            f"with RunDir({str(rd.path)!r}).lock():\n    print('held', flush=True)\n    time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys, time\nfrom embtables.experiments.rundir import RunDir\n"
+        f"with RunDir({str(rd.path)!r}).lock():\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert p.stdout.readline().strip() == "held"
         assert f"pid {p.pid}" in (rd.held_by_other() or "")
@@ -161,12 +182,16 @@ def test_from_stage_starts_a_new_run_dir_reusing_the_supernet(optembed_run, tiny
     before = _snapshot(src)
     budget = int(base["embedding_bytes"] * 0.9)  # below what the unbudgeted search chose
     new = tmp_path / "branch"
-    s = run(None, overrides={"embedding.budget": budget}, run_dir=new, quiet=True, from_run=src, stage="search")
+    s = run(
+        None, overrides={"embedding.budget": budget}, run_dir=new, quiet=True, from_run=src, stage="search"
+    )
     assert _snapshot(src) == before  # the source run is only read
     done_src = json.loads((src / "optembed/supernet/done.json").read_text())
     done_new = json.loads((new / "optembed/supernet/done.json").read_text())
     assert done_new == done_src  # the supernet was copied, not trained again
-    assert (new / "optembed/supernet/metrics.jsonl").read_bytes() == (src / "optembed/supernet/metrics.jsonl").read_bytes()
+    assert (new / "optembed/supernet/metrics.jsonl").read_bytes() == (
+        src / "optembed/supernet/metrics.jsonl"
+    ).read_bytes()
     assert s["embedding_bytes"] <= budget and s["optembed"]["budget_bytes"] == budget
     assert s["optembed"]["thresholds"] == base["optembed"]["thresholds"]
 

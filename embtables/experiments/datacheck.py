@@ -30,8 +30,8 @@ def check_parts(schema, root: Path, splits: list[str | None]) -> None:
                                  "(a truncated copy?): copy or convert it again") from None
         want = schema.rows.get(split)
         if want is not None and rows != want:
-            raise ValueError(f"{root}: split {split!r} holds {rows:,} rows, its schema.json says {want:,}; the "
-                             "dataset is damaged or was changed after conversion: convert it again")
+            raise ValueError(f"{root}: split {split!r} holds {rows:,} rows, its schema.json says {want:,}; "
+                             "the dataset is damaged or was changed after conversion: convert it again")
 
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embtables.experiments.config import ExperimentConfig
+from embtables.errors import CheckpointError
+from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
 from embtables.experiments.rundir import RunDir, checkpoint_step
 from embtables.experiments.summary import make_summary
 from embtables.experiments.trainer import StopRequested, Trainer
@@ -72,7 +73,8 @@ class Stage:
         return None
 
 
-def train_with_resume(sc: StageContext, trainer: Trainer, run: RunDir, *, resume: bool, label: str = "") -> dict:
+def train_with_resume(sc: StageContext, trainer: Trainer, run: RunDir, *, resume: bool,
+                      label: str = "") -> dict:
     """Train ``trainer`` in ``run`` (its metrics and checkpoints), going on from the newest
     checkpoint that passes its check when ``resume``; StopRequested propagates."""
     what = f" the {label}" if label else ""
@@ -104,8 +106,6 @@ def train_with_resume(sc: StageContext, trainer: Trainer, run: RunDir, *, resume
 
 
 def _no_usable(run: RunDir, notes: list[str]) -> Exception:
-    from embtables.sharding.checkpoint import CheckpointError
-
     return CheckpointError(f"{run.checkpoint_root}: no checkpoint passes its check: " + "; ".join(notes))
 
 
@@ -151,12 +151,11 @@ def pipeline_for(cfg: ExperimentConfig) -> list[Stage]:
     return factory(cfg) if factory is not None else [TrainStage()]
 
 
-def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str, cfg: ExperimentConfig) -> list[str]:
+def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str,
+                 cfg: ExperimentConfig) -> list[str]:
     """``--from SRC --stage UPTO``: copy the artefacts of every stage before ``upto`` from a
     finished stage of SRC into the new run directory ``dest`` (SRC is only read). Refuses
     when a copied stage's results depend on settings that differ between the two configs."""
-    from embtables.experiments.config import ConfigError, load_config, read_yaml
-
     names = [s.name for s in stages]
     if upto not in names:
         raise ConfigError(f"--stage {upto}: this experiment's stages are {', '.join(names)}")
@@ -168,16 +167,16 @@ def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str, cfg:
     for st in before:
         sc = StageContext(src_cfg, None, src, Path(), None, True, None, True, 1)
         if not st.done(sc):
-            raise ConfigError(f"--from {src.path}: its stage {st.name!r} has not finished, so there is nothing to "
-                              f"start {upto!r} from")
+            raise ConfigError(f"--from {src.path}: its stage {st.name!r} has not finished, so there is "
+                              f"nothing to start {upto!r} from")
         mine, theirs = st.stage_config(cfg), st.stage_config(src_cfg)
         if mine is not None and theirs is not None:
             diff = config_diff(theirs.model_dump(mode="json"), mine.model_dump(mode="json"))
             diff = [k for k in diff if k not in RESULT_NEUTRAL and k != "name"]
             if diff:
-                raise ConfigError(f"--from {src.path} --stage {upto}: stage {st.name!r} would be reused, but its "
-                                  f"results depend on {', '.join(diff)}, which differ; start at --stage {st.name} "
-                                  "or leave them as they were")
+                raise ConfigError(f"--from {src.path} --stage {upto}: stage {st.name!r} would be reused, but "
+                                  f"its results depend on {', '.join(diff)}, which differ; start at --stage "
+                                  f"{st.name} or leave them as they were")
         for rel in st.artefacts(src_cfg):
             s, d = src.path / rel, dest.path / rel
             if not s.exists():

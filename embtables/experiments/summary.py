@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
+import embtables
 from embtables.experiments.oracle import oracle_auc
 from embtables.experiments.trainer import Trainer, finite_or_none, peak_rss_bytes, state_bytes
 
 
 def versions() -> dict[str, str]:
-    import embtables
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "embtables": embtables.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "embtables": embtables.__version__}
     for mod in ("torchrec", "fbgemm_gpu"):
         try:
             out[mod] = __import__(mod).__version__
@@ -33,7 +33,8 @@ def data_checksum(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def make_summary(cfg, trainer: Trainer, final: dict, data_root: Path, world_size: int, threads: int) -> dict[str, Any]:
+def make_summary(cfg, trainer: Trainer, final: dict, data_root: Path, world_size: int,
+                 threads: int) -> dict[str, Any]:
     has_test = "test_auc" in final
     split = cfg.data.test_split if has_test else cfg.data.valid_split
     auc = final.get("test_auc") if has_test else final.get("valid_auc")

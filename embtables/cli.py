@@ -25,13 +25,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.resume is None and args.from_run is None:
         raise SystemExit("embtables run: give a CONFIG (file or shipped name), --resume RUN_DIR or --from RUN_DIR")
     extra = {"overwrite": args.overwrite, "from_run": args.from_run, "stage": args.stage}
-    if args.nproc and args.nproc > 1:
-        from embtables.sharding.launch import launch_run
+    try:
+        if args.nproc and args.nproc > 1:
+            from embtables.sharding.launch import launch_run
 
-        return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc, **extra)
-    from embtables.experiments.runner import run
+            return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc, **extra)
+        from embtables.experiments.runner import run
 
-    run(args.config, overrides=args.set, run_dir=args.run_dir, resume=args.resume, **extra)
+        run(args.config, overrides=args.set, run_dir=args.run_dir, resume=args.resume, **extra)
+    except KeyboardInterrupt as e:  # stopped after a checkpoint: the runner said how to resume
+        if getattr(e, "exit_code", None) is None:
+            raise
+        return e.exit_code  # 143 for SIGTERM (128 + 15), 130 for Ctrl-C
     return 0
 
 

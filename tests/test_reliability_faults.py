@@ -19,6 +19,7 @@ def test_spec_parses_points_actions_and_ranks():
         "kill_after_step": (4, "kill"),
     }
     assert faults.parse("kill_after_step:4@1", rank=0) == {}
+    assert faults.parse("kill_after_step:2:stall", rank=0) == {"kill_after_step": (2, "stall")}
     for bad in ("ckpt_write", "ckpt_write:0", "ckpt_write:x", "ckpt_write:1:explode"):
         with pytest.raises(faults.FaultSpecError, match="EMBTABLES_FAULT"):
             faults.parse(bad, rank=0)

@@ -42,6 +42,10 @@ class LaunchError(RuntimeError):
 class LaunchInterrupted(KeyboardInterrupt):
     """SIGTERM or Ctrl-C stopped every rank (each after its part of a checkpoint)."""
 
+    @property
+    def exit_code(self) -> int:
+        return 143 if "SIGTERM" in str(self) else 130
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

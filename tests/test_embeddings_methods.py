@@ -62,7 +62,7 @@ def test_full_equals_torchrec_ebc_with_same_weights():
     assert mod.is_weighted()
     with torch.no_grad():
         for f in FEATS:
-            tables_of(mod)[f"t_{f.name}"].copy_(ebc.embedding_bags[f"tbl_{f.name}"].weight)
+            tables_of(mod)[f"tbl_{f.name}"].copy_(ebc.embedding_bags[f"tbl_{f.name}"].weight)  # the EBC's names
     x = kjt(weights=True)
     a, b = ebc(x), mod(x)
     assert a.keys() == b.keys() and a.length_per_key() == b.length_per_key()

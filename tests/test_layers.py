@@ -22,7 +22,6 @@ NOT_YET_MOVED = {
     "embtables/experiments/sweep_config.py": 6,
     "embtables/experiments/trainer.py": 4,
     "embtables/sharding/launch.py": 4,
-    "embtables/sharding/testing.py": 9,
 }
 
 

@@ -119,3 +119,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     from embtables.datasets.seq_cli import add_sequence_data_commands
 
     add_sequence_data_commands(sub)  # movielens, behavior, synth-seq
+
+    from embtables.datasets.realdata_cli import add_realdata_commands
+
+    add_realdata_commands(sub)  # frappe, amazon, ml1m-implicit

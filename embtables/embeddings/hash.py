@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features
+from embtables.embeddings.base import EmbeddingMethod, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
 from embtables.embeddings.registry import register
@@ -63,21 +63,20 @@ class HashRemap(nn.Module):
     """Raw ids -> rows of each feature's own table. Parameter-free, no buffers: salts
     and row counts are Python ints (one vectorised pass per feature, never per id)."""
 
-    def __init__(self, names: list[str], rows: list[int], identity: list[bool]) -> None:
+    def __init__(self, names: list[str], rows: list[int], identity: list[bool], weighted: bool = False) -> None:
         super().__init__()
         self.names, self.rows, self.identity = list(names), list(rows), list(identity)
         self.salts = [salt(n, 0) for n in names]
+        self.weighted = weighted
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        kjt = select_features(kjt, self.names)
-        lpk = kjt.length_per_key()
+        vals, lens, ws, lpk = split_features(kjt, self.names, self.weighted)
         out = []
-        for v, r, ident, s in zip(torch.split(kjt.values(), lpk), self.rows, self.identity, self.salts, strict=True):
-            # identity: ids are expected in [0, cardinality); `% r` keeps a stray id in range.
-            out.append(v % r if ident else hash_to_rows(v, s, r))
+        for v, r, ident, s in zip(vals, self.rows, self.identity, self.salts, strict=True):
+            out.append(v.to(torch.int64) % r if ident else hash_to_rows(v, s, r))  # `% r`: unbounded ids
         return KeyedJaggedTensor(
-            keys=self.names, values=torch.cat(out) if out else kjt.values(), lengths=kjt.lengths(),
-            weights=kjt.weights_or_none(), stride=kjt.stride(), length_per_key=lpk,
+            keys=self.names, values=torch.cat(out), lengths=torch.cat(lens),
+            weights=torch.cat(ws) if ws is not None else None, length_per_key=lpk,
         )
 
 
@@ -100,6 +99,6 @@ class HashEmbedding(EmbeddingMethod):
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
         self.plan = plan_hash(self.features, dim, budget_bytes, dtype, rows=rows)
-        self.remap = HashRemap(self.feature_names, list(self.plan.rows), list(self.plan.identity))
+        self.remap = HashRemap(self.feature_names, list(self.plan.rows), list(self.plan.identity), weighted)
         self._make_tables([(f"t_{f.name}", r, dim, [f.name], None, f.pooling)
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)

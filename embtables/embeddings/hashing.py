@@ -40,9 +40,9 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
-    """Bijective 64-bit finaliser on an int64 tensor (bits as uint64); new tensor."""
-    if x.dtype != torch.int64:
-        raise TypeError(f"mix64 needs int64 ids, got {x.dtype}")
+    """Bijective 64-bit finaliser on int64 bits (as uint64); new int64 tensor. Narrower
+    integer ids (int32) are widened first, so an id hashes the same in either dtype."""
+    x = x.to(torch.int64)
     x = x ^ _srl(x, 30)
     x = x * _C1_S
     x = x ^ _srl(x, 27)
@@ -72,7 +72,7 @@ def salt(name: str, probe: int = 0) -> int:
 
 def hash_ids(ids: torch.Tensor, salt_value: int) -> torch.Tensor:
     """Full 64-bit hash of int64 ids under a salt (any bit pattern, may be negative)."""
-    return mix64(ids ^ salt_value)
+    return mix64(ids.to(torch.int64) ^ salt_value)
 
 
 def hash_to_rows(ids: torch.Tensor, salt_value: int, rows: int) -> torch.Tensor:

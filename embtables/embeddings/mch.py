@@ -116,12 +116,23 @@ class MCHRemap(nn.Module):
         self.mcc = mcc
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            # (TorchRec's train pipeline traces the model with this remap as a leaf: not here.)
+            raise NotImplementedError(
+                "mch cannot be fx-symbolically traced: TorchRec's managed-collision remap admits and evicts ids "
+                "with data-dependent Python control flow; torch.export (eval mode) works")
         return self.mcc(select_features(kjt, self.names))
 
 
 @register("mch")
 class MCHEmbedding(EmbeddingMethod):
     plan_fn = staticmethod(plan_mch)  # pure sizing: registry.plan(...)
+    # Admission/eviction mutate the remap's state in forward: not pipelineable (it must not
+    # run a batch ahead), and the state is per process, so more than one rank is refused.
+    stateful_remap = True
+    supports_multi_rank = False
+    bounded_ids = False  # raw ids by design: any id >= 0
+    fx_traceable = False  # TorchRec's MCH remap is not symbolically traceable (export works)
 
     def __init__(
         self,

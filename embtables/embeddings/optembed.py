@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import TORCHREC_DTYPE, EmbeddingMethod, select_features
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -175,6 +175,9 @@ class KeptRowRemap(nn.Module):
             self.register_buffer("field_start", torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if is_tracing():
+            raise NotImplementedError("optembed cannot be fx-traced or exported: its id->row remap sizes "
+                                      "tensors from the batch (use the model in eager mode)")
         kjt = select_features(kjt, self.names)
         ids = kjt.values()
         lpk = kjt.length_per_key()
@@ -204,6 +207,14 @@ class OptEmbed(EmbeddingMethod):
     (docs/readme/optembed.md) and are ignored here."""
 
     plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
+    # Pooled only: the exported tables have one width per field, and an EmbeddingCollection
+    # shards only tables of one width.
+    supports_sequence = False
+    # The remap and the supernet's combine size tensors from data (torch.tensor(lpk),
+    # per-field counts): neither fx-traceable nor exportable today; refused under tracing.
+    fx_traceable = False
+    exportable = False
+    pipelineable = False  # the supernet's search forward branches on Python state
 
     def __init__(
         self,
@@ -233,9 +244,6 @@ class OptEmbed(EmbeddingMethod):
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
-        if sequence:
-            raise ValueError("optembed supports pooled features only (sequence=False): its exported tables have "
-                             "one width per field, and an EmbeddingCollection shards only tables of one width")
         check_knobs(dim, alpha=alpha, threshold_lr=threshold_lr, dim_step=dim_step, population=population,
                     mutation_num=mutation_num, crossover_num=crossover_num, parents=parents,
                     mutation_prob=mutation_prob, search_iterations=search_iterations, search_rows=search_rows,
@@ -296,16 +304,6 @@ class OptEmbed(EmbeddingMethod):
             return [(f"t_{f.name}", f.name, f.cardinality + 1, self.dim) for f in self.features]
         return [(f"t_{f.name}", f.name, k + 1, d)
                 for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)]
-
-    def table_configs(self) -> list[EmbeddingBagConfig | EmbeddingConfig]:
-        """The physical tables, from the plan: also valid once DMP has sharded ``tables``."""
-        dt = TORCHREC_DTYPE[self.dtype]
-        if self.searching:
-            return [EmbeddingConfig(name=t, num_embeddings=r, embedding_dim=w, feature_names=[f], data_type=dt)
-                    for t, f, r, w in self.physical_tables()]
-        return [EmbeddingBagConfig(name=t, num_embeddings=r, embedding_dim=w, feature_names=[f], data_type=dt,
-                                   pooling=spec.pooling)
-                for (t, f, r, w), spec in zip(self.physical_tables(), self.features, strict=True)]
 
     def table_weight(self, name: str) -> torch.Tensor:
         """The (unsharded) weight of feature ``name``'s table."""

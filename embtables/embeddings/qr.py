@@ -23,10 +23,11 @@ from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
 
 OPERATIONS = ("mult", "add", "concat")
 
@@ -164,30 +165,27 @@ class QRRemap(nn.Module):
     itself for plain features (concat: the id offset into each of k column slices)."""
 
     def __init__(self, names: list[str], cards: list[int], radices: list[tuple[int, ...]], k: int,
-                 concat: bool) -> None:
+                 concat: bool, weighted: bool = False) -> None:
         super().__init__()
         self.names, self.cards, self.radices, self.k, self.concat = names, cards, radices, k, concat
+        self.weighted = weighted
         self.physical: list[str] = []
         for n, r in zip(names, radices, strict=True):
             self.physical += [f"{n}@{j}" for j in range(k)] if (r or concat) else [n]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        kjt = select_features(kjt, self.names)
-        lpk = kjt.length_per_key()
-        vals = torch.split(kjt.values(), lpk)
-        lens = torch.split(kjt.lengths(), kjt.stride())
-        w = kjt.weights_or_none()
-        ws = torch.split(w, lpk) if w is not None else None
-        ov, ol, ow = [], [], []
+        vals, lens, ws, lpk = split_features(kjt, self.names, self.weighted)
+        ov, ol, ow, olpk = [], [], [], []
         for i, (v, n, rad) in enumerate(zip(vals, self.cards, self.radices, strict=True)):
+            v = v.to(torch.int64)
             if rad:
                 div = 1
-                for _j, r in enumerate(rad):
+                for r in rad:
                     # floor division and remainder on int64: exact for every id; the top
-                    # digit wraps modulo its table for ids >= cardinality.
+                    # digit wraps modulo its table for ids of an unbounded feature.
                     ov.append((v // div) % r if div > 1 else v % r)
                     div *= r
-            elif self.concat:
+            elif self.concat:  # `% n`: a no-op for checked ids, wraps those of an unbounded feature
                 base = v % n
                 ov += [base + j * n for j in range(self.k)]
             else:
@@ -196,10 +194,11 @@ class QRRemap(nn.Module):
             ol += [lens[i]] * reps
             if ws is not None:
                 ow += [ws[i]] * reps
+            if lpk is not None:  # from the input: no data-dependent size (torch.export)
+                olpk += [lpk[i]] * reps
         return KeyedJaggedTensor(
             keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol),
-            weights=torch.cat(ow) if ws is not None else None, stride=kjt.stride(),
-            length_per_key=[int(x.numel()) for x in ov],
+            weights=torch.cat(ow) if ws is not None else None, length_per_key=olpk if lpk is not None else None,
         )
 
 
@@ -228,18 +227,19 @@ class QREmbedding(EmbeddingMethod):
                                 partitions=partitions, m=m, threshold=threshold)
         self.operation, self.k = operation, partitions
         concat = operation == "concat"
-        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions, concat)
+        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions, concat, weighted)
         k = partitions
         tables = []
         for f, rad in zip(self.features, p.radices, strict=True):
             n = f.cardinality
             if operation == "mult" and f.pooling != PoolingType.SUM:
                 raise ValueError(f"qr: feature {f.name!r}: operation='mult' supports SUM pooling only")
-            if not rad and not concat:
-                tables.append((f"t_{f.name}", n, dim, [f.name], uniform_init(math.sqrt(1 / n)), f.pooling))
+            if not rad and not concat:  # plain: exactly `full`'s table and rows
+                tables.append((f"t_{f.name}", n, dim, [f.name], feature_init(f.name, n, dim), f.pooling))
             elif not rad:  # plain feature as k column slices of one table: every table is dim/k wide
+                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width) for j in range(k))
                 tables.append((f"t_{f.name}", k * n, p.width, [f"{f.name}@{j}" for j in range(k)],
-                               uniform_init(math.sqrt(1 / n)), f.pooling))
+                               SeededInit(slices), f.pooling))
             else:
                 # Symmetric init scaled so the combined vector has the variance of a
                 # plain table's default init U(+-sqrt(1/n)), i.e. var 1/(3n).
@@ -249,7 +249,8 @@ class QREmbedding(EmbeddingMethod):
                     bound = math.sqrt(1 / (k * n))
                 else:
                     bound = math.sqrt(1 / n)
-                tables += [(f"t_{f.name}@{j}", r, p.width, [f"{f.name}@{j}"], uniform_init(bound), f.pooling)
+                tables += [(f"t_{f.name}@{j}", r, p.width, [f"{f.name}@{j}"],
+                            feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling)
                            for j, r in enumerate(rad)]
         self._make_tables(tables, device, unpooled=sequence or operation == "mult")
         self.weighted = weighted
@@ -283,31 +284,34 @@ class QREmbedding(EmbeddingMethod):
     def combine(self, looked, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.operation == "mult":
             return self._combine_mult(looked, features)
-        values = looked.values()
+        values = self.pooled_values(looked)
         if self.operation == "concat":
             return self._keyed(values)  # each feature's k slices of dim/k are already adjacent
         # add. torch.split, not slicing: each slice's backward would zero-fill a full
         # [B, total width] gradient (26 of them made `add` 4x slower).
         widths = [self.dim * (self.k if rad else 1) for rad in self.plan.radices]
-        cols = [part if not rad else part.view(-1, self.k, self.dim).sum(1)
-                for part, rad in zip(torch.split(values, widths, dim=1), self.plan.radices, strict=True)]
+        parts = torch.split(values, widths, dim=1)  # indexed, not iterated: an fx Proxy cannot be
+        cols = [parts[i] if not rad else parts[i].view(-1, self.k, self.dim).sum(1)
+                for i, rad in enumerate(self.plan.radices)]
         return self._keyed(torch.cat(cols, dim=1))
 
     def _combine_mult(self, looked: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> KeyedTensor:
-        weights = None
+        ws = None
         if self.weighted:
-            weights = select_features(features, self.feature_names).to_dict()
-        stride = features.stride()
+            _, _, ws, _ = split_features(features, self.feature_names, True)
         cols = []
-        for i, f in enumerate(self.features):
+        tracing = is_tracing()
+        for i in range(len(self.features)):
             v, jt = self._per_id(looked, i)
-            if weights is not None:
-                v = v * weights[f.name].weights().to(v.dtype).unsqueeze(1)
+            if ws is not None:
+                v = v * ws[i].to(v.dtype).unsqueeze(1)
             lengths = jt.lengths()
-            if v.shape[0] == stride and bool((lengths == 1).all()):
-                pooled = v  # fast path: every bag holds exactly one id
+            stride = lengths.numel()
+            if not tracing and v.shape[0] == stride and bool((lengths == 1).all()):
+                pooled = v  # fast path (eager only: a data-dependent branch): every bag holds one id
             else:
-                bag = torch.repeat_interleave(torch.arange(stride, device=v.device), lengths)
-                pooled = torch.zeros(stride, v.shape[1], dtype=v.dtype, device=v.device).index_add(0, bag, v)
+                bag = torch.repeat_interleave(torch.arange(stride, device=v.device), lengths,
+                                              output_size=v.shape[0])
+                pooled = v.new_zeros((stride, v.shape[1])).index_add(0, bag, v)
             cols.append(pooled)
         return self._keyed(torch.cat(cols, dim=1))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from embtables.embeddings.budget import DTYPE_BYTES, resolve_budget
-from embtables.embeddings.spec import as_feature_specs
+from embtables.embeddings.spec import FeatureSpec, as_feature_specs
+from embtables.embeddings.table_init import module_seed
 
 _METHODS: dict[str, type] = {}
 
@@ -94,7 +97,13 @@ def build(
         if "weighted" not in inspect.signature(cls.__init__).parameters:
             raise ValueError(f"embedding method {method!r} does not support per-id weights (weighted=True)")
         knobs["weighted"] = True
-    return cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device, **knobs)
+    # One draw of the caller's RNG whatever the method builds (see table_init): the dense
+    # layers a model builds next start from the same RNG state for every method.
+    seed = module_seed()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device,
+                   **knobs)
 
 
 def plan(features, method: str = "full", dim: int | None = None, budget: float | int | str | None = None,
@@ -137,3 +146,33 @@ def _import_builtin_methods() -> None:
     from embtables.embeddings import load_methods
 
     load_methods()
+
+
+def support_table() -> str:
+    """Markdown table of what each registered method supports in TorchRec's stack, from
+    the methods' capability declarations (docs/torchrec.md embeds it; a test keeps the
+    page equal to this, and the conformance suite checks every row)."""
+    def yes(b: bool) -> str:
+        return "yes" if b else "no"
+
+    rows = ["| method | pooled | sequence | weighted | sharding types on CPU (pooled; sequence) | pipelined "
+            "| multi-rank | fx trace | torch.export | ids |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    probe = [FeatureSpec("a", 1000), FeatureSpec("b", 50)]
+    for name in list_methods():
+        cls = get_method(name)
+        c = cls.capabilities()
+        types = []
+        for seq, ok in ((False, c.pooled), (True, c.sequence)):
+            if not (ok and c.has_tables):
+                types.append("-" if not ok else "data-parallel (no tables)")
+                continue
+            try:  # the table kind can depend on knobs (qr's default mult looks ids up unpooled)
+                types.append(", ".join(build(probe, method=name, dim=8, sequence=seq).sharding_types("cpu")))
+            except ValueError:
+                types.append("see the method's docs (needs knobs to build)")
+        ids = "`[0, cardinality)`" if c.bounded_ids else "any id >= 0"
+        rows.append(f"| `{name}` | {yes(c.pooled)} | {yes(c.sequence)} | {yes(c.weighted)} | {types[0]}; {types[1]} "
+                    f"| {yes(c.pipelined)} | {yes(c.multi_rank)} | {yes(c.fx_traceable)} | {yes(c.exportable)} "
+                    f"| {ids} |")
+    return "\n".join(rows) + "\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
@@ -12,14 +12,21 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 class FeatureSpec:
     """One logical sparse feature.
 
-    ``cardinality`` is the number of rows a one-row-per-id (``full``) table needs,
-    i.e. ids are expected in ``[0, cardinality)`` by ``full``; hashing methods accept
-    any non-negative int64 id and use ``cardinality`` only to size themselves.
+    ``cardinality`` is the number of rows a one-row-per-id (``full``) table needs.
+    ``bounded`` (the default) says ids lie in ``[0, cardinality)``: every method checks
+    that in eager mode (``EmbeddingMethod.bounded_ids``), like an EmbeddingBagCollection.
+    ``bounded=False`` (raw-mode data: arbitrary hashed ids) accepts any id >= 0; then
+    ``cardinality`` only sizes the hashing methods (``full`` cannot take such a feature).
     """
 
     name: str
     cardinality: int
     pooling: PoolingType = PoolingType.SUM
+    bounded: bool = True
+    #: The TorchRec table this feature had in the module being replaced (set by
+    #: ``features_from_configs`` for one-feature tables): ``full`` keeps that name, so its
+    #: state_dict interchanges with the EBC's.
+    table: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.cardinality < 1:
@@ -28,7 +35,9 @@ class FeatureSpec:
 
 def features_from_schema(schema, include_sequences: bool = False) -> list[FeatureSpec]:
     """Feature specs for a dataset's categorical columns (``schema.json``)."""
-    feats = [FeatureSpec(c.name, int(c.table_rows)) for c in schema.categorical]
+    # Raw-mode ids are arbitrary unless the schema knows a bound (num_embeddings).
+    feats = [FeatureSpec(c.name, int(c.table_rows), bounded=c.mode != "raw" or c.num_embeddings is not None)
+             for c in schema.categorical]
     if include_sequences:
         feats += [FeatureSpec(s.name, int(s.table_rows)) for s in schema.sequences]
     return feats
@@ -40,8 +49,9 @@ def features_from_configs(configs: Iterable[EmbeddingBagConfig | EmbeddingConfig
     out: list[FeatureSpec] = []
     for cfg in configs:
         pooling = getattr(cfg, "pooling", PoolingType.SUM)
+        table = cfg.name if len(cfg.feature_names) == 1 else None
         for name in cfg.feature_names:
-            out.append(FeatureSpec(name, int(cfg.num_embeddings), pooling))
+            out.append(FeatureSpec(name, int(cfg.num_embeddings), pooling, table=table))
     return out
 
 

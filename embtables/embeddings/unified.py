@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,10 @@ def plan_unified(
 class UnifiedRemap(nn.Module):
     """Raw ids -> one row id per probe (physical feature ``f#p``) in its shared table."""
 
-    def __init__(self, names: list[str], cards: dict[str, int], plan: UnifiedPlan, probes: int) -> None:
+    def __init__(self, names: list[str], cards: dict[str, int], plan: UnifiedPlan, probes: int,
+                 weighted: bool = False) -> None:
         super().__init__()
-        self.names, self.probes = names, probes
+        self.names, self.probes, self.weighted = names, probes, weighted
         how: dict[tuple[str, int], tuple[int, int, int | None]] = {}  # (f, p) -> (salt, rows, offset)
         for g in plan.groups:
             for j, (n, p, t) in enumerate(g.assignment):
@@ -132,24 +134,22 @@ class UnifiedRemap(nn.Module):
         self.emit = [pos[pf] for pf in order]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        kjt = select_features(kjt, self.names)
-        lpk = kjt.length_per_key()
-        lens = torch.split(kjt.lengths(), kjt.stride())
-        w = kjt.weights_or_none()
-        ws = torch.split(w, lpk) if w is not None else None
-        ov, ol, ow = [], [], []
-        for i, v in enumerate(torch.split(kjt.values(), lpk)):
+        vals, lens, ws, lpk = split_features(kjt, self.names, self.weighted)
+        ov, ol, ow, olpk = [], [], [], []
+        for i, v in enumerate(vals):
             for s, r, off in self.how[i]:
-                ov.append(hash_to_rows(v, s, r) if off is None else v % self.cards[i] + off)
+                ov.append(hash_to_rows(v, s, r) if off is None else v.to(torch.int64) % self.cards[i] + off)
                 ol.append(lens[i])
                 if ws is not None:
                     ow.append(ws[i])
+                if lpk is not None:  # from the input: no data-dependent size (torch.export)
+                    olpk.append(lpk[i])
         e = self.emit
         return KeyedJaggedTensor(
             keys=[self.physical[i] for i in e], values=torch.cat([ov[i] for i in e]),
             lengths=torch.cat([ol[i] for i in e]),
-            weights=torch.cat([ow[i] for i in e]) if ws is not None else None, stride=kjt.stride(),
-            length_per_key=[int(ov[i].numel()) for i in e],
+            weights=torch.cat([ow[i] for i in e]) if ws is not None else None,
+            length_per_key=[olpk[i] for i in e] if lpk is not None else None,
         )
 
 
@@ -179,16 +179,15 @@ class UnifiedEmbedding(EmbeddingMethod):
         self.probes = probes
         cards = {f.name: f.cardinality for f in self.features}
         pooling = {f.name: f.pooling for f in self.features}
-        self.remap = UnifiedRemap(self.feature_names, cards, self.plan, probes)
+        self.remap = UnifiedRemap(self.feature_names, cards, self.plan, probes, weighted)
         tables = []
         for gi, g in enumerate(self.plan.groups):
             for t, r in enumerate(g.table_rows):
                 feats = [f"{n}#{p}" for n, p, tt in g.assignment if tt == t]
                 if not feats:
                     continue
-                # Like a plain table of the mean multiplexed vocabulary: U(+-sqrt(1/rows)).
-                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats,
-                               uniform_init(math.sqrt(1 / r)), pooling[g.features[0]]))
+                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats, self._init(gi, g, t, r),
+                               pooling[g.features[0]]))
         self._make_tables(tables, device)
         # Column order of the EBC output (table by table) -> logical order (feature, probe).
         order = [pf for c in self.table_configs() for pf in c.feature_names]
@@ -198,12 +197,27 @@ class UnifiedEmbedding(EmbeddingMethod):
         self._perm = None if perm == list(range(len(perm))) else perm
         self._perm_t: torch.Tensor | None = None
 
+    def _init(self, gi: int, g: UnifiedGroup, t: int, rows: int) -> SeededInit:
+        """Collisionless: each probe's rows are its column slice of `full`'s rows of that
+        feature, U(+-sqrt(1/cardinality)). Hashed: like a plain table of the multiplexed
+        vocabulary, U(+-sqrt(1/rows))."""
+        d = self.plan.probe_dim
+        if g.offsets is None:
+            return feature_init(f"u{gi}_{t}", rows, d)
+        card = {f.name: f.cardinality for f in self.features}
+        return SeededInit(tuple(RowBlock(n, off, card[n], self.dim, math.sqrt(1 / card[n]), p * d)
+                                for (n, p, tt), off in zip(g.assignment, g.offsets, strict=True) if tt == t))
+
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
-        values = pooled.values()
+        values = self.pooled_values(pooled)
         if self._perm is not None:  # several tables or reordered groups: gather columns once
-            if self._perm_t is None or self._perm_t.device != values.device:
-                self._perm_t = torch.tensor(self._perm, device=values.device)
-            values = values.index_select(1, self._perm_t)
+            if is_tracing():  # no cache test on a traced device
+                idx = torch.tensor(self._perm, device=values.device)
+            else:
+                if self._perm_t is None or self._perm_t.device != values.device:
+                    self._perm_t = torch.tensor(self._perm, device=values.device)
+                idx = self._perm_t
+            values = values.index_select(1, idx)
         return self._keyed(values)
 
     def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:

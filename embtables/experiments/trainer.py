@@ -95,6 +95,7 @@ class Trainer:
         self.after_checkpoint: Callable[[Path], None] | None = None
         self.should_stop: Callable[[], bool] | None = None
         self.last_users: np.ndarray | None = None
+        self.step_losses: list[float] | None = None  # set to [] to record every step's training loss
         tc = cfg.train
         self.local_batch = max(1, tc.batch_size // ctx.world_size)
         self.tb = None
@@ -298,6 +299,8 @@ class Trainer:
                 self.batch_in_epoch += 1
                 self.train_samples += batch.labels.numel() * self.ctx.world_size
                 lv = float(loss)
+                if self.step_losses is not None:
+                    self.step_losses.append(lv)
                 loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
                 if self.step % tc.log_every == 0 or self.step == self.total_steps:
                     el = self.train_seconds + time.perf_counter() - t0

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torchrec.optim.keyed import KeyedOptimizer
 
 from embtables import faults
+from embtables.embeddings.full import legacy_key
 from embtables.errors import CheckpointError
 
 MARKER = "checkpoint.json"
@@ -283,6 +284,18 @@ def _verify_collective(path: Path) -> None:
                       "its files", CheckpointWarning, stacklevel=3)
 
 
+def _legacy_names(model_state: dict[str, Any], path: Path) -> dict[str, str]:
+    """Model key -> the name it had in checkpoints written before ``full``'s state_dict
+    took TorchRec's EBC layout (its tables under ``tables.``), for keys saved that way."""
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    out = {}
+    for k in model_state:
+        old = legacy_key(k)
+        if f"model.{k}" not in saved and old is not None and f"model.{old}" in saved:
+            out[k] = old
+    return out
+
+
 def load_checkpoint(
     path: str | Path, dmp: nn.Module, optimizers: dict[str, Any], *, strict: bool = True
 ) -> dict[str, Any]:
@@ -301,6 +314,8 @@ def load_checkpoint(
             f"given {sorted(optimizers)}"
         )
     state = {"model": dmp.state_dict(), **{f"optim.{k}": o.state_dict() for k, o in keyed.items()}}
+    renamed = _legacy_names(state["model"], path)
+    state["model"] = {renamed.get(k, k): v for k, v in state["model"].items()}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; name what most likely differs
@@ -313,7 +328,8 @@ def load_checkpoint(
         ) from None
     # DCP loads in place into the tensors above; load_state_dict also restores the
     # non-tensor entries (param groups) and anything not aliased.
-    dmp.load_state_dict(state["model"])
+    back = {v: k for k, v in renamed.items()}
+    dmp.load_state_dict({back.get(k, k): v for k, v in state["model"].items()})
     for k, o in keyed.items():
         o.load_state_dict(state[f"optim.{k}"])
     replicated = _torch_load(path / "replicated.pt")

@@ -42,6 +42,7 @@ from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mc_modules import ManagedCollisionCollection
 
+from embtables.embeddings.base import EmbeddingMethod, sharding_types_for
 from embtables.embeddings.budget import parse_bytes
 from embtables.sharding.config import ALL_SHARDING_TYPES, ShardingConfig
 
@@ -177,12 +178,10 @@ def table_infos(model: nn.Module) -> list[TableInfo]:
 
 
 def supported_types(kind: str, device_type: str) -> list[str]:
-    """Sharding types that run correctly for a module kind (TORCHREC-NOTES.md)."""
-    if kind == "ebc":
-        return list(ALL_SHARDING_TYPES)
-    types = ["table_wise", "row_wise", "column_wise"]  # EC has no table_row_wise
-    if device_type != "cpu":
-        types.append("data_parallel")  # wrong on CPU (fbgemm's dense kernel pools)
+    """Sharding types that run correctly for a module kind (TORCHREC-NOTES.md; EC: no
+    table_row_wise, and data_parallel pools wrongly on CPU)."""
+    types = list(sharding_types_for(kind, device_type))
+    assert set(types) <= set(ALL_SHARDING_TYPES)
     return types
 
 
@@ -370,10 +369,13 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext) -> Dist
 
 
 def _pooled_key_orders(model: nn.Module) -> dict[str, list[str]]:
-    """Output keys of every unsharded EmbeddingBagCollection, in its own order."""
+    """Output keys of every plain EmbeddingBagCollection, in its own order. The tables of
+    an embtables method are skipped: the method selects its lookups by key itself
+    (``EmbeddingMethod.pooled_values``), so a user's own stock DMP gets the same result."""
+    inside = {f"{p}.tables" if p else "tables" for p, m in model.named_modules() if isinstance(m, EmbeddingMethod)}
     out = {}
     for path, m in model.named_modules():
-        if isinstance(m, EmbeddingBagCollection):
+        if isinstance(m, EmbeddingBagCollection) and path not in inside:
             configs = m.embedding_bag_configs()
             names = [f for c in configs for f in c.feature_names]
             dup = {f for f in names if names.count(f) > 1}

@@ -22,15 +22,21 @@ def _quiet_libraries() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.config is None and args.resume is None:
-        raise SystemExit("embtables run: give a CONFIG (file or shipped name) or --resume RUN_DIR")
-    if args.nproc and args.nproc > 1:
-        from embtables.sharding.launch import launch_run
+    if args.config is None and args.resume is None and args.from_run is None:
+        raise SystemExit("embtables run: give a CONFIG (file or shipped name), --resume RUN_DIR or --from RUN_DIR")
+    extra = {"overwrite": args.overwrite, "from_run": args.from_run, "stage": args.stage}
+    try:
+        if args.nproc and args.nproc > 1:
+            from embtables.sharding.launch import launch_run
 
-        return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc)
-    from embtables.experiments.runner import run
+            return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc, **extra)
+        from embtables.experiments.runner import run
 
-    run(args.config, overrides=args.set, run_dir=args.run_dir, resume=args.resume)
+        run(args.config, overrides=args.set, run_dir=args.run_dir, resume=args.resume, **extra)
+    except KeyboardInterrupt as e:  # stopped after a checkpoint: the runner said how to resume
+        if getattr(e, "exit_code", None) is None:
+            raise
+        return e.exit_code  # 143 for SIGTERM (128 + 15), 130 for Ctrl-C
     return 0
 
 
@@ -77,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="write here instead of runs/<name>-<timestamp>/")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     r.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU, NCCL on GPU)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="--run-dir exists: move it aside to RUN_DIR.old-<stamp> and start afresh")
+    r.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="start a NEW run directory from RUN_DIR's finished stages (with --stage; RUN_DIR is only read)")
+    r.add_argument("--stage", help="with --from: the stage the new run starts at (e.g. search for OptEmbed)")
     r.set_defaults(fn=_cmd_run)
     _check_types(r, nproc=positive_int)
 

@@ -12,8 +12,9 @@ Set, the variable names the points to trip, comma-separated::
 A spec is ``POINT:N[:ACTION][@RANK]``: the action runs when this process passes ``POINT``
 for the N-th time (each process counts for itself). Actions: ``kill`` (SIGKILL),
 ``term`` (SIGTERM), ``int`` (SIGINT), ``enospc`` / ``eio`` (raise that ``OSError``),
-``raise`` (a ``RuntimeError``). The default action is ``enospc`` for points whose name
-ends in ``_write`` and ``kill`` otherwise.
+``raise`` (a ``RuntimeError``), ``stall`` (sleep ``EMBTABLES_FAULT_STALL_S`` seconds, default
+5: holds a process at a known point while a test acts on it). The default action is
+``enospc`` for points whose name ends in ``_write`` and ``kill`` otherwise.
 
 Points in use (grep for ``faults.hit(``): ``ckpt_write`` (a checkpoint file was
 written), ``kill_after_step`` (a training step finished), ``summary_write`` (before the
@@ -27,9 +28,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV = "EMBTABLES_FAULT"
-ACTIONS = ("kill", "term", "int", "enospc", "eio", "raise")
+ACTIONS = ("kill", "term", "int", "enospc", "eio", "raise", "stall")
 
 _counts: dict[str, int] = {}
 _parsed: tuple[str, dict[str, tuple[int, str]]] = ("", {})
@@ -87,6 +89,9 @@ def hit(point: str, detail: str = "") -> None:
         return  # SIGTERM/SIGINT are handled by whoever installed a handler
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device [{what}]", detail or None)
+    if action == "stall":
+        time.sleep(float(os.environ.get("EMBTABLES_FAULT_STALL_S", "5")))
+        return
     if action == "eio":
         raise OSError(errno.EIO, f"Input/output error [{what}]", detail or None)
     raise RuntimeError(what)

@@ -109,12 +109,13 @@ def test_eval_split_falls_back_to_valid(tiny_synth, tmp_path):
 
 def test_summary_is_written_atomically(tiny_synth, tmp_path, monkeypatch):
     """A sweep takes a cell whose summary.json exists as finished: the runner must write it
-    through the atomic writer (a kill mid-write must not leave half a file)."""
-    from embtables.experiments import runner
+    through the atomic writer (a kill mid-write must not leave half a file). RunDir owns
+    the one summary write."""
+    from embtables.experiments import rundir
 
     written = []
-    real = runner.write_json
-    monkeypatch.setattr(runner, "write_json", lambda path, obj: (written.append(Path(path).name), real(path, obj)))
+    real = rundir.write_json
+    monkeypatch.setattr(rundir, "write_json", lambda path, obj: (written.append(Path(path).name), real(path, obj)))
     s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}), run_dir=tmp_path / "r",
             quiet=True)
     assert "summary.json" in written

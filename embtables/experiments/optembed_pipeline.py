@@ -1,7 +1,7 @@
 """OptEmbed as one experiment: supernet -> evolutionary search -> retrain (Lyu et al. 2022).
 
-The runner hands ``embedding.method: optembed`` here. Each stage writes its artefacts
-under ``RUN_DIR/optembed/`` and is skipped when they exist (``--resume``)::
+Three stages registered for ``embedding.method: optembed`` (see stages.py). Each writes
+its artefacts under ``RUN_DIR/optembed/`` and is skipped when they exist (``--resume``)::
 
     optembed/supernet/          stage 1: a run directory of its own (config.yaml,
                                 metrics.jsonl, checkpoints/) + done.json (thresholds,
@@ -39,12 +39,16 @@ from embtables.embeddings.optembed import OptEmbed, gather_rows, make_artefact, 
 from embtables.experiments import metrics as M
 from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
-from embtables.experiments.jsonfile import write_json
+from embtables.experiments.jsonfile import read_json, write_json
 from embtables.experiments.optembed_search import EvolutionarySearch
 from embtables.experiments.optim import dense_optimizer
-from embtables.experiments.trainer import StopRequested, Trainer
+from embtables.experiments.rundir import RunDir
+from embtables.experiments.stages import Stage, StageContext, register_pipeline, train_with_resume
+from embtables.experiments.summary import make_summary
+from embtables.experiments.trainer import Trainer
 
 STAGES = ("supernet", "search", "retrain")
+SUPERNET = "optembed/supernet"
 
 
 class SupernetTrainer(Trainer):
@@ -140,158 +144,171 @@ def table_tensors(trainer: Trainer, module: OptEmbed, kind: str) -> dict[str, to
 # ---- the stages ------------------------------------------------------------------------------------
 
 
-def _say(ctx, quiet: bool, msg: str) -> None:
-    if ctx.is_main and not quiet:
-        print(msg, flush=True)
+def _legacy_seconds(sc: StageContext) -> dict[str, float]:
+    # Run directories written before each stage recorded its own seconds kept them here.
+    return read_json(sc.run / "optembed" / "seconds.json") or {}
 
 
-def run_optembed(cfg: ExperimentConfig, ctx, run_dir: Path, data_root: Path, schema, resume, stop_after_step,
-                 quiet: bool, threads: int, *, stop_after_stage: str | None = None) -> dict[str, Any]:
-    """Three stages; returns the retrain's summary (``stopped_at_*`` when stopped early)."""
-    from embtables.experiments.runner import (
-        _prune_checkpoints,
-        _truncate_metrics,
-        latest_checkpoint,
-        make_summary,
-    )
+class SupernetStage(Stage):
+    """Stage 1: train the supernet (a run directory of its own) and record its thresholds."""
 
-    if stop_after_stage is not None and stop_after_stage not in STAGES:
-        raise ValueError(f"stop_after_stage must be one of {STAGES}")
-    knobs = resolved_knobs(cfg)
-    root = run_dir / "optembed"
-    if resume is None and (root / "supernet").exists():
-        raise FileExistsError(f"{root} already holds an OptEmbed run: resume it (--resume {run_dir}) or use a new "
-                              "run directory")
-    if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-    features = features_from_schema(schema)
-    seconds: dict[str, float] = json.loads((root / "seconds.json").read_text()) if (root / "seconds.json").exists() \
-        else {}
+    name = "supernet"
 
-    # ---- stage 1: supernet ------------------------------------------------------------------
-    s1_dir, s1_cfg = root / "supernet", stage_config(cfg, "supernet", knobs)
-    sup_trainer: SupernetTrainer | None = None
-    if (s1_dir / "done.json").exists():
-        _say(ctx, quiet, f"== optembed [1/3] supernet: done, skipped ({s1_dir / 'done.json'})")
-    else:
-        _say(ctx, quiet, f"== optembed [1/3] supernet: {s1_cfg.train.epochs} epoch(s), alpha={knobs['alpha']}, "
-                         f"threshold_lr={knobs['threshold_lr']} -> {s1_dir}")
+    def artefacts(self, cfg: ExperimentConfig) -> list[str]:
+        return [SUPERNET]
+
+    def folder(self, sc: StageContext) -> RunDir:
+        return sc.run.sub(*SUPERNET.split("/"))
+
+    def done(self, sc: StageContext) -> bool:
+        return (self.folder(sc) / "done.json").exists()
+
+    def stage_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        return stage_config(cfg, "supernet", resolved_knobs(cfg))
+
+    def run(self, sc: StageContext) -> None:
+        knobs = resolved_knobs(sc.cfg)
+        s1, s1_cfg = self.folder(sc), self.stage_config(sc.cfg)
+        sc.say(f"== optembed [1/3] supernet: {s1_cfg.train.epochs} epoch(s), alpha={knobs['alpha']}, "
+               f"threshold_lr={knobs['threshold_lr']} -> {s1.path}")
         t0 = time.perf_counter()
-        if ctx.is_main:
-            s1_dir.mkdir(parents=True, exist_ok=True)
-            (s1_dir / "config.yaml").write_text(s1_cfg.to_yaml())
-        sup_trainer = SupernetTrainer(s1_cfg, schema, data_root, ctx, s1_dir, knobs["threshold_lr"])
-        ckpt = latest_checkpoint(s1_dir)
-        if ckpt is not None:
-            sup_trainer.load_checkpoint(ckpt)
-            if ctx.is_main:
-                _truncate_metrics(s1_dir / "metrics.jsonl", sup_trainer.step)
-            _say(ctx, quiet, f"== resumed the supernet from {ckpt} (step {sup_trainer.step})")
-        try:
-            final = sup_trainer.train(stop_after_step=stop_after_step)
-        except StopRequested:
-            return {"stopped_at_stage": "supernet", "stopped_at_step": sup_trainer.step, "run_dir": str(run_dir)}
-        sup = sup_trainer.supernet
-        tables = table_tensors(sup_trainer, sup, "embeddings")
+        if sc.ctx.is_main:
+            s1.create()
+            s1.write_config(s1_cfg.to_yaml())
+        trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, s1.path, knobs["threshold_lr"])
+        # The stage's folder exists only for this run: a checkpoint there is ours to go on from.
+        final = train_with_resume(sc, trainer, s1, resume=True, label="supernet")
+        features = features_from_schema(sc.schema)
+        sup = trainer.supernet
+        tables = table_tensors(trainer, sup, "embeddings")
         thr = sup.thresholds.detach().float().cpu()
         kept = [int((tables[f.name][1:].abs().sum(1) > thr[i]).sum()) for i, f in enumerate(features)]
-        seconds["supernet"] = round(time.perf_counter() - t0, 1)
         done = {"valid_auc": final.get("valid_auc"), "valid_logloss": final.get("valid_logloss"),
-                "steps": sup_trainer.step, "thresholds": thr.tolist(), "kept": kept,
+                "steps": trainer.step, "thresholds": thr.tolist(), "kept": kept,
                 "cardinalities": [f.cardinality for f in features],
-                "rows_pruned_share": 1 - sum(kept) / sum(f.cardinality for f in features)}
-        if ctx.is_main:
-            write_json(root / "seconds.json", seconds)
-            write_json(s1_dir / "done.json", done)
-            _prune_checkpoints(s1_dir)
-        _say(ctx, quiet, f"== supernet: valid auc={_fmt(done['valid_auc'])}, rows pruned "
-                         f"{done['rows_pruned_share']:.1%} ({seconds['supernet']:.0f}s)")
-    if stop_after_stage == "supernet":
-        return {"stopped_at_stage": "supernet", "run_dir": str(run_dir)}
+                "rows_pruned_share": 1 - sum(kept) / sum(f.cardinality for f in features),
+                "seconds": round(time.perf_counter() - t0, 1)}
+        if sc.ctx.is_main:
+            s1.prune(keep=1)  # the search loads the newest; nothing resumes the supernet again
+            write_json(s1 / "done.json", done)
+        sc.shared["supernet_trainer"] = trainer
+        sc.say(f"== supernet: valid auc={_fmt(done['valid_auc'])}, rows pruned "
+               f"{done['rows_pruned_share']:.1%} ({done['seconds']:.0f}s)")
 
-    # ---- stage 2: evolutionary search -------------------------------------------------------
-    if (root / "search.json").exists() and (root / "arch.pt").exists():
-        _say(ctx, quiet, f"== optembed [2/3] search: done, skipped ({root / 'search.json'})")
-        search = json.loads((root / "search.json").read_text())
-    else:
+
+class SearchStage(Stage):
+    """Stage 2: evolutionary search of the widths on the trained supernet; the architecture
+    and the retrain's initial weights."""
+
+    name = "search"
+
+    def artefacts(self, cfg: ExperimentConfig) -> list[str]:
+        return [f"optembed/{n}" for n in ("search_state.json", "search.json", "arch.pt", "retrain_dense.pt")]
+
+    def done(self, sc: StageContext) -> bool:
+        root = sc.run / "optembed"
+        return (root / "search.json").exists() and (root / "arch.pt").exists()
+
+    def stage_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        data = cfg.model_dump(mode="json")
+        (data["embedding"].get("optembed") or {}).pop("retrain_epochs", None)
+        return ExperimentConfig.model_validate(data)
+
+    def run(self, sc: StageContext) -> None:
+        knobs = resolved_knobs(sc.cfg)
+        s1 = sc.run.sub(*SUPERNET.split("/"))
+        s1_cfg = stage_config(sc.cfg, "supernet", knobs)
         t0 = time.perf_counter()
-        if sup_trainer is None:
-            sup_trainer = SupernetTrainer(s1_cfg, schema, data_root, ctx, None, knobs["threshold_lr"],
-                                          for_training=False)
-            ckpt = latest_checkpoint(s1_dir)
+        trainer = sc.shared.pop("supernet_trainer", None)
+        if trainer is None:
+            trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, None, knobs["threshold_lr"],
+                                      for_training=False)
+            ckpt = s1.latest_checkpoint()
             if ckpt is None:
-                raise FileNotFoundError(f"{s1_dir}: the supernet finished but left no checkpoint to search on "
+                raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search on "
                                         "(train.checkpoint must stay true for OptEmbed)")
-            sup_trainer.load_checkpoint(ckpt)
-        search = search_stage(cfg, s1_cfg, knobs, sup_trainer, features, schema, data_root, ctx, root, quiet)
-        seconds["search"] = round(time.perf_counter() - t0, 1) + seconds.get("search", 0.0)
-        if ctx.is_main:
-            write_json(root / "seconds.json", seconds)
-    del sup_trainer
-    if stop_after_stage == "search":
-        return {"stopped_at_stage": "search", "run_dir": str(run_dir)}
+            trainer.load_checkpoint(ckpt)
+        search_stage(sc.cfg, s1_cfg, knobs, trainer, features_from_schema(sc.schema), sc.schema, sc.data_root,
+                     sc.ctx, sc.run.path / "optembed", sc.quiet, seconds_before=time.perf_counter() - t0)
 
-    # ---- stage 3: retrain the exported table --------------------------------------------------
-    r_cfg = stage_config(cfg, "retrain", knobs, artefact=root / "arch.pt")
-    _say(ctx, quiet, f"== optembed [3/3] retrain: {r_cfg.train.epochs} epoch(s), init={knobs['retrain_init']}, "
-                     f"widths {search['dims']}")
-    t0 = time.perf_counter()
-    trainer = Trainer(r_cfg, schema, data_root, ctx, run_dir)
-    ckpt = latest_checkpoint(run_dir) if resume is not None else None
-    if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
-        if ctx.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-        _say(ctx, quiet, f"== resumed the retrain from {ckpt} (step {trainer.step})")
-    elif (root / "retrain_dense.pt").exists():
-        dense = torch.load(root / "retrain_dense.pt", weights_only=True)
-        _, unexpected = trainer.model.load_state_dict(dense, strict=False)
-        if unexpected:
-            raise RuntimeError(f"internal: dense weights {unexpected[:3]} do not fit the retrain model")
-    try:
-        final = trainer.train(stop_after_step=stop_after_step)
-    except StopRequested:
-        return {"stopped_at_stage": "retrain", "stopped_at_step": trainer.step, "run_dir": str(run_dir)}
-    seconds["retrain"] = round(time.perf_counter() - t0, 1) + seconds.get("retrain", 0.0)
-    exported = optembed_module(trainer.inner)
-    weights = table_tensors(trainer, exported, "embedding_bags")
-    art = torch.load(root / "arch.pt", weights_only=True)
-    art["tables"] = [weights[f.name] for f in features]
-    if ctx.is_main:
-        save_artefact(art, root / "export.pt")
-        write_json(root / "seconds.json", seconds)
 
-    summary = make_summary(cfg, trainer, final, data_root, ctx.world_size, threads)
-    plan = exported.plan
-    s1 = json.loads((root / "supernet" / "done.json").read_text())
-    summary["optembed"] = {
-        "rows_total": sum(plan.cardinalities), "rows_kept": sum(plan.kept),
-        "rows_pruned_share": round(plan.rows_pruned_share, 6),
-        "dims": dict(zip([f.name for f in features], plan.dims, strict=True)),
-        "kept": dict(zip([f.name for f in features], plan.kept, strict=True)),
-        "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"], "search_fitness": search["fitness"],
-        "search_evaluations": search["evaluations"], "retrain_init": knobs["retrain_init"],
-        "budget_bytes": search.get("budget_bytes"), "stage_seconds": seconds,
-        "export": str(root / "export.pt"),
-    }
-    summary["run_dir"] = str(run_dir)
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _prune_checkpoints(run_dir)
-        # config.yaml now names the exported table, so `embtables predict RUN_DIR` rebuilds
-        # the retrained model (the supernet stage drops the artefact knob on --resume).
-        done_cfg = cfg.model_dump(mode="json")
-        done_cfg["embedding"]["optembed"] = {**(done_cfg["embedding"].get("optembed") or {}),
-                                             "artefact": str(root / "export.pt")}
-        (run_dir / "config.yaml").write_text(ExperimentConfig.model_validate(done_cfg).to_yaml())
-        _say(ctx, quiet, f"== {summary['eval_split']}: auc={_fmt(summary['auc'])} logloss={_fmt(summary['logloss'])} "
-                         f"embedding_bytes={summary['embedding_bytes']:,} rows pruned {plan.rows_pruned_share:.1%} "
-                         f"(seconds per stage {seconds})\n== results: {run_dir}/summary.json")
-    return summary
+class RetrainStage(Stage):
+    """Stage 3: retrain the exported table in the run's root; export it; the summary."""
+
+    name = "retrain"
+
+    def artefacts(self, cfg: ExperimentConfig) -> list[str]:
+        return ["metrics.jsonl", "checkpoints", "optembed/export.pt", "summary.json"]
+
+    def done(self, sc: StageContext) -> bool:
+        return sc.run.is_finished() and (sc.run / "optembed" / "export.pt").exists()
+
+    def run(self, sc: StageContext) -> dict[str, Any]:
+        cfg, run = sc.cfg, sc.run
+        knobs = resolved_knobs(cfg)
+        root = run.path / "optembed"
+        features = features_from_schema(sc.schema)
+        search = json.loads((root / "search.json").read_text())
+        r_cfg = stage_config(cfg, "retrain", knobs, artefact=root / "arch.pt")
+        sc.say(f"== optembed [3/3] retrain: {r_cfg.train.epochs} epoch(s), init={knobs['retrain_init']}, "
+               f"widths {search['dims']}")
+        t0 = time.perf_counter()
+        trainer = Trainer(r_cfg, sc.schema, sc.data_root, sc.ctx, run.path)
+        if not (sc.resume and run.checkpoints()) and (root / "retrain_dense.pt").exists():
+            dense = torch.load(root / "retrain_dense.pt", weights_only=True)
+            _, unexpected = trainer.model.load_state_dict(dense, strict=False)
+            if unexpected:
+                raise RuntimeError(f"internal: dense weights {unexpected[:3]} do not fit the retrain model")
+        final = train_with_resume(sc, trainer, run, resume=sc.resume, label="retrain")
+        exported = optembed_module(trainer.inner)
+        weights = table_tensors(trainer, exported, "embedding_bags")
+        art = torch.load(root / "arch.pt", weights_only=True)
+        art["tables"] = [weights[f.name] for f in features]
+        s1 = json.loads((root / "supernet" / "done.json").read_text())
+        legacy = _legacy_seconds(sc)
+        seconds = {"supernet": s1.get("seconds", legacy.get("supernet")),
+                   "search": search.get("seconds", legacy.get("search")),
+                   "retrain": round(time.perf_counter() - t0, 1)}
+        summary = make_summary(cfg, trainer, final, sc.data_root, sc.ctx.world_size, sc.threads)
+        plan = exported.plan
+        summary["optembed"] = {
+            "rows_total": sum(plan.cardinalities), "rows_kept": sum(plan.kept),
+            "rows_pruned_share": round(plan.rows_pruned_share, 6),
+            "dims": dict(zip([f.name for f in features], plan.dims, strict=True)),
+            "kept": dict(zip([f.name for f in features], plan.kept, strict=True)),
+            "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"], "search_fitness": search["fitness"],
+            "search_evaluations": search["evaluations"], "retrain_init": knobs["retrain_init"],
+            "budget_bytes": search.get("budget_bytes"), "stage_seconds": seconds,
+            "export": str(root / "export.pt"),
+        }
+        summary["run_dir"] = str(run.path)
+        if sc.ctx.is_main:
+            save_artefact(art, root / "export.pt")
+            # config.yaml names the exported table, so `embtables predict RUN_DIR` rebuilds the
+            # retrained model (the supernet stage drops the artefact knob on --resume). Before
+            # the summary: summary.json is the last file, its presence means "finished".
+            done_cfg = cfg.model_dump(mode="json")
+            done_cfg["embedding"]["optembed"] = {**(done_cfg["embedding"].get("optembed") or {}),
+                                                 "artefact": str(root / "export.pt")}
+            run.write_config(ExperimentConfig.model_validate(done_cfg).to_yaml())
+            run.write_summary(summary)
+            run.prune()
+        sc.say(f"== {summary['eval_split']}: auc={_fmt(summary['auc'])} logloss={_fmt(summary['logloss'])} "
+               f"embedding_bytes={summary['embedding_bytes']:,} rows pruned {plan.rows_pruned_share:.1%} "
+               f"(seconds per stage {seconds})\n== results: {run.path}/summary.json")
+        return summary
+
+
+register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()])
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _say(ctx, quiet: bool, msg: str) -> None:
+    if ctx.is_main and not quiet:
+        print(msg, flush=True)
 
 
 # ---- stage 2 ----------------------------------------------------------------------------------------
@@ -314,7 +331,9 @@ def validation_batches(cfg: ExperimentConfig, data_root: Path, ctx, rows: int) -
 
 
 def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[str, Any], trainer: SupernetTrainer,
-                 features: list[FeatureSpec], schema, data_root: Path, ctx, root: Path, quiet: bool) -> dict[str, Any]:
+                 features: list[FeatureSpec], schema, data_root: Path, ctx, root: Path, quiet: bool,
+                 seconds_before: float = 0.0) -> dict[str, Any]:
+    t0 = time.perf_counter() - seconds_before
     sup = trainer.supernet
     tables = table_tensors(trainer, sup, "embeddings")
     thr = sup.thresholds.detach().float().cpu()
@@ -381,7 +400,8 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
                        if not k.startswith(prefix) and not isinstance(v, ShardedTensor)}
     out = {"dims": list(result.dims), "fitness": result.fitness, "evaluations": result.evaluations,
            "kept": kept, "thresholds": thr.tolist(), "budget_bytes": budget, "num_parameters": plan.num_parameters,
-           "bytes": plan.bytes, "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history}
+           "bytes": plan.bytes, "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history,
+           "seconds": round(time.perf_counter() - t0, 1)}
     if ctx.is_main:
         art = make_artefact(features, dim, list(result.dims), kept_ids, init_tables, thresholds=thr.tolist())
         save_artefact(art, root / "arch.pt")

@@ -1,53 +1,107 @@
-"""`embtables predict RUN_DIR DATA --out FILE`: score a dataset with a trained run."""
+"""`embtables predict RUN_DIR DATA --out FILE`: score a dataset with a trained run.
+
+The dataset must share the run's id space: same features, and for each categorical
+feature the same mode (vocabulary ids or raw ids), the same ``num_embeddings`` and, for
+vocabulary ids, the same vocabulary. Otherwise ids would index other rows (or none) of
+the trained tables and the scores would be silently wrong, so it is refused, naming the
+feature.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.distributed as dist
-import yaml
 
 from embtables.datasets.schema import DatasetSchema, load_schema
 from embtables.experiments import metrics as M
-from embtables.experiments.config import load_config
+from embtables.experiments.config import load_config, read_yaml
+from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
+from embtables.experiments.rundir import RunDir
+from embtables.experiments.trainer import Trainer
 from embtables.sharding import init_distributed
 
 
+class IncompatibleData(ValueError):
+    """The dataset's ids do not mean what they meant in the training data."""
+
+
+def check_id_space(train: DatasetSchema, data: DatasetSchema, path: Path, train_vocab: dict[str, str] | None,
+                   data_vocab: dict[str, str]) -> None:
+    if train.dense != data.dense or train.categorical_names != data.categorical_names:
+        raise IncompatibleData(
+            f"{path}: its features differ from the ones the run was trained on ({len(data.dense)} dense / "
+            f"{data.categorical_names[:3]}... vs {len(train.dense)} / {train.categorical_names[:3]}...)")
+    fix = "convert it with the training data's vocabulary (`embtables data criteo ... --vocab-from TRAIN_DATA`)"
+    for t, d in zip(train.categorical, data.categorical, strict=True):
+        if t.mode != d.mode:
+            raise IncompatibleData(f"{path}: feature {t.name} holds {d.mode} ids, the run was trained on {t.mode} "
+                                   f"ids: the ids index other rows of the trained table; {fix}")
+        if t.num_embeddings != d.num_embeddings:
+            raise IncompatibleData(f"{path}: feature {t.name} has num_embeddings={d.num_embeddings}, the run's "
+                                   f"training data {t.num_embeddings}: a different id space; {fix}")
+        if train_vocab is not None and t.mode == "vocab" and train_vocab.get(t.name) != data_vocab.get(t.name):
+            raise IncompatibleData(f"{path}: feature {t.name}: its vocabulary differs from the training data's "
+                                   f"(the same id stands for another value); {fix}")
+    for t, d in zip(train.sequences, data.sequences, strict=False):
+        if t.name != d.name or t.num_embeddings != d.num_embeddings:
+            raise IncompatibleData(f"{path}: sequence feature {d.name} (num_embeddings={d.num_embeddings}) does "
+                                   f"not match the run's {t.name} (num_embeddings={t.num_embeddings})")
+
+
+def _train_vocab(rd: RunDir, cfg) -> dict[str, str] | None:
+    """The fingerprints saved with the run; for a run directory written before they were,
+    the training data's own, when it is still where the run found it (else None)."""
+    saved = rd / VOCAB_FILE
+    if saved.exists():
+        return json.loads(saved.read_text())
+    root = Path(cfg.data.path)
+    if (root / "schema.json").exists():
+        return vocab_fingerprints(root, load_schema(root))
+    return None
+
+
 def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None) -> dict:
-    import json
-
-    from embtables.experiments.runner import latest_checkpoint
-    from embtables.experiments.trainer import Trainer
-
-    run_dir, data, out = Path(run_dir), Path(data), Path(out)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml, so it is not a run directory")
-    cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    rd, data, out = RunDir(run_dir), Path(data), Path(out)
+    if not rd.is_run_dir():
+        raise FileNotFoundError(f"{rd.path}: no config.yaml, so it is not a run directory")
+    cfg = load_config(read_yaml(rd.config_path))
     cfg.sharding.world_size = 1
-    train_schema = DatasetSchema.from_json(json.loads((run_dir / "data_schema.json").read_text()))
+    train_schema = DatasetSchema.from_json(json.loads(rd.schema_path.read_text()))
     schema = load_schema(data)
-    _check_compatible(train_schema, schema, data)
-    ckpt = latest_checkpoint(run_dir)
+    check_id_space(train_schema, schema, data, _train_vocab(rd, cfg), vocab_fingerprints(data, schema))
+    splits = [split] if split else sorted(schema.splits)
+    for s in splits:
+        if s not in schema.splits:
+            raise KeyError(f"{data} has no split {s!r}; it has {sorted(schema.splits)}")
+    check_parts(schema, data, splits)
+    # The newest checkpoint is the trained model; an older one is not, so a damaged newest
+    # one is an error (load_checkpoint names the file), never a silent fall-back.
+    ckpt = rd.latest_checkpoint()
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to predict with (was train.checkpoint false?)")
+        raise FileNotFoundError(f"{rd.path}: no checkpoint to predict with (was train.checkpoint false?)")
     ctx = init_distributed("cpu", cfg.sharding.timeout_s)
     try:
         trainer = Trainer(cfg, train_schema, data, ctx, None, for_training=False)
         trainer.load_checkpoint(ckpt)
-        splits = [split] if split else sorted(schema.splits)
         tables, report = [], {}
         for s in splits:
-            if s not in schema.splits:
-                raise KeyError(f"{data} has no split {s!r}; it has {sorted(schema.splits)}")
             p, y = trainer.predict_split(s, root=data)
             tables.append(pa.table({"split": pa.array([s] * len(p)), "row": np.arange(len(p), dtype=np.int64),
                                     "prob": p.astype(np.float32), "label": y.astype(np.float32)}))
             report[s] = {"rows": int(len(p)), "auc": M.auc(y, p), "logloss": M.logloss(y, p)}
         out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.concat_tables(tables), out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(pa.concat_tables(tables), tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         for s, r in report.items():
             auc_s = f"{r['auc']:.4f}" if r["auc"] is not None else "n/a"
             print(f"{s}: {r['rows']} rows  auc={auc_s}  logloss={r['logloss']:.4f}")
@@ -57,9 +111,3 @@ def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str |
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _check_compatible(train: DatasetSchema, data: DatasetSchema, path: Path) -> None:
-    if train.dense != data.dense or train.categorical_names != data.categorical_names:
-        raise ValueError(f"{path}: its features differ from the ones the run was trained on "
-                         f"({len(data.dense)} dense / {data.categorical_names[:3]}... vs {len(train.dense)} / "
-                         f"{train.categorical_names[:3]}...)")

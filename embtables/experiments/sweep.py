@@ -1,11 +1,13 @@
 """Run a comparison: every cell is one ordinary `run()` in ``<sweep_dir>/<cell-id>/``.
 
-Resumable by construction: a cell with a ``summary.json`` is finished and never runs
-again; a cell killed mid-training continues from its last checkpoint; anything else
-(new, failed, interrupted before a checkpoint) runs from the start. A cell that raises
-is recorded as failed in its ``status.json`` (with the reason; the traceback in
-``error.txt``) and the sweep goes on. ``--jobs N`` runs N cells at once, each in its own
-process with ``cores / N`` torch threads.
+Resumable by construction: a cell whose run directory says it is finished
+(:meth:`RunDir.is_finished`) never runs again; a cell killed mid-training continues from
+its last sound checkpoint (``run --resume``); anything else runs from the start. A cell
+held by a live process (its run directory's lock) is left to it, never run twice. A cell
+that raises is recorded as failed in its ``status.json`` (with the reason; the traceback
+in ``error.txt``) and the sweep goes on. ``--jobs N`` runs N cells at once, each in its
+own process with ``cores / N`` torch threads; killing the sweep (SIGTERM, Ctrl-C, even
+SIGKILL) ends its workers, each after a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from tqdm import tqdm
 
 from embtables.experiments import jsonfile
 from embtables.experiments.jsonfile import read_json
+from embtables.experiments.rundir import RunDir, RunDirBusy
 from embtables.experiments.sweep_config import Cell, SweepPlan
 
 PLAN_FILE = "sweep.json"
@@ -40,7 +47,7 @@ write_json = partial(jsonfile.write_json, default=str)
 
 def cell_state(cell_dir: Path) -> str:
     """done | failed | skipped | running | pending (from the files alone)."""
-    if (cell_dir / SUMMARY_FILE).exists():
+    if RunDir(cell_dir).is_finished():
         return "done"
     st = read_json(cell_dir / STATUS_FILE)
     return st["status"] if st and st.get("status") in ("failed", "skipped", "running") else "pending"
@@ -60,10 +67,23 @@ def default_threads(jobs: int) -> int:
 
 def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """Run one cell to completion or to a recorded failure; returns its status record."""
-    from embtables.experiments.runner import run
 
     cdir = Path(cell_dir)
-    cdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunDir(cdir).lock():
+            return _execute_locked(cdir, config, meta, threads)
+    except RunDirBusy as e:
+        return {"status": "busy", "error": str(e)}
+    finally:
+        if _parent is not None and os.getppid() != _parent:
+            os._exit(0)  # a worker of a sweep that died: its cell is recorded, nobody is left to report to
+
+
+def _execute_locked(cdir: Path, config: dict[str, Any], meta: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    from embtables.experiments.runner import run
+
+    if RunDir(cdir).is_finished():  # finished by another process since the sweep looked
+        return read_json(cdir / STATUS_FILE) or {"status": "done"}
     write_json(cdir / CELL_FILE, meta)
     prev = read_json(cdir / STATUS_FILE) or {}
     status: dict[str, Any] = {
@@ -87,6 +107,10 @@ def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], th
             _clear_partial(cdir)
             summary = run(config, overrides=overrides, run_dir=cdir, quiet=True)
         status.update(status="done", auc=summary.get("auc"))
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: the run checkpointed; the next sweep resumes it
+        status.update(status="interrupted", seconds=round(time.perf_counter() - t0, 3))
+        write_json(cdir / STATUS_FILE, status)
+        raise
     except Exception as e:  # noqa: BLE001 - a failing cell is a result, not the sweep's end
         status.update(status="failed", error=f"{type(e).__name__}: {e}", error_type=type(e).__name__)
         if getattr(e, "minimum", None) is not None:  # BudgetTooSmall names the method's minimum
@@ -99,24 +123,27 @@ def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], th
 
 
 def _resumable(cdir: Path) -> bool:
-    """An earlier attempt left a checkpoint (or, for OptEmbed, finished stages) to go on from."""
-    from embtables.experiments.runner import latest_checkpoint
-
-    if not (cdir / "config.yaml").exists():
-        return False
-    return latest_checkpoint(cdir) is not None or (cdir / "optembed" / "supernet").exists()
+    """An earlier attempt left a checkpoint (of any of its stages) to go on from."""
+    return RunDir(cdir).has_progress()
 
 
 def _clear_partial(cdir: Path) -> None:
-    """Outputs of an interrupted attempt (metrics are appended, and OptEmbed refuses a
-    directory holding an earlier run's stages, so they must go)."""
-    for name in ("metrics.jsonl", SUMMARY_FILE):
-        (cdir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "tensorboard", "optembed"):
-        shutil.rmtree(cdir / name, ignore_errors=True)
+    """What an attempt that never got to a checkpoint left (the cell's own records stay)."""
+    rd = RunDir(cdir)
+    if rd.is_empty():
+        return
+    for p in cdir.iterdir():
+        if p.name in (CELL_FILE, STATUS_FILE, ERROR_FILE, ".lock"):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _worker_init(threads: int) -> None:
+_parent: int | None = None  # in a worker: the sweep's process
+
+
+def _worker_init(threads: int, parent: int) -> None:
+    global _parent
+    _parent = parent
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
@@ -124,6 +151,17 @@ def _worker_init(threads: int) -> None:
 
     _quiet_libraries()
     torch.set_num_threads(threads)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-sweep").start()
+
+
+def _watch_parent(parent: int, grace_s: float = 120.0) -> None:
+    """A worker whose sweep died (even by SIGKILL) stops: SIGTERM to itself, so the running
+    cell checkpoints and records itself as interrupted, then exits."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os._exit(1)
 
 
 # ---- the sweep ----------------------------------------------------------------------------
@@ -159,10 +197,16 @@ def run_sweep(
     threads = threads or default_threads(jobs)
     todo: list[Cell] = []
     already = 0
+    busy: list[str] = []
     for cell in plan.cells:
         cdir = sweep_dir / cell.cell_id
         state = cell_state(cdir)
-        if cell.skip_reason is not None:
+        holder = RunDir(cdir).held_by_other() if state != "done" else None
+        if holder is not None:
+            busy.append(cell.cell_id)
+            if progress:
+                print(f"busy {cell.cell_id}: in use by {holder}; left to it", file=sys.stderr)
+        elif cell.skip_reason is not None:
             cdir.mkdir(parents=True, exist_ok=True)
             write_json(cdir / CELL_FILE, cell.meta())
             write_json(cdir / STATUS_FILE, {"status": "skipped", "error": cell.skip_reason})
@@ -179,9 +223,13 @@ def run_sweep(
             todo.append(cell)
     bar = tqdm(total=len(plan.cells), initial=already, unit="cell", desc=f"compare {plan.name}",
                disable=not progress, dynamic_ncols=True, smoothing=0.0)
-    counts = {"done": 0, "failed": 0}
+    counts = {"done": 0, "failed": 0, "busy": len(busy)}
 
     def finished(cell: Cell, st: dict[str, Any]) -> None:
+        if st["status"] == "busy":  # taken by another process after the scan above
+            counts["busy"] += 1
+            bar.write(f"busy {cell.cell_id}: {st['error']}") if progress else None
+            return
         counts["done" if st["status"] == "done" else "failed"] += 1
         if st["status"] == "done":
             auc = st.get("auc")
@@ -195,18 +243,24 @@ def run_sweep(
             on_cell_done(cell, st)
 
     try:
-        if jobs <= 1:
-            for cell in todo:
-                bar.set_postfix(ok=counts["done"], failed=counts["failed"], now=cell.cell_id[:40])
-                st = execute_cell(str(sweep_dir / cell.cell_id), cell.config.model_dump(mode="json"),
-                                  cell.meta(), threads)
-                finished(cell, st)
-        else:
-            _run_parallel(todo, sweep_dir, jobs, threads, finished)
+        with _sigterm_interrupts():
+            if jobs <= 1:
+                for cell in todo:
+                    bar.set_postfix(ok=counts["done"], failed=counts["failed"], now=cell.cell_id[:40])
+                    st = execute_cell(str(sweep_dir / cell.cell_id), cell.config.model_dump(mode="json"),
+                                      cell.meta(), threads)
+                    finished(cell, st)
+            else:
+                _run_parallel(todo, sweep_dir, jobs, threads, finished)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\n== compare interrupted; finished cells are kept and interrupted ones checkpointed: run the "
+              f"same command again to continue ({sweep_dir})", file=sys.stderr, flush=True)
+        raise
     finally:
         bar.close()
-    out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "cells": len(plan.cells), "ran": len(todo),
-                           "already_finished": already, **counts}
+    out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "cells": len(plan.cells),
+                           "ran": counts["done"] + counts["failed"], "already_finished": already, **counts}
     if report:
         from embtables.experiments.report import build_report
 
@@ -224,7 +278,8 @@ def _run_parallel(todo: list[Cell], sweep_dir: Path, jobs: int, threads: int,
     pending = list(todo)
     while pending:
         pool_started = time.time()
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(threads, os.getpid()))
         futures: dict[Future, Cell] = {}
         reported: set[str] = set()
         try:
@@ -259,5 +314,44 @@ def _run_parallel(todo: list[Cell], sweep_dir: Path, jobs: int, threads: int,
             if len(pending) == len(futures):
                 raise RuntimeError("the sweep's worker processes died before running any cell; "
                                    "try --jobs 1 to see the error") from None
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 60.0) -> None:
+    """SIGTERM every worker (each running cell checkpoints and stops), then wait for them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM to the sweep's process is handled like Ctrl-C (its workers are stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

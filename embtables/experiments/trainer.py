@@ -6,6 +6,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from embtables import faults
 from embtables.datasets.reader import BatchReader
 from embtables.errors import TrainingDiverged
 from embtables.experiments import metrics as M
@@ -88,6 +90,10 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_samples = 0
         self.last_checkpoint: Path | None = None
+        # Set by the runner: called after each checkpoint (pruning), and after each step
+        # (True: checkpoint now and raise StopRequested; SIGTERM, Ctrl-C).
+        self.after_checkpoint: Callable[[Path], None] | None = None
+        self.should_stop: Callable[[], bool] | None = None
         self.last_users: np.ndarray | None = None
         self.step_losses: list[float] | None = None  # set to [] to record every step's training loss
         tc = cfg.train
@@ -154,6 +160,8 @@ class Trainer:
         }
         save_checkpoint(path, self.model, {"dense": self.dense_opt, "fused": self.fused_opt}, extra)
         self.last_checkpoint = path
+        if self.after_checkpoint is not None:
+            self.after_checkpoint(path)
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -300,7 +308,14 @@ class Trainer:
                     if self.tb is not None:
                         self.tb.add_scalar("train/loss", lv, self.step)
                 bar.update(1)
+                faults.hit("kill_after_step", str(self.step))
                 done = self.step >= self.total_steps
+                if not done and self.should_stop is not None and self.should_stop():
+                    self.train_seconds += time.perf_counter() - t0
+                    if tc.checkpoint:
+                        self.save_checkpoint()
+                    bar.close()
+                    raise StopRequested(f"stopped at step {self.step} on request")
                 if (tc.eval_every and self.step % tc.eval_every == 0) and not done:
                     self.train_seconds += time.perf_counter() - t0
                     self._log_eval()

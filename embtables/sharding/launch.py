@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+
+STOP_GRACE_S = 120.0
 
 
 class LaunchError(RuntimeError):
@@ -32,6 +37,14 @@ class LaunchError(RuntimeError):
     def __init__(self, message: str, rank: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+
+
+class LaunchInterrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C stopped every rank (each after its part of a checkpoint)."""
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if "SIGTERM" in str(self) else 130
 
 
 def free_port() -> int:
@@ -46,6 +59,8 @@ def _worker(fn: Callable, rank: int, nproc: int, env: dict[str, str], args: Sequ
     try:
         out = fn(*args)
         results.put((rank, True, out))
+    except KeyboardInterrupt as e:  # stopped on request (SIGTERM/Ctrl-C), resumable
+        results.put((rank, "interrupted", str(e) or "interrupted"))
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which ends every rank
         results.put((rank, False, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"))
     finally:
@@ -91,11 +106,27 @@ def launch(
         p.start()
     done: dict[int, Any] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stopping: list[float] = []  # when SIGTERM/Ctrl-C came: ranks get a grace period to checkpoint
+
+    def forward(signum=None, frame=None) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, forward) if main else None
     try:
         while len(done) < nproc:
             try:
                 rank, ok, payload = results.get(timeout=0.2)
+            except KeyboardInterrupt:  # Ctrl-C: the ranks got it too and are checkpointing
+                forward()
+                continue
             except queue.Empty:
+                if stopping and time.monotonic() - stopping[0] > STOP_GRACE_S:
+                    raise LaunchInterrupted("stopped; some ranks did not finish their checkpoint in time") from None
                 # A rank that died without reporting (killed, segfault, os._exit).
                 for r, p in enumerate(procs):
                     if r not in done and p.exitcode not in (None, 0):
@@ -106,10 +137,17 @@ def launch(
                 if deadline is not None and time.monotonic() > deadline:
                     raise LaunchError(f"launch timed out after {timeout_s:.0f} s; ranks done: {sorted(done)}") from None
                 continue
+            if ok == "interrupted":
+                raise LaunchInterrupted(payload)
             if not ok:
                 raise LaunchError(f"rank {rank} of {nproc} failed: {payload}", rank)
             done[rank] = payload
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
+        if stopping:  # let every rank finish its part of the checkpoint before ending it
+            for p in procs:
+                p.join(timeout=max(0.1, STOP_GRACE_S - (time.monotonic() - stopping[0])))
         for p in procs:
             p.join(timeout=5 if len(done) == nproc else 0.5)
         for p in procs:
@@ -123,7 +161,7 @@ def launch(
     return [done[r] for r in range(nproc)]
 
 
-def _run_rank(config, overrides, run_dir, resume) -> dict[str, Any] | None:
+def _run_rank(config, overrides, run_dir, resume, options=None) -> dict[str, Any] | None:
     try:  # the same quiet logs as `embtables run` in the parent
         from embtables.cli import _quiet_libraries
 
@@ -132,18 +170,25 @@ def _run_rank(config, overrides, run_dir, resume) -> dict[str, Any] | None:
         pass
     from embtables.experiments.runner import run
 
-    summary = run(config, overrides=overrides, run_dir=run_dir, resume=resume)
+    summary = run(config, overrides=overrides, run_dir=run_dir, resume=resume, **(options or {}))
     return summary if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def launch_run(config, overrides: list[str] | None, run_dir: str | None, resume: str | None, nproc: int,
-               timeout_s: float | None = None) -> int:
+               timeout_s: float | None = None, *, overwrite: bool = False, from_run: str | None = None,
+               stage: str | None = None) -> int:
     """`embtables run CONFIG --nproc N`: the runner in N local processes, one run directory."""
+    from embtables.experiments.config import load_config
+    from embtables.experiments.runner import claim_new_run_dir, new_run_dir
+
     if resume is None and run_dir is None:
         # Every rank must write to the same directory: name it once, here.
-        from embtables.experiments.config import load_config
-        from embtables.experiments.runner import new_run_dir
-
         run_dir = str(new_run_dir(load_config(config, overrides)))
-    launch(_run_rank, nproc, (config, overrides, run_dir, resume), timeout_s=timeout_s)
+    if resume is None:
+        # Checked once, here, before any rank starts (the ranks then see an empty directory).
+        moved = claim_new_run_dir(Path(run_dir), overwrite)
+        if moved is not None:
+            print(f"== --overwrite: moved the old {run_dir} to {moved}")
+    options = {"from_run": from_run, "stage": stage}
+    launch(_run_rank, nproc, (config, overrides, run_dir, resume, options), timeout_s=timeout_s)
     return 0

@@ -150,7 +150,10 @@ class MDEEmbedding(EmbeddingMethod):
             weighted=weighted,
         )
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
-        if any(r < n for r, n in zip(p.rows, p.cardinalities, strict=True)):
+        # Ids of an unbounded feature (raw-mode data) may exceed its cardinality: map them
+        # into the rows as `hash` does, even when the table has one row per expected id.
+        hashed = any(r < n for r, n in zip(p.rows, p.cardinalities, strict=True))
+        if hashed or not all(f.bounded for f in self.features):
             self.remap = HashRemap(
                 self.feature_names,
                 list(p.rows),

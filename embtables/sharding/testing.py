@@ -421,8 +421,9 @@ def conf_dmp_case(pg, spec, sequence: bool, weighted: bool, forced: str | None, 
     per = batch // world
     table_ids = {id(p) for m in torchrec_tables(ref) for p in m.parameters()}
     others = [p for p in ref.parameters() if id(p) not in table_ids and p is not ref.scale]  # a method's dense ones
-    ref_opts = [torch.optim.SGD([ref.scale, *others], lr=lr),
-                opt_cls([p for m in torchrec_tables(ref) for p in m.parameters()], **kw)]
+    ref_tables = [p for m in torchrec_tables(ref) for p in m.parameters()]
+    # A table-free method (dhe) has only dense parameters: the SGD above trains them.
+    ref_opts = [torch.optim.SGD([ref.scale, *others], lr=lr)] + ([opt_cls(ref_tables, **kw)] if ref_tables else [])
     # Same RNG stream for both forwards (mch re-initialises evicted rows, optembed's supernet
     # samples widths in training).
     torch.manual_seed(123)

@@ -103,7 +103,10 @@ def test_every_method_moves_the_callers_rng_by_one_draw():
     for m in list_methods():
         torch.manual_seed(0)
         # budget: what each method needs to build these tiny features (mch keeps state beyond its rows)
-        build(FEATURES, method=m, dim=8, budget={"full": None, "optembed": None, "mch": "1MB"}.get(m, 1.0))
+        # and the knobs a method cannot build without (hybrid's hot set must come from the data)
+        knobs = {"hybrid": {"frequency_ranked": True}}.get(m, {})
+        build(FEATURES, method=m, dim=8, budget={"full": None, "optembed": None, "mch": "1MB"}.get(m, 1.0),
+              **knobs)
         states[m] = torch.rand(4)
     assert {"full", "hash", "qr", "unified", "mch", "optembed"} <= set(states)
     for m, s in states.items():

@@ -162,3 +162,34 @@ def test_adam_tables_on_cpu_is_a_clear_error(tiny_synth, tmp_path):
     o = tiny_overrides(tiny_synth, **{"train.embedding_optimizer": {"name": "adam", "lr": 0.001}})
     with pytest.raises(ValueError, match="train.embedding_optimizer.name: adam is not available"):
         run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
+
+
+def test_a_budget_below_the_methods_minimum_writes_nothing(tiny_synth, tmp_path):
+    """BudgetTooSmall needs the dataset's cardinalities, so it is found after the schema is
+    read, but still before the run directory exists (a dry build on the meta device)."""
+    from embtables.embeddings import BudgetTooSmall
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(BudgetTooSmall, match="embedding.budget"):
+        run("quickstart", overrides=tiny_overrides(tiny_synth, **{"embedding.method": "hash",
+                                                                   "embedding.budget": 100}),
+            run_dir=run_dir, quiet=True)
+    assert not run_dir.exists()
+
+
+def test_the_dry_build_leaves_the_initial_weights_as_they_were(tiny_synth, tmp_path):
+    """The meta-device check must not move the RNG: the same seed gives the same run."""
+    import torch
+
+    from embtables.experiments.build import build_model
+    from embtables.experiments.config import load_config
+    from embtables.experiments.runner import _dry_build
+
+    cfg = load_config("quickstart", [f"{k}={v}" for k, v in tiny_overrides(tiny_synth).items()])
+    schema = load_schema(tiny_synth)
+    torch.manual_seed(0)
+    plain = build_model(cfg, schema).state_dict()
+    torch.manual_seed(0)
+    _dry_build(cfg, schema)
+    after = build_model(cfg, schema).state_dict()
+    assert all(torch.equal(plain[k], after[k]) for k in plain)

@@ -21,8 +21,7 @@ from embtables.sharding import init_distributed
 FEATURES = [FeatureSpec("a", 37), FeatureSpec("b", 5), FeatureSpec("c", 300), FeatureSpec("d", 1)]
 
 # (method, knobs): every layout that stores each feature collisionlessly at budget 1 (unified
-# with several tables sizes each to the largest one's vocabulary, so it is collisionless only
-# without a budget: `budget` None).
+# with several tables too: each table is cut to its own vocabulary, so budget 1 holds them all).
 COLLISIONLESS = [
     ("hash", {}),
     ("qr", {"operation": "mult"}),
@@ -33,6 +32,8 @@ COLLISIONLESS = [
     ("unified", {"probes": 2}),
     ("unified", {"num_tables": 2, "budget": None}),
     ("unified", {"num_tables": 3, "probes": 2, "budget": None}),
+    ("unified", {"num_tables": 2}),
+    ("unified", {"num_tables": 3, "probes": 2}),
 ]
 
 

@@ -85,18 +85,23 @@ def plan_unified(
         if rows < 1:
             raise ValueError(f"unified: knob rows must be >= 1, got {rows}")
         B = [rows] * len(groups)
+        exact = [rows >= max(need) for need in needed]
     elif budget_bytes is None:
         B = [max(need) for need in needed]
+        exact = [True] * len(groups)
     else:
         minimum = len(groups) * T * d * b
         if budget_bytes < minimum:
             raise BudgetTooSmall("unified", minimum, budget_bytes, f"1 row in each of {T} table(s) per group")
-        caps = [T * max(need) * d * b for need in needed]
+        # A group is collisionless once its share holds every table's exact vocabulary (the
+        # tables may differ in size: T * the largest would ask for more than `full` holds).
+        caps = [sum(need) * d * b for need in needed]
         shares = split_budget(budget_bytes, [float(sum(need)) for need in needed], [T * d * b] * len(groups), caps)
         B = [max(1, math.floor(s / (T * d * b) + 1e-9)) for s in shares]
+        exact = [s >= c for s, c in zip(shares, caps, strict=True)]
     out = []
-    for g, a, need, bg in zip(groups, assigns, needed, B, strict=True):
-        if bg >= max(need):  # collisionless: every probe gets its own rows
+    for g, a, need, bg, ex in zip(groups, assigns, needed, B, exact, strict=True):
+        if ex:  # collisionless: every probe gets its own rows
             offs, run = [], [0] * T
             for n, _, t in a:
                 offs.append(run[t])

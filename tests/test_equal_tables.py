@@ -34,6 +34,9 @@ COLLISIONLESS = [
     ("unified", {"num_tables": 3, "probes": 2, "budget": None}),
     ("unified", {"num_tables": 2}),
     ("unified", {"num_tables": 3, "probes": 2}),
+    ("tt", {}),  # plain features in chunk-wide rows
+    ("mde", {}),
+    ("hybrid", {"frequency_ranked": True}),
 ]
 
 

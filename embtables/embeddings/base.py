@@ -26,7 +26,7 @@ from torchrec.sparse.jagged_tensor import (
 
 from embtables.embeddings.budget import DTYPE_BYTES, format_bytes
 from embtables.embeddings.spec import FeatureSpec
-from embtables.embeddings.table_init import SeededInit, feature_init, module_seed
+from embtables.embeddings.table_init import ReshapedFeatureInit, SeededInit, feature_init, module_seed
 
 INT64_MAX = 2**63 - 1
 
@@ -269,7 +269,8 @@ class EmbeddingMethod(nn.Module):
             # No init given: U(+-sqrt(1/rows)) keyed by the table's one feature (see table_init).
             spec = c[4] if len(c) > 4 and c[4] is not None else feature_init(
                 c[3][0] if len(c[3]) == 1 else c[0], c[1], c[2])
-            return {"init_fn": spec.bind(seed) if isinstance(spec, SeededInit) else spec}
+            seeded = isinstance(spec, (SeededInit, ReshapedFeatureInit))
+            return {"init_fn": spec.bind(seed) if seeded else spec}
 
         def pool_kw(c: TableSpec) -> dict:
             return {"pooling": c[5]} if len(c) > 5 and c[5] is not None else {}

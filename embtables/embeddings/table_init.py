@@ -101,3 +101,27 @@ def fill_blocks(w: torch.Tensor, blocks: Sequence[RowBlock], seed: int) -> None:
                 n = min(CHUNK_ROWS, b.rows - r)
                 draw = torch.empty(n, b.width).uniform_(-b.bound, b.bound, generator=g)
                 w[b.row0 + r : b.row0 + r + n].copy_(draw[:, b.col0 : b.col0 + width])
+
+
+@dataclass(frozen=True)
+class ReshapedFeatureInit:
+    """``full``'s rows of one feature (``ids`` x ``dim``, keyed by the feature's name) stored
+    as ``ids * dim / width`` rows of a narrower ``width`` (TT-Rec keeps its plain features in
+    chunk-wide rows: id i owns rows i*m .. i*m+m-1), so the same id starts from the same vector."""
+
+    key: str
+    ids: int
+    dim: int
+
+    def bind(self, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        bound = math.sqrt(1 / self.ids)
+        whole = RowBlock(self.key, 0, self.ids, self.dim, bound)
+
+        def init(w: torch.Tensor) -> torch.Tensor:
+            if type(w) not in (torch.Tensor, nn.Parameter) or w.numel() != self.ids * self.dim:
+                torch.nn.init.uniform_(w, -bound, bound)  # a local shard: see SeededInit.bind
+                return w
+            fill_blocks(w.view(self.ids, self.dim), [whole], seed)
+            return w
+
+        return init

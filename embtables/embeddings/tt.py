@@ -25,10 +25,11 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features, uniform_init
+from embtables.embeddings.base import EmbeddingMethod, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
+from embtables.embeddings.table_init import ReshapedFeatureInit
 
 # Unsharded forward: contract G1 x G2 for every digit pair when that table is at most this
 # many floats (16 MiB); larger vocabularies contract per id.
@@ -250,9 +251,10 @@ class TTEmbedding(EmbeddingMethod):
         tables = []
         for f, s in zip(self.features, p.shapes, strict=True):
             n = f.cardinality
-            if s is None:  # a plain table's default init, U(+-sqrt(1/n)): variance 1/(3n)
+            if s is None:  # full's rows of this feature, U(+-sqrt(1/n)), reshaped into chunk-wide rows
                 tables.append(
-                    (f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name], uniform_init(math.sqrt(1 / n)))
+                    (f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name],
+                     ReshapedFeatureInit(f.name, n, dim))
                 )
                 continue
             # The paper's sampled-Gaussian init: three N(0, s^2) cores give products of

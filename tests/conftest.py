@@ -42,3 +42,31 @@ def tiny_overrides(data: Path, **extra) -> dict:
     }
     o.update(extra)
     return o
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process gloo group for DistributedModelParallel tests in this process."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class EmbWrap(torch.nn.Module):
+    """A parent for an embedding module (DMP shards children), returning pooled values."""
+
+    def __init__(self, emb) -> None:
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, x):
+        return self.emb(x).values()

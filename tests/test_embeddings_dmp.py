@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
+from conftest import EmbWrap
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -16,27 +15,6 @@ from embtables.embeddings import FeatureSpec, build
 torch.set_num_threads(1)
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 FEATS = [FeatureSpec("a", 1000), FeatureSpec("b", 50), FeatureSpec("c", 3000)]
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-class Wrap(torch.nn.Module):
-    def __init__(self, emb) -> None:
-        super().__init__()
-        self.emb = emb
-
-    def forward(self, x: KeyedJaggedTensor) -> torch.Tensor:
-        return self.emb(x).values()
 
 
 @pytest.mark.parametrize(("method", "knobs"), [
@@ -50,7 +28,7 @@ def test_dmp_shards_tables_and_matches_unsharded(one_rank, method, knobs):
     mod = build(FEATS, method=method, dim=8, **knobs)
     ref = mod(x).values().detach().clone()
     saved = {f"emb.{k}": v.clone() for k, v in mod.state_dict().items()}
-    dmp = DistributedModelParallel(Wrap(mod), device=torch.device("cpu"))
+    dmp = DistributedModelParallel(EmbWrap(mod), device=torch.device("cpu"))
     dmp.load_state_dict(saved, strict=False)  # DMP does not copy weights into shards on CPU
     assert type(dmp.module.emb.tables).__name__.startswith("Sharded")
     out = dmp(x)

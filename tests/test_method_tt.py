@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from conftest import EmbWrap
 from torchrec import KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 
@@ -229,31 +230,6 @@ def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    import socket
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-class Wrap(torch.nn.Module):
-    def __init__(self, emb) -> None:
-        super().__init__()
-        self.emb = emb
-
-    def forward(self, x: KeyedJaggedTensor) -> torch.Tensor:
-        return self.emb(x).values()
-
-
 def test_dmp_shards_the_tables_and_matches_unsharded(one_rank):
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -261,7 +237,7 @@ def test_dmp_shards_the_tables_and_matches_unsharded(one_rank):
     x = kjt(weights=True)
     ref = mod(x).values().detach().clone()
     saved = {f"emb.{k}": v.clone() for k, v in mod.state_dict().items()}
-    dmp = DistributedModelParallel(Wrap(mod), device=torch.device("cpu"))
+    dmp = DistributedModelParallel(EmbWrap(mod), device=torch.device("cpu"))
     dmp.load_state_dict(saved, strict=False)  # DMP does not copy weights into shards on CPU
     assert type(dmp.module.emb.tables).__name__.startswith("Sharded")
     out = dmp(x)

@@ -183,13 +183,13 @@ def test_the_dry_build_leaves_the_initial_weights_as_they_were(tiny_synth, tmp_p
 
     from embtables.experiments.build import build_model
     from embtables.experiments.config import load_config
-    from embtables.experiments.runner import _dry_build
+    from embtables.experiments.stages import TrainStage
 
     cfg = load_config("quickstart", [f"{k}={v}" for k, v in tiny_overrides(tiny_synth).items()])
     schema = load_schema(tiny_synth)
     torch.manual_seed(0)
     plain = build_model(cfg, schema).state_dict()
     torch.manual_seed(0)
-    _dry_build(cfg, schema)
+    TrainStage().check(cfg, schema)
     after = build_model(cfg, schema).state_dict()
     assert all(torch.equal(plain[k], after[k]) for k in plain)

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from embtables.datasets.schema import load_schema
-from embtables.experiments.build import build_model
 from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
 from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.jsonfile import write_json
@@ -209,29 +208,17 @@ def run(
             dist.destroy_process_group()
 
 
-def _dry_build(cfg, schema) -> None:
-    """Build the model on the meta device (no memory, milliseconds) before anything is
-    written: a budget below the method's minimum or a knob the method refuses is reported
-    while the run directory does not exist yet. Other failures are left to the real build."""
-    try:
-        with torch.random.fork_rng(devices=[]):  # the real build must draw the same numbers
-            build_model(cfg, schema, device=torch.device("meta"))
-    except ValueError:  # BudgetTooSmall, a refused knob or face: the user's to fix
-        raise
-    except Exception:  # noqa: BLE001 - the real build below reports it with its context
-        pass
-
-
 def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_run, stage) -> dict[str, Any]:
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))
     torch.set_num_threads(threads)
     data_root = resolve_data_root(cfg.data.path)
     schema = load_schema(data_root)
     check_parts(schema, data_root, [cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split])
-    if not resuming:
-        _dry_build(cfg, schema)
-    rd = RunDir(run_dir if run_dir is not None else new_run_dir(cfg))
     stages = pipeline_for(cfg)
+    if not resuming:
+        for st in stages:
+            st.check(cfg, schema)
+    rd = RunDir(run_dir if run_dir is not None else new_run_dir(cfg))
     with ExitStack() as stack:
         if ctx.is_main:
             if not resuming:

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from embtables.errors import CheckpointError
+from embtables.experiments.build import build_model
 from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
 from embtables.experiments.rundir import RunDir, checkpoint_step
 from embtables.experiments.summary import make_summary
@@ -72,6 +75,10 @@ class Stage:
         """The config this stage's results depend on (None: the whole experiment's)."""
         return None
 
+    def check(self, cfg: ExperimentConfig, schema: Any) -> None:
+        """Refuse, before the run directory exists, what this stage would refuse once it
+        runs (a budget below a method's minimum, a refused knob). Default: nothing to check."""
+
 
 def train_with_resume(sc: StageContext, trainer: Trainer, run: RunDir, *, resume: bool,
                       label: str = "") -> dict:
@@ -116,6 +123,17 @@ class TrainStage(Stage):
 
     def artefacts(self, cfg: ExperimentConfig) -> list[str]:
         return ["metrics.jsonl", "checkpoints", "summary.json"]
+
+    def check(self, cfg: ExperimentConfig, schema: Any) -> None:
+        # The model on the meta device: no memory, milliseconds, and the RNG left as it was
+        # so that the real build draws the same numbers.
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build_model(cfg, schema, device=torch.device("meta"))
+        except ValueError:  # BudgetTooSmall, a refused knob or face: the user's to fix
+            raise
+        except Exception:  # noqa: BLE001 - the real build reports it with its context
+            pass
 
     def done(self, sc: StageContext) -> bool:
         return sc.run.is_finished()

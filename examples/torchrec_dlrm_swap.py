@@ -84,6 +84,10 @@ def main() -> None:
     if rank == 0:  # what TrainPipelineSparseDist pipelines (its own record)
         print("pipelined:", [type(m).__name__ for m in pipeline._pipelined_modules],
               "in the input stage:", [pp._fqn for pp in pipeline._pipelined_postprocs], flush=True)
+    # Both ranks past every collective before the group goes (gloo aborts a rank that tears
+    # its group down while the other still has work in flight).
+    dist.barrier()
+    del pipeline, model
     dist.destroy_process_group()
 
 

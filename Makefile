@@ -51,7 +51,7 @@ demo: setup data
 
 # The layer contract (import-linter, pyproject.toml), the documentation site, then the tests.
 test: setup
-	$(VENV)/bin/ruff check embtables tests bench docs
+	$(VENV)/bin/ruff check embtables tests bench docs examples
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/site
 	$(PY) -m pytest -q
@@ -60,7 +60,7 @@ docs: setup
 	$(VENV)/bin/mkdocs build --strict --site-dir $(CURDIR)/site
 
 lint: setup
-	$(VENV)/bin/ruff check embtables tests bench docs
+	$(VENV)/bin/ruff check embtables tests bench docs examples
 
 doctor: setup
 	$(VENV)/bin/embtables doctor

@@ -39,7 +39,8 @@ CARDINALITIES = [1460, 583, 10131, 2202, 305, 24, 12517, 633, 3, 9379, 5738, 101
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="qr", choices=list_methods())
-    p.add_argument("--budget", type=float, default=0.25, help="fraction of the full tables' bytes (not for full)")
+    p.add_argument("--budget", type=float, default=0.25,
+                   help="fraction of the full tables' bytes (not for full)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256, help="per rank")
     p.add_argument("--dim", type=int, default=16)
@@ -50,7 +51,8 @@ def main() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # the pipeline's tracing notes
     dist.init_process_group(args.backend)
     rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.backend == "nccl" else torch.device("cpu")
+    cuda = args.backend == "nccl"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     torch.manual_seed(0)
 
     keys = [f"cat_{i}" for i in range(len(CARDINALITIES))]

@@ -70,3 +70,22 @@ class EmbWrap(torch.nn.Module):
 
     def forward(self, x):
         return self.emb(x).values()
+
+
+# Three features and one hand-written batch for the method tests (multi-id and empty bags,
+# the largest id of each feature).
+def method_feats():
+    from embtables.embeddings import FeatureSpec
+
+    return [FeatureSpec("a", 1000), FeatureSpec("b", 50), FeatureSpec("c", 3000)]
+
+
+def method_kjt(weights: bool = False, dtype=torch.int64):
+    from torchrec import KeyedJaggedTensor
+
+    lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
+    values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
+    w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
+    )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import method_feats, method_kjt
 from torchrec import KeyedJaggedTensor, PoolingType
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 
@@ -18,19 +18,8 @@ from embtables.embeddings.hashing import MASK64, mix64_int, name_key
 from embtables.embeddings.hashing import salt as salt_of
 from embtables.models.dlrm import DLRM, DLRMConfig
 
-torch.set_num_threads(1)
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-
-FEATS = [FeatureSpec("a", 1000), FeatureSpec("b", 50), FeatureSpec("c", 3000)]
-
-
-def kjt(weights: bool = False, dtype=torch.int64) -> KeyedJaggedTensor:
-    lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
-    values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
-    w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(
-        ["a", "b", "c"], torch.tensor(values, dtype=dtype), torch.tensor(lengths, dtype=dtype), weights=w
-    )
+FEATS = method_feats()
+kjt = method_kjt
 
 
 def encode_by_hand(x: int, feature: str, k: int) -> list[float]:

@@ -9,7 +9,7 @@ lookups back into ``dim`` per logical feature.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -572,13 +572,3 @@ class EmbeddingMethod(nn.Module):
     def extra_repr(self) -> str:
         return (f"method={self.method_name}, features={len(self.features)}, dim={self.dim}, "
                 f"dtype={self.dtype}, bytes={format_bytes(self.memory_bytes())}")
-
-
-def uniform_init(bound: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Symmetric uniform init U(-bound, bound) (works on fp16 weights too)."""
-
-    def init(w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return w.uniform_(-bound, bound)
-
-    return init

@@ -88,7 +88,7 @@ def test_quick_section(tmp_path):
         load_sweep(_cmp(tmp_path), quick=True)
 
 
-@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k"])
+@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
 def test_shipped_comparisons_parse(name):
     from embtables.embeddings import list_methods
     from embtables.models import list_models
@@ -100,8 +100,14 @@ def test_shipped_comparisons_parse(name):
     have = [m for m in wanted if m in list_methods()]
     for quick in (False, True):
         plan = load_sweep(name, quick=quick, methods=have)
-        assert plan.cells and {c.method.name for c in plan.cells} == set(have)
-        assert {c.budget.label for c in plan.cells} <= {str(b) for b in raw["sweep"]["budgets"]}
+        # under the protocol the cells wait for the tuning; the grid itself is validated
+        assert (plan.protocol is not None) == ("protocol" in raw["sweep"] and not quick)
+        cells = plan.cells if plan.protocol is None else plan.build_cells()
+        assert bool(plan.cells) == (plan.protocol is None)
+        assert cells and {c.method.name for c in cells} == set(have)
+        assert {c.budget.label for c in cells} <= {str(b) for b in raw["sweep"]["budgets"]}
+        if plan.protocol is not None:
+            assert [c.config.train.epochs for c in plan.epoch_cells()] == raw["sweep"]["protocol"]["epochs"]
 
 
 def _fake_cell(root: Path, cid: str, method: str, budget: str, seed: int, *, auc=None, status="done", err=None,
@@ -139,7 +145,11 @@ def test_report_from_hand_made_cells(tmp_path):
     md = Path(out["report"]).read_text()
     # hash at 1: mean 0.72, sample std sqrt(((0.02)^2 + (0.02)^2) / 1) = 0.0283; best at budget 1 (0.72 tie)
     assert "| full | **0.7100 ± 0.0141** | n/a (cannot compress) |" not in md  # 0.71 < 0.72: not best
-    assert "| full | 0.7100 ± 0.0141 | n/a (cannot compress) |" in md
+    # full - hash per seed: 0.00, -0.02 -> mean -0.01, sd 0.01414, t(0.975, 1) = 12.706:
+    # half-width 12.706 * 0.01414 / sqrt(2) = 0.1271, an interval holding 0: a tie (≈)
+    assert "| full | 0.7100 ± 0.0141 ≈ | n/a (cannot compress) |" in md
+    assert "| full | -0.0100 [-0.1371, +0.1171] | — |" in md  # the paired table against hash
+    assert "| 1 | hash | full (-0.0100 [-0.1371, +0.1171]) | — | — |" in md  # the ranking
     assert "| hash | **0.7200 ± 0.0283** | **0.6500** (1/2 seeds) |" in md
     assert "TrainingDiverged: loss is nan" in md and "oracle AUC (true click probabilities): 0.8000" in md
     df = pd.read_csv(out["results_csv"])

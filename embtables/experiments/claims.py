@@ -209,7 +209,7 @@ def evaluate_claims(df: pd.DataFrame, reference: str = "hash", small: float = SM
 
 
 def _dare_claims(done: pd.DataFrame, df: pd.DataFrame) -> list[Claim]:
-    name, paper = "`dare` > `din` at equal memory", "DARE (decoupled attention and representation embeddings)"
+    name, paper = "`dare` > `din` at equal memory", "DARE (Feng et al. 2024)"
     if "model" not in done:
         return [Claim(name, paper, "—", "—", "—", NOT_RUN)]
     out = []

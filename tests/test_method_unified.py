@@ -88,7 +88,10 @@ def test_budgeted_hashed_tables_several_of_them():
     assert [c.num_embeddings for c in mod.table_configs()] == [rows, rows]
     assert mod.memory_bytes() == mod.plan.bytes == 2 * rows * 16 + 640 <= budget
     # pairs in order a#0 a#1 b#0 c#0 c#1 c#2 c#3 -> tables 0 1 0 1 0 1 0
-    assert [c.feature_names for c in mod.table_configs()] == [["a#0", "b#0", "c#1", "c#3"], ["a#1", "c#0", "c#2"]]
+    assert [c.feature_names for c in mod.table_configs()] == [
+        ["a#0", "b#0", "c#1", "c#3"],
+        ["a#1", "c#0", "c#2"],
+    ]
     W = tables_of(mod)
     x = method_kjt()
     out = mod(x).to_dict()
@@ -96,8 +99,9 @@ def test_budgeted_hashed_tables_several_of_them():
     for b in range(3):
         for n in ("a", "b", "c"):
             ids = bag(x, n, b)
-            v = torch.cat([W[f"u0_{t}"][hash_to_rows(ids, salt(n, q), rows)].sum(0)
-                           for q, t in enumerate(table_of[n])])
+            v = torch.cat(
+                [W[f"u0_{t}"][hash_to_rows(ids, salt(n, q), rows)].sum(0) for q, t in enumerate(table_of[n])]
+            )
             want = v @ mod.proj[n] if n in mod.proj else v
             torch.testing.assert_close(out[n][b], want)
     # the minimum: one row of 4 fp32 in each table (32 bytes) plus the projections (640)
@@ -113,7 +117,9 @@ def test_cardinality_rule_builds_and_the_uniform_default_has_no_projection():
     assert mod.plan.probes == (2, 1, 3) and sorted(mod.proj.keys()) == ["b", "c"]
     assert mod.memory_bytes() == mod.plan.bytes <= mod.budget_bytes
     plain = build(FEATS, method="unified", dim=8, budget=0.25, probes=2)
-    assert len(plain.proj) == 0 and plain.plan.probes == (2, 2, 2) and plain.memory_bytes() == plain.plan.bytes
+    assert (
+        len(plain.proj) == 0 and plain.plan.probes == (2, 2, 2) and plain.memory_bytes() == plain.plan.bytes
+    )
 
 
 def test_sequence_face_projects_each_id():
@@ -130,8 +136,12 @@ def test_sequence_face_projects_each_id():
 
 def test_dlrm_dot_interaction_gets_equal_widths_and_trains_the_projections():
     mod = build(FEATS, method="unified", dim=8, budget=0.25, probes=2, feature_probes={"b": 1, "c": 4})
-    model = DLRM(embedding_bag_collection=mod, dense_in_features=4, dense_arch_layer_sizes=[8, 8],
-                 over_arch_layer_sizes=[8, 1])
+    model = DLRM(
+        embedding_bag_collection=mod,
+        dense_in_features=4,
+        dense_arch_layer_sizes=[8, 8],
+        over_arch_layer_sizes=[8, 1],
+    )
     logits = model(torch.randn(3, 4), method_kjt())
     assert logits.shape == (3, 1)
     logits.sum().backward()

@@ -44,7 +44,9 @@ def test_unknown_keys_name_their_path(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.methods\.1\..*unknown key 'qr'"):
         load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "qr": {"operation": "mult"}}]))
     # a knob the method does not have: the cell and the config key are named
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.methods\[1\] \(hash-3\).*unknown knob.*embedding\.hash"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)sweep\.methods\[1\] \(hash-3\).*unknown knob.*embedding\.hash"
+    ):
         load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "hash": {"bucketz": 3}}]))
     with pytest.raises(ConfigError, match=r"(?s)unknown method 'nope'.*--methods"):
         load_sweep(_cmp(tmp_path, methods=["full", "nope"]))
@@ -67,7 +69,9 @@ def test_cells_are_readable_stable_and_full_is_skipped_below_1(tmp_path):
     assert ids == [c.cell_id for c in load_sweep(spec, ["train.threads=7"]).cells]
     assert ids != [c.cell_id for c in load_sweep(spec, ["train.dense_optimizer.lr=0.01"]).cells]
     skipped = {c.cell_id.split("-")[0] for c in plan.cells if c.skip_reason}
-    assert skipped == {"full_b1"} and all("cannot compress" in c.skip_reason for c in plan.cells if c.skip_reason)
+    assert skipped == {"full_b1"} and all(
+        "cannot compress" in c.skip_reason for c in plan.cells if c.skip_reason
+    )
     by_id = {c.cell_id: c for c in plan.cells}
     cfg = by_id[ids[-1]].config
     assert cfg.embedding.method == "qr" and cfg.embedding.knobs() == {"operation": "mult"}
@@ -76,12 +80,23 @@ def test_cells_are_readable_stable_and_full_is_skipped_below_1(tmp_path):
 
 
 def test_quick_section(tmp_path):
-    spec = _cmp(tmp_path, seeds=[0, 1, 2], quick={"budgets": [1], "seeds": [5], "set": {"data.max_train_rows": 99},
-                                                  "knobs": {"hash": {"rows": 64}}})
+    spec = _cmp(
+        tmp_path,
+        seeds=[0, 1, 2],
+        quick={
+            "budgets": [1],
+            "seeds": [5],
+            "set": {"data.max_train_rows": 99},
+            "knobs": {"hash": {"rows": 64}},
+        },
+    )
     full = load_sweep(spec)
     quick = load_sweep(spec, quick=True)
     assert quick.name == "t-quick" and full.name == "t" and len(full.cells) == 12
-    assert [(c.method.label, c.budget.label, c.seed) for c in quick.cells] == [("full", "1", 5), ("hash", "1", 5)]
+    assert [(c.method.label, c.budget.label, c.seed) for c in quick.cells] == [
+        ("full", "1", 5),
+        ("hash", "1", 5),
+    ]
     assert all(c.config.data.max_train_rows == 99 for c in quick.cells)
     assert quick.cells[1].config.embedding.knobs() == {"rows": 64}
     with pytest.raises(ConfigError, match="no sweep.quick"):
@@ -110,13 +125,34 @@ def test_shipped_comparisons_parse(name):
             assert [c.config.train.epochs for c in plan.epoch_cells()] == raw["sweep"]["protocol"]["epochs"]
 
 
-def _fake_cell(root: Path, cid: str, method: str, budget: str, seed: int, *, auc=None, status="done", err=None,
-               min_bytes=None, nbytes=1000) -> None:
+def _fake_cell(
+    root: Path,
+    cid: str,
+    method: str,
+    budget: str,
+    seed: int,
+    *,
+    auc=None,
+    status="done",
+    err=None,
+    min_bytes=None,
+    nbytes=1000,
+) -> None:
     d = root / cid
     d.mkdir(parents=True)
-    meta = {"cell_id": cid, "method_label": method, "method": method, "knobs": {}, "budget": budget,
-            "budget_fraction": float(Fraction(budget)), "budget_bytes": int(4000 * Fraction(budget)),
-            "full_bytes": 4000, "seed": seed, "model_label": "dlrm", "dataset_label": "tiny"}
+    meta = {
+        "cell_id": cid,
+        "method_label": method,
+        "method": method,
+        "knobs": {},
+        "budget": budget,
+        "budget_fraction": float(Fraction(budget)),
+        "budget_bytes": int(4000 * Fraction(budget)),
+        "full_bytes": 4000,
+        "seed": seed,
+        "model_label": "dlrm",
+        "dataset_label": "tiny",
+    }
     (d / "cell.json").write_text(json.dumps(meta))
     st = {"status": status, "attempts": 1}
     if err:
@@ -125,9 +161,20 @@ def _fake_cell(root: Path, cid: str, method: str, budget: str, seed: int, *, auc
         st["min_bytes"] = min_bytes
     (d / "status.json").write_text(json.dumps(st))
     if status == "done":
-        (d / "summary.json").write_text(json.dumps({
-            "method": method, "auc": auc, "oracle_auc": 0.8, "embedding_bytes": nbytes, "train_seconds": 2.0 + seed,
-            "eval_split": "test", "seed": seed, "versions": {"torch": "x"}}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "auc": auc,
+                    "oracle_auc": 0.8,
+                    "embedding_bytes": nbytes,
+                    "train_seconds": 2.0 + seed,
+                    "eval_split": "test",
+                    "seed": seed,
+                    "versions": {"torch": "x"},
+                }
+            )
+        )
 
 
 def test_report_from_hand_made_cells(tmp_path):

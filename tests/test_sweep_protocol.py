@@ -59,8 +59,9 @@ def protocol_run(tiny_synth, tmp_path_factory):
 
     with pytest.raises(Stop):
         run_sweep(load_sweep(path), out_dir, threads=1, progress=False, on_cell_done=stop_in_stage_2)
-    interrupted = json.loads((out_dir / "protocol.json").read_text()) if (out_dir / "protocol.json").exists() \
-        else None
+    interrupted = (
+        json.loads((out_dir / "protocol.json").read_text()) if (out_dir / "protocol.json").exists() else None
+    )
     plan = load_sweep(path)
     out = run_sweep(plan, out_dir, threads=1, progress=False)
     return path, out_dir, plan, out, seen, interrupted
@@ -84,7 +85,9 @@ def test_epochs_and_lrs_are_the_validation_argmax(protocol_run):
         vals = {c["factor"]: _summary(out_dir / c["cell_id"])["valid_auc"] for c in rec["candidates"]}
         assert sorted(vals) == [0.5, 1.0, 2.0]
         assert rec["chosen_factor"] == max(vals, key=lambda f: (vals[f], -abs(math.log(f)), -f))
-        assert rec["chosen_lr"] == pytest.approx(0.05 * rec["chosen_factor"])  # the base LR is the default 0.05
+        assert rec["chosen_lr"] == pytest.approx(
+            0.05 * rec["chosen_factor"]
+        )  # the base LR is the default 0.05
         budgets = {c["budget"] for c in rec["candidates"]}
         assert budgets == ({"1"} if m == "full" else {"1/4"})  # `full` cannot run at 1/4: tuned at 1
         for c in rec["candidates"]:
@@ -97,7 +100,9 @@ def test_epochs_and_lrs_are_the_validation_argmax(protocol_run):
             continue
         cfg = yaml.safe_load((out_dir / c.cell_id / "config.yaml").read_text())
         assert cfg["train"]["epochs"] == ep["chosen"]
-        assert cfg["train"]["embedding_optimizer"]["lr"] == pytest.approx(per_method[c.method.label]["chosen_lr"])
+        assert cfg["train"]["embedding_optimizer"]["lr"] == pytest.approx(
+            per_method[c.method.label]["chosen_lr"]
+        )
         assert _summary(out_dir / c.cell_id)["steps"] == ep["chosen"] * 3  # 768 rows / 256 per batch
 
 
@@ -158,9 +163,16 @@ def test_dry_run_lists_the_stages(protocol_run, capsys):
 def test_choices_from_hand_made_summaries(tmp_path):
     """Ties go to fewer epochs and to the factor nearest 1; a failed candidate is out;
     a method with no finished tuning cell keeps factor 1; a pending cell makes it wait."""
-    spec = {"name": "t", "data": {"path": str(tmp_path / "none")}, "embedding": {"dim": 8},
-            "sweep": {"methods": ["full", "hash", {"method": "hash", "label": "h2"}], "budgets": [1, "1/4"],
-                      "protocol": {"epochs": [3, 1, 2], "lr_grid": [0.5, 1, 2], "budget": "1/4"}}}
+    spec = {
+        "name": "t",
+        "data": {"path": str(tmp_path / "none")},
+        "embedding": {"dim": 8},
+        "sweep": {
+            "methods": ["full", "hash", {"method": "hash", "label": "h2"}],
+            "budgets": [1, "1/4"],
+            "protocol": {"epochs": [3, 1, 2], "lr_grid": [0.5, 1, 2], "budget": "1/4"},
+        },
+    }
     plan = load_sweep(spec)
     ep = plan.epoch_cells()
     s = {c.cell_id: {"valid_auc": {3: 0.71, 1: 0.71, 2: 0.70}[c.config.train.epochs]} for c in ep}
@@ -168,9 +180,13 @@ def test_choices_from_hand_made_summaries(tmp_path):
     assert list(chosen.values()) == [1] and not waiting
     lr = plan.lr_cells(chosen)
     by = {(c.method.label, c.lr_factor): c.cell_id for c in lr}
-    sums = {by[("full", 0.5)]: {"valid_auc": 0.6}, by[("full", 1.0)]: {"valid_auc": 0.7},
-            by[("full", 2.0)]: {"valid_auc": 0.7},          # tie 1x / 2x -> 1x
-            by[("hash", 0.5)]: {"valid_auc": 0.8}, by[("hash", 2.0)]: {"valid_auc": 0.8}}  # tie -> 0.5x
+    sums = {
+        by[("full", 0.5)]: {"valid_auc": 0.6},
+        by[("full", 1.0)]: {"valid_auc": 0.7},
+        by[("full", 2.0)]: {"valid_auc": 0.7},  # tie 1x / 2x -> 1x
+        by[("hash", 0.5)]: {"valid_auc": 0.8},
+        by[("hash", 2.0)]: {"valid_auc": 0.8},
+    }  # tie -> 0.5x
     failed = {by[("hash", 1.0)], by[("h2", 0.5)], by[("h2", 1.0)], by[("h2", 2.0)]}
     lrs, rec, waiting = choose_lr(lr, sums, failed)
     g = ep[0].group

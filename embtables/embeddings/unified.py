@@ -44,7 +44,7 @@ class UnifiedGroup:
     features: tuple[str, ...]
     table_rows: tuple[int, ...]                  # rows of each of the group's T tables
     assignment: tuple[tuple[str, int, int], ...]  # (feature, probe, table index) in feature/probe order
-    offsets: tuple[int, ...] | None              # per assignment row offset (collisionless mode) or None (hashed)
+    offsets: tuple[int, ...] | None  # per assignment row offset (collisionless mode) or None (hashed)
 
 
 PROJ_BYTES = 4  # projections are fp32 dense parameters whatever the table dtype
@@ -72,8 +72,12 @@ class UnifiedPlan:
         return sum(sum(g.table_rows) for g in self.groups) * self.probe_dim + self.projection_params
 
 
-def probe_counts(features: list[FeatureSpec], probes: int = 1, feature_probes: dict[str, int] | None = None,
-                 max_probes: int | None = None) -> list[int]:
+def probe_counts(
+    features: list[FeatureSpec],
+    probes: int = 1,
+    feature_probes: dict[str, int] | None = None,
+    max_probes: int | None = None,
+) -> list[int]:
     """Probes per feature: ``probes`` each; with ``max_probes`` the cardinality rule (module
     docstring); then ``feature_probes`` by name."""
     names = [f.name for f in features]
@@ -83,12 +87,15 @@ def probe_counts(features: list[FeatureSpec], probes: int = 1, feature_probes: d
             raise ValueError(f"unified: knob max_probes must be >= 1, got {max_probes}")
         lo, hi = min(f.cardinality for f in features), max(f.cardinality for f in features)
         if hi > lo:
-            counts = [1 + round((max_probes - 1) * math.log(f.cardinality / lo) / math.log(hi / lo))
-                      for f in features]
+            counts = [
+                1 + round((max_probes - 1) * math.log(f.cardinality / lo) / math.log(hi / lo))
+                for f in features
+            ]
     for name, c in (feature_probes or {}).items():
         if name not in names:
-            raise ValueError(f"unified: knob feature_probes names {name!r}, which is not a feature "
-                             f"({', '.join(names)})")
+            raise ValueError(
+                f"unified: knob feature_probes names {name!r}, which is not a feature ({', '.join(names)})"
+            )
         if not isinstance(c, int) or isinstance(c, bool) or c < 1:
             raise ValueError(f"unified: knob feature_probes[{name!r}] must be an integer >= 1, got {c!r}")
         counts[names.index(name)] = c
@@ -96,9 +103,16 @@ def probe_counts(features: list[FeatureSpec], probes: int = 1, feature_probes: d
 
 
 def plan_unified(
-    features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
-    probes: int = 1, num_tables: int = 1, rows: int | None = None, groups: list[list[str]] | None = None,
-    feature_probes: dict[str, int] | None = None, max_probes: int | None = None,
+    features: list[FeatureSpec],
+    dim: int,
+    budget_bytes: int | None = None,
+    dtype: str = "fp32",
+    probes: int = 1,
+    num_tables: int = 1,
+    rows: int | None = None,
+    groups: list[list[str]] | None = None,
+    feature_probes: dict[str, int] | None = None,
+    max_probes: int | None = None,
 ) -> UnifiedPlan:
     """Pure sizing. Each group gets T tables of B rows x d (d = dim / probes). B is the
     ``rows`` knob, else the group's share of the budget left after the projections /
@@ -107,8 +121,10 @@ def plan_unified(
     vocabulary the tables are cut to exactly that and the remap uses offsets instead of
     hashes."""
     if probes < 1 or dim % probes or (dim // probes) % 4:
-        raise ValueError(f"unified: knob probes={probes} must divide dim={dim} into probe widths that are "
-                         "multiples of 4 (FBGEMM)")
+        raise ValueError(
+            f"unified: knob probes={probes} must divide dim={dim} into probe widths that are "
+            "multiples of 4 (FBGEMM)"
+        )
     if num_tables < 1:
         raise ValueError(f"unified: knob num_tables must be >= 1, got {num_tables}")
     d, b = dim // probes, DTYPE_BYTES[dtype]
@@ -117,8 +133,10 @@ def plan_unified(
         groups = [[f.name for f in features]]
     seen = [n for g in groups for n in g]
     if sorted(seen) != sorted(by_name) or len(set(seen)) != len(seen):
-        raise ValueError(f"unified: knob groups must list every feature exactly once; features {sorted(by_name)}, "
-                         f"groups {groups}")
+        raise ValueError(
+            f"unified: knob groups must list every feature exactly once; features {sorted(by_name)}, "
+            f"groups {groups}"
+        )
     if any(len({by_name[n].pooling for n in g}) > 1 for g in groups):
         raise ValueError("unified: features multiplexed in one group must share a pooling type")
     counts = probe_counts(features, probes, feature_probes, max_probes)
@@ -147,13 +165,15 @@ def plan_unified(
         minimum = len(groups) * T * d * b + proj_bytes
         if budget_bytes < minimum:
             why = f"1 row in each of {T} table(s) per group" + (
-                f" and {proj_bytes} bytes of projections to dim" if proj_bytes else "")
+                f" and {proj_bytes} bytes of projections to dim" if proj_bytes else ""
+            )
             raise BudgetTooSmall("unified", minimum, budget_bytes, why)
         # A group is collisionless once its share holds every table's exact vocabulary (the
         # tables may differ in size: T * the largest would ask for more than `full` holds).
         caps = [sum(need) * d * b for need in needed]
-        shares = split_budget(budget_bytes - proj_bytes, [float(sum(need)) for need in needed],
-                              [T * d * b] * len(groups), caps)
+        shares = split_budget(
+            budget_bytes - proj_bytes, [float(sum(need)) for need in needed], [T * d * b] * len(groups), caps
+        )
         B = [max(1, math.floor(s / (T * d * b) + 1e-9)) for s in shares]
         exact = [s >= c for s, c in zip(shares, caps, strict=True)]
     out = []
@@ -168,16 +188,26 @@ def plan_unified(
             out.append(UnifiedGroup(tuple(g), (bg,) * T, tuple(a), None))
     nbytes = sum(sum(g.table_rows) for g in out) * d * b + proj_bytes
     if budget_bytes is not None and nbytes > budget_bytes:
-        raise BudgetTooSmall("unified", len(groups) * T * d * b + proj_bytes, budget_bytes,
-                             f"rows={rows} needs {nbytes} bytes; lower `rows` or drop it to size from the budget")
+        raise BudgetTooSmall(
+            "unified",
+            len(groups) * T * d * b + proj_bytes,
+            budget_bytes,
+            f"rows={rows} needs {nbytes} bytes; lower `rows` or drop it to size from the budget",
+        )
     return UnifiedPlan(tuple(out), d, nbytes, tuple(counts), dim)
 
 
 class UnifiedRemap(nn.Module):
     """Raw ids -> one row id per probe (physical feature ``f#p``) in its shared table."""
 
-    def __init__(self, names: list[str], cards: dict[str, int], plan: UnifiedPlan, probes: list[int],
-                 weighted: bool = False) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        cards: dict[str, int],
+        plan: UnifiedPlan,
+        probes: list[int],
+        weighted: bool = False,
+    ) -> None:
         super().__init__()
         self.names, self.probes, self.weighted = names, list(probes), weighted
         how: dict[tuple[str, int], tuple[int, int, int | None]] = {}  # (f, p) -> (salt, rows, offset)
@@ -190,8 +220,13 @@ class UnifiedRemap(nn.Module):
         self.physical = [f"{n}#{p}" for n, c in zip(names, self.probes, strict=True) for p in range(c)]
         # Emit physical features table by table (the EBC's own order), so a shared table's
         # features are adjacent in the KJT and the unsharded lookup slices instead of permuting.
-        order = [f"{n}#{p}" for g in plan.groups for t in range(len(g.table_rows))
-                 for n, p, tt in g.assignment if tt == t]
+        order = [
+            f"{n}#{p}"
+            for g in plan.groups
+            for t in range(len(g.table_rows))
+            for n, p, tt in g.assignment
+            if tt == t
+        ]
         pos = {pf: i for i, pf in enumerate(self.physical)}
         self.emit = [pos[pf] for pf in order]
 
@@ -208,7 +243,8 @@ class UnifiedRemap(nn.Module):
                     olpk.append(lpk[i])
         e = self.emit
         return KeyedJaggedTensor(
-            keys=[self.physical[i] for i in e], values=torch.cat([ov[i] for i in e]),
+            keys=[self.physical[i] for i in e],
+            values=torch.cat([ov[i] for i in e]),
             lengths=torch.cat([ol[i] for i in e]),
             weights=torch.cat([ow[i] for i in e]) if ws is not None else None,
             length_per_key=[olpk[i] for i in e] if lpk is not None else None,
@@ -236,10 +272,27 @@ class UnifiedEmbedding(EmbeddingMethod):
         feature_probes: dict[str, int] | None = None,
         max_probes: int | None = None,
     ) -> None:
-        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted)
-        self.plan = plan_unified(self.features, dim, budget_bytes, dtype, probes=probes, num_tables=num_tables,
-                                 rows=rows, groups=groups, feature_probes=feature_probes, max_probes=max_probes)
+        super().__init__(
+            features,
+            dim=dim,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            sequence=sequence,
+            device=device,
+            weighted=weighted,
+        )
+        self.plan = plan_unified(
+            self.features,
+            dim,
+            budget_bytes,
+            dtype,
+            probes=probes,
+            num_tables=num_tables,
+            rows=rows,
+            groups=groups,
+            feature_probes=feature_probes,
+            max_probes=max_probes,
+        )
         self.probes = list(self.plan.probes)
         cards = {f.name: f.cardinality for f in self.features}
         pooling = {f.name: f.pooling for f in self.features}
@@ -250,8 +303,16 @@ class UnifiedEmbedding(EmbeddingMethod):
                 feats = [f"{n}#{p}" for n, p, tt in g.assignment if tt == t]
                 if not feats:
                     continue
-                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats, self._init(gi, g, t, r),
-                               pooling[g.features[0]]))
+                tables.append(
+                    (
+                        f"u{gi}_{t}",
+                        r,
+                        self.plan.probe_dim,
+                        feats,
+                        self._init(gi, g, t, r),
+                        pooling[g.features[0]],
+                    )
+                )
         self._make_tables(tables, device)
         # Column order of the EBC output (table by table) -> logical order (feature, probe).
         order = [pf for c in self.table_configs() for pf in c.feature_names]
@@ -278,8 +339,13 @@ class UnifiedEmbedding(EmbeddingMethod):
             return feature_init(f"u{gi}_{t}", rows, d)
         card = {f.name: f.cardinality for f in self.features}
         width = {f.name: w for f, w in zip(self.features, self.plan.widths, strict=True)}
-        return SeededInit(tuple(RowBlock(n, off, card[n], width[n], math.sqrt(1 / card[n]), p * d)
-                                for (n, p, tt), off in zip(g.assignment, g.offsets, strict=True) if tt == t))
+        return SeededInit(
+            tuple(
+                RowBlock(n, off, card[n], width[n], math.sqrt(1 / card[n]), p * d)
+                for (n, p, tt), off in zip(g.assignment, g.offsets, strict=True)
+                if tt == t
+            )
+        )
 
     def combine(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         values = self.pooled_values(pooled)
@@ -300,8 +366,9 @@ class UnifiedEmbedding(EmbeddingMethod):
             values = torch.cat(cols, dim=1)
         return self._keyed(values)
 
-    def combine_sequence(self, seq: dict[str, JaggedTensor],
-                         features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def combine_sequence(
+        self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor
+    ) -> dict[str, JaggedTensor]:
         out = {}
         for n, c in zip(self.feature_names, self.probes, strict=True):
             parts = [seq[f"{n}#{p}"] for p in range(c)]

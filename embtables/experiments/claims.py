@@ -141,8 +141,9 @@ def _at_least_rows(d: pd.DataFrame, a: str, b: str, name: str, paper: str, ds: s
     return out
 
 
-def _vs_full(d: pd.DataFrame, label: str, full: str | None, *, smallest: bool) -> tuple[str | None, Paired | None,
-                                                                                        float | None]:
+def _vs_full(
+    d: pd.DataFrame, label: str, full: str | None, *, smallest: bool
+) -> tuple[str | None, Paired | None, float | None]:
     """(budget, paired label@budget - full@1, compression full bytes / label bytes)."""
     if full is None:
         return None, None, None
@@ -173,18 +174,37 @@ def evaluate_claims(df: pd.DataFrame, reference: str = "hash", small: float = SM
         h = reference if reference in hashes else (hashes[0] if hashes else None)
         for u in _labels(d, "unified") or [None]:
             if u is None or h is None:
-                out.append(Claim("`unified` ≥ `hash` at equal memory", "Unified Embedding (Coleman et al. 2023)",
-                                 ds, "—", "—", NOT_RUN))
+                out.append(
+                    Claim(
+                        "`unified` ≥ `hash` at equal memory",
+                        "Unified Embedding (Coleman et al. 2023)",
+                        ds,
+                        "—",
+                        "—",
+                        NOT_RUN,
+                    )
+                )
                 continue
-            out += _at_least_rows(d, u, h, f"`{u}` ≥ `{h}` at equal memory",
-                                  "Unified Embedding (Coleman et al. 2023)", ds, widening=True)
+            out += _at_least_rows(
+                d,
+                u,
+                h,
+                f"`{u}` ≥ `{h}` at equal memory",
+                "Unified Embedding (Coleman et al. 2023)",
+                ds,
+                widening=True,
+            )
         for q in _labels(d, "qr") or [None]:
             if q is None or h is None:
-                out.append(Claim("`qr` ≥ `hash` at equal memory", "QR trick (Shi et al. 2020)", ds, "—", "—",
-                                 NOT_RUN))
+                out.append(
+                    Claim(
+                        "`qr` ≥ `hash` at equal memory", "QR trick (Shi et al. 2020)", ds, "—", "—", NOT_RUN
+                    )
+                )
                 continue
-            out += _at_least_rows(d, q, h, f"`{q}` ≥ `{h}` at equal memory", "QR trick (Shi et al. 2020)", ds,
-                                  widening=False)
+            out += _at_least_rows(
+                d, q, h, f"`{q}` ≥ `{h}` at equal memory", "QR trick (Shi et al. 2020)", ds, widening=False
+            )
         fulls = _labels(d, "full")
         full = fulls[0] if fulls else None
         for t in _labels(d, "tt") or [None]:
@@ -219,20 +239,32 @@ def _dare_claims(done: pd.DataFrame, df: pd.DataFrame) -> list[Claim]:
         items: list[tuple[str, Paired]] = []
         for (label, bud), a in dare.groupby(["method_label", "budget"], sort=False):
             b = din[(din["method_label"] == label) & (din["budget"] == bud)]
-            p = paired({int(s): float(x) for s, x in zip(a["seed"], a["auc"], strict=True)},
-                       {int(s): float(x) for s, x in zip(b["seed"], b["auc"], strict=True)})
+            p = paired(
+                {int(s): float(x) for s, x in zip(a["seed"], a["auc"], strict=True)},
+                {int(s): float(x) for s, x in zip(b["seed"], b["auc"], strict=True)},
+            )
             if p is not None:
                 items.append((f"{label} {bud}", p))
         if not items:
             continue
-        out.append(Claim(name, paper, str(dataset), _fmt_list(items, "figure"), _fmt_list(items, "interval"),
-                         _at_least([p for _, p in items])))
+        out.append(
+            Claim(
+                name,
+                paper,
+                str(dataset),
+                _fmt_list(items, "figure"),
+                _fmt_list(items, "interval"),
+                _at_least([p for _, p in items]),
+            )
+        )
     return out or [Claim(name, paper, "—", "—", "—", NOT_RUN + " (needs `din` and `dare` in one comparison)")]
 
 
 def render_claims(claims: list[Claim]) -> str:
-    lines = ["| claim | paper | dataset | our figure (paired difference) | 95% interval | verdict |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| claim | paper | dataset | our figure (paired difference) | 95% interval | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for c in claims:
         lines.append(f"| {c.claim} | {c.paper} | {c.dataset} | {c.figure} | {c.interval} | **{c.verdict}** |")
     return "\n".join(lines)

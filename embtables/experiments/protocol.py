@@ -55,8 +55,15 @@ def choose_epochs(cells: list[Cell], summaries: Summaries, failed: set[str]) -> 
     for c in cells:
         by_group.setdefault(c.group, []).append(c)
     for g, cs in by_group.items():
-        cands = [{"epochs": c.config.train.epochs, "cell_id": c.cell_id,
-                  METRIC: _score(summaries.get(c.cell_id)), "state": _state(c, summaries, failed)} for c in cs]
+        cands = [
+            {
+                "epochs": c.config.train.epochs,
+                "cell_id": c.cell_id,
+                METRIC: _score(summaries.get(c.cell_id)),
+                "state": _state(c, summaries, failed),
+            }
+            for c in cs
+        ]
         rec: dict[str, Any] = {"candidates": cands, "chosen": None}
         record[group_key(g)] = rec
         if any(x["state"] == "pending" for x in cands):
@@ -73,8 +80,9 @@ def choose_epochs(cells: list[Cell], summaries: Summaries, failed: set[str]) -> 
     return chosen, record, waiting
 
 
-def choose_lr(cells: list[Cell], summaries: Summaries, failed: set[str]) -> tuple[
-        dict[tuple[str, str, str], float], dict[str, Any], list[tuple[str, str, str]]]:
+def choose_lr(
+    cells: list[Cell], summaries: Summaries, failed: set[str]
+) -> tuple[dict[tuple[str, str, str], float], dict[str, Any], list[tuple[str, str, str]]]:
     """Per (group, method label): the chosen LR factor, the record, and the methods whose
     tuning cells are not all finished or failed yet. ``failed``: ids of failed cells."""
     chosen: dict[tuple[str, str, str], float] = {}
@@ -84,9 +92,17 @@ def choose_lr(cells: list[Cell], summaries: Summaries, failed: set[str]) -> tupl
     for c in cells:
         by_method.setdefault((*c.group, c.method.label), []).append(c)
     for key, cs in by_method.items():
-        cands = [{"factor": c.lr_factor, "lr": c.config.train.embedding_optimizer.lr,
-                  "budget": c.budget.label, "cell_id": c.cell_id, METRIC: _score(summaries.get(c.cell_id)),
-                  "state": _state(c, summaries, failed)} for c in cs]
+        cands = [
+            {
+                "factor": c.lr_factor,
+                "lr": c.config.train.embedding_optimizer.lr,
+                "budget": c.budget.label,
+                "cell_id": c.cell_id,
+                METRIC: _score(summaries.get(c.cell_id)),
+                "state": _state(c, summaries, failed),
+            }
+            for c in cs
+        ]
         rec: dict[str, Any] = {"candidates": cands, "chosen_factor": None, "chosen_lr": None}
         record.setdefault(group_key(key[:2]), {})[key[2]] = rec
         if any(x["state"] == "pending" for x in cands):
@@ -105,8 +121,15 @@ def choose_lr(cells: list[Cell], summaries: Summaries, failed: set[str]) -> tupl
     return chosen, record, waiting
 
 
-def protocol_record(plan: SweepPlan, epochs_rec: dict[str, Any], lr_rec: dict[str, Any] | None,
-                    complete: bool) -> dict[str, Any]:
+def protocol_record(
+    plan: SweepPlan, epochs_rec: dict[str, Any], lr_rec: dict[str, Any] | None, complete: bool
+) -> dict[str, Any]:
     assert plan.protocol is not None
-    return {"protocol": plan.protocol.to_json(), "complete": complete, "epochs": epochs_rec,
-            "lr": lr_rec or {}, "base_lr": plan.base.train.embedding_optimizer.lr, "base_epochs": plan.base.train.epochs}
+    return {
+        "protocol": plan.protocol.to_json(),
+        "complete": complete,
+        "epochs": epochs_rec,
+        "lr": lr_rec or {},
+        "base_lr": plan.base.train.embedding_optimizer.lr,
+        "base_epochs": plan.base.train.epochs,
+    }

@@ -79,7 +79,9 @@ class MethodEntry(BaseModel):
     def _knobs_only_under_own_name(self) -> MethodEntry:
         for key, val in (self.model_extra or {}).items():
             if key != self.method:
-                raise ValueError(f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}")
+                raise ValueError(
+                    f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}"
+                )
             if val is not None and not isinstance(val, dict):
                 raise ValueError(f"{key} must be a mapping of knobs, got {type(val).__name__}")
         return self
@@ -104,7 +106,9 @@ class ModelEntry(BaseModel):
     def _knobs_only_under_own_name(self) -> ModelEntry:
         for key in self.model_extra or {}:
             if key != self.name:
-                raise ValueError(f"unknown key {key!r}: an entry holds name, label and {self.name}: {{knobs}}")
+                raise ValueError(
+                    f"unknown key {key!r}: an entry holds name, label and {self.name}: {{knobs}}"
+                )
         return self
 
 
@@ -131,10 +135,14 @@ class QuickSection(_Strict):
     models: list[ModelEntry | str] | None = None
     datasets: list[DatasetEntry | str] | None = None
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of the base config")
-    knobs: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                             description="method -> knobs merged into its entries")
-    protocol: bool = Field(False, description="apply sweep.protocol's tuning to the quick variant too "
-                                              "(default: no tuning, the base config's epochs and LR)")
+    knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method -> knobs merged into its entries"
+    )
+    protocol: bool = Field(
+        False,
+        description="apply sweep.protocol's tuning to the quick variant too "
+        "(default: no tuning, the base config's epochs and LR)",
+    )
 
 
 _MULT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX]?\s*")
@@ -143,20 +151,26 @@ _MULT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX]?\s*")
 def parse_multiplier(value: float | int | str, where: str) -> float:
     """``0.5``, ``"0.5x"`` -> 0.5: a factor of the base config's embedding LR."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a factor such as 0.5 or \"2x\", got {value!r}")
+        raise ConfigError(f'{where}: expected a factor such as 0.5 or "2x", got {value!r}')
     m = _MULT.fullmatch(str(value))
     if m is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"{where}: expected a positive factor such as 0.5 or \"2x\", got {value!r}")
+        raise ConfigError(f'{where}: expected a positive factor such as 0.5 or "2x", got {value!r}')
     return float(m.group(1))
 
 
 class ProtocolSection(_Strict):
     """The tuning protocol (docs/compare.md, "The protocol")."""
 
-    epochs: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1,
-                              description="candidate epoch counts, chosen once for `full` on validation")
-    lr_grid: list[float | str] = Field(default_factory=lambda: ["0.5x", "1x", "2x"], min_length=1,
-                                       description="factors of train.embedding_optimizer.lr tried per method")
+    epochs: list[int] = Field(
+        default_factory=lambda: [1, 2, 3],
+        min_length=1,
+        description="candidate epoch counts, chosen once for `full` on validation",
+    )
+    lr_grid: list[float | str] = Field(
+        default_factory=lambda: ["0.5x", "1x", "2x"],
+        min_length=1,
+        description="factors of train.embedding_optimizer.lr tried per method",
+    )
     budget: Budget = Field("1/16", description="the budget the LR is chosen at (`full`: budget 1)")
     seed: int = Field(0, description="the seed of the tuning cells")
     reference: str = Field("hash", description="method label the paired differences are taken against")
@@ -269,8 +283,10 @@ class Cell:
     @property
     def group(self) -> tuple[str, str]:
         """(model label, dataset label): the report's section, the protocol's tuning unit."""
-        return (self.model.label if self.model else self.config.model.name,
-                self.dataset.label if self.dataset else Path(self.config.data.path).name)
+        return (
+            self.model.label if self.model else self.config.model.name,
+            self.dataset.label if self.dataset else Path(self.config.data.path).name,
+        )
 
     def meta(self) -> dict[str, Any]:
         """What cell.json holds: enough to rebuild the report without the comparison file."""
@@ -288,7 +304,8 @@ class Cell:
             "data_path": self.config.data.path,
             "full_bytes": self.full_bytes,
             "budget_bytes": self.budget.resolve(self.full_bytes)
-            if self.full_bytes or self.budget.fraction is None else None,
+            if self.full_bytes or self.budget.fraction is None
+            else None,
             "epochs": self.config.train.epochs,
             "embedding_lr": self.config.train.embedding_optimizer.lr,
             "lr_factor": self.lr_factor,
@@ -312,8 +329,14 @@ class Protocol:
         return [f"{f:g}x" for f in self.lr_factors]
 
     def to_json(self) -> dict[str, Any]:
-        return {"epochs": list(self.epochs), "lr_grid": list(self.lr_factors), "budget": self.budget.label,
-                "seed": self.seed, "reference": self.reference, "metric": "valid_auc"}
+        return {
+            "epochs": list(self.epochs),
+            "lr_grid": list(self.lr_factors),
+            "budget": self.budget.label,
+            "seed": self.seed,
+            "reference": self.reference,
+            "metric": "valid_auc",
+        }
 
 
 @dataclass(frozen=True)
@@ -348,11 +371,21 @@ class SweepPlan:
         return list(dict.fromkeys(out))
 
     def _group(self, dvar: Variant | None, mod: Variant | None) -> tuple[str, str]:
-        return (mod.label if mod else self.base.model.name,
-                dvar.label if dvar else Path(self.base.data.path).name)
+        return (
+            mod.label if mod else self.base.model.name,
+            dvar.label if dvar else Path(self.base.data.path).name,
+        )
 
-    def make_cell(self, axis: _Axis, budget: BudgetSpec, seed: int, *, method: Variant | None = None,
-                  epochs: int | None = None, lr_factor: float | None = None) -> Cell:
+    def make_cell(
+        self,
+        axis: _Axis,
+        budget: BudgetSpec,
+        seed: int,
+        *,
+        method: Variant | None = None,
+        epochs: int | None = None,
+        lr_factor: float | None = None,
+    ) -> Cell:
         """One cell: the base config plus the axis' overrides, the budget and the seed; under
         the protocol also its epochs and its factor of the method's embedding LR (both in the
         cell id, so a tuning cell and a reported cell with the same settings are one cell)."""
@@ -379,8 +412,17 @@ class SweepPlan:
             ov["train.embedding_optimizer.lr"] = cfg.train.embedding_optimizer.lr * factor
             cfg = self._load(ov, where, mvar.label)
             parts += [f"e{cfg.train.epochs}", f"lr{cfg.train.embedding_optimizer.lr:g}"]
-        cell = Cell(f"{'_'.join(parts)}-{cell_hash(cfg)}", mvar, budget, seed, axis.model, axis.dataset, ov, cfg,
-                    lr_factor=lr_factor if self.protocol is not None else None)
+        cell = Cell(
+            f"{'_'.join(parts)}-{cell_hash(cfg)}",
+            mvar,
+            budget,
+            seed,
+            axis.model,
+            axis.dataset,
+            ov,
+            cfg,
+            lr_factor=lr_factor if self.protocol is not None else None,
+        )
         cell.full_bytes = _full_size_cached(cfg, self._sizes)
         cell.skip_reason = _skip_reason(cell)
         return cell
@@ -390,18 +432,27 @@ class SweepPlan:
             return load_config(self.base.model_dump(mode="json"), ov)
         except ConfigError as e:
             others = [a.method.label for a in self.axes if a.method.label != label]
-            hint = ("\n  (leave a method out with --methods, e.g. --methods " + ",".join(dict.fromkeys(others)) + ")"
-                    if "at embedding.method" in str(e) else "")
+            hint = (
+                "\n  (leave a method out with --methods, e.g. --methods "
+                + ",".join(dict.fromkeys(others))
+                + ")"
+                if "at embedding.method" in str(e)
+                else ""
+            )
             src = f" {self.source_text}" if self.source_text else ""
-            raise ConfigError(f"invalid comparison file{src}, cell {where}:\n"
-                              + str(e).split("\n", 1)[-1] + hint) from None
+            raise ConfigError(
+                f"invalid comparison file{src}, cell {where}:\n" + str(e).split("\n", 1)[-1] + hint
+            ) from None
 
     @property
     def source_text(self) -> str:
         return f"({self.source})" if self.source else ""
 
-    def build_cells(self, epochs: dict[tuple[str, str], int] | None = None,
-                    lr: dict[tuple[str, str, str], float] | None = None) -> list[Cell]:
+    def build_cells(
+        self,
+        epochs: dict[tuple[str, str], int] | None = None,
+        lr: dict[tuple[str, str, str], float] | None = None,
+    ) -> list[Cell]:
         """Every (dataset, model, method, budget, seed) cell; under the protocol with the
         chosen epochs per group and LR factor per (group, method label)."""
         cells = []
@@ -409,9 +460,15 @@ class SweepPlan:
             g = self._group(a.dataset, a.model)
             for budget in self.budgets:
                 for seed in self.seeds:
-                    cells.append(self.make_cell(
-                        a, budget, seed, epochs=(epochs or {}).get(g),
-                        lr_factor=(lr or {}).get((*g, a.method.label)) if self.protocol else None))
+                    cells.append(
+                        self.make_cell(
+                            a,
+                            budget,
+                            seed,
+                            epochs=(epochs or {}).get(g),
+                            lr_factor=(lr or {}).get((*g, a.method.label)) if self.protocol else None,
+                        )
+                    )
         return cells
 
     # ---- the protocol's tuning cells ---------------------------------------------------
@@ -426,7 +483,9 @@ class SweepPlan:
                 continue
             seen.add(g)
             for e in self.protocol.epochs:
-                c = self.make_cell(a, one, self.protocol.seed, method=self.full_method, epochs=e, lr_factor=1.0)
+                c = self.make_cell(
+                    a, one, self.protocol.seed, method=self.full_method, epochs=e, lr_factor=1.0
+                )
                 c.stage = "epochs"
                 out.append(c)
         return out
@@ -441,8 +500,9 @@ class SweepPlan:
             for f in self.protocol.lr_factors:
                 c = self.make_cell(a, self.protocol.budget, self.protocol.seed, epochs=epochs[g], lr_factor=f)
                 if c.skip_reason is not None:
-                    c = self.make_cell(a, parse_budget(1, "budget"), self.protocol.seed, epochs=epochs[g],
-                                       lr_factor=f)
+                    c = self.make_cell(
+                        a, parse_budget(1, "budget"), self.protocol.seed, epochs=epochs[g], lr_factor=f
+                    )
                 c.stage = "lr"
                 out.append(c)
         return out
@@ -461,7 +521,9 @@ def _slug(text: str) -> str:
     return s or "x"
 
 
-def _method_variant(entry: MethodEntry | str, base: ExperimentConfig, extra_knobs: dict[str, dict[str, Any]]) -> Variant:
+def _method_variant(
+    entry: MethodEntry | str, base: ExperimentConfig, extra_knobs: dict[str, dict[str, Any]]
+) -> Variant:
     if isinstance(entry, str):
         entry = MethodEntry(method=entry)
     knobs = {**base.embedding.knobs(entry.method), **extra_knobs.get(entry.method, {}), **entry.knobs()}
@@ -484,18 +546,25 @@ def _model_variant(entry: ModelEntry | str) -> Variant:
 def _dataset_variant(entry: DatasetEntry | str) -> Variant:
     if isinstance(entry, str):
         entry = DatasetEntry(path=entry)
-    return Variant(entry.label or _slug(Path(entry.path).name), {"data.path": entry.path, **entry.set}, entry.path)
+    return Variant(
+        entry.label or _slug(Path(entry.path).name), {"data.path": entry.path, **entry.set}, entry.path
+    )
 
 
 def _validate_sweep(raw: Any, source: str) -> SweepSection:
     if raw is None:
-        raise ConfigError(f"{source or 'comparison file'}: no `sweep:` section; a comparison file is a run config "
-                          "plus sweep: {methods: [...], budgets: [...], seeds: [...]}")
+        raise ConfigError(
+            f"{source or 'comparison file'}: no `sweep:` section; a comparison file is a run config "
+            "plus sweep: {methods: [...], budgets: [...], seeds: [...]}"
+        )
     try:
         return SweepSection.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, prefix="sweep", source=source).replace(
-            "invalid config", "invalid comparison file", 1)) from None
+        raise ConfigError(
+            _format_validation(e, prefix="sweep", source=source).replace(
+                "invalid config", "invalid comparison file", 1
+            )
+        ) from None
 
 
 def load_sweep(
@@ -536,14 +605,17 @@ def load_sweep(
     try:
         base = load_config(base_data)
     except ConfigError as e:
-        raise ConfigError(str(e).replace(
-            "invalid config:", f"invalid comparison file{' ' + source if source else ''}: base config:", 1)) from None
+        raise ConfigError(
+            str(e).replace(
+                "invalid config:", f"invalid comparison file{' ' + source if source else ''}: base config:", 1
+            )
+        ) from None
 
-    method_entries = (q.methods if quick and q.methods is not None else sweep.methods)
-    budget_values = (q.budgets if quick and q.budgets is not None else sweep.budgets)
-    seeds = (q.seeds if quick and q.seeds is not None else sweep.seeds)
-    model_entries = (q.models if quick and q.models is not None else sweep.models)
-    dataset_entries = (q.datasets if quick and q.datasets is not None else sweep.datasets)
+    method_entries = q.methods if quick and q.methods is not None else sweep.methods
+    budget_values = q.budgets if quick and q.budgets is not None else sweep.budgets
+    seeds = q.seeds if quick and q.seeds is not None else sweep.seeds
+    model_entries = q.models if quick and q.models is not None else sweep.models
+    dataset_entries = q.datasets if quick and q.datasets is not None else sweep.datasets
     extra_knobs = q.knobs if quick else {}
 
     all_mvars = [_method_variant(m, base, extra_knobs) for m in method_entries]
@@ -553,8 +625,9 @@ def load_sweep(
         wanted = set(methods)
         unknown = wanted - {v.label for v in mvars} - {v.name for v in mvars}
         if unknown:
-            raise ConfigError(f"--methods: {sorted(unknown)} not in sweep.methods "
-                              f"({', '.join(v.label for v in mvars)})")
+            raise ConfigError(
+                f"--methods: {sorted(unknown)} not in sweep.methods ({', '.join(v.label for v in mvars)})"
+            )
         mvars = [v for v in mvars if v.label in wanted or v.name in wanted]
     budgets = [parse_budget(b, f"sweep.budgets[{i}]") for i, b in enumerate(budget_values)]
     _unique([b.slug for b in budgets], "sweep.budgets", "value")
@@ -572,9 +645,23 @@ def load_sweep(
     reference = sweep.protocol.reference if sweep.protocol is not None else "hash"
     index = {v.label: i for i, v in enumerate(all_mvars)}
     axes = [_Axis(d, m, v, index[v.label]) for d in datasets for m in models for v in mvars]
-    full = next((v for v in all_mvars if v.name == "full"), None) or _method_variant("full", base, extra_knobs)
-    plan = SweepPlan(name, source.strip("()"), base, [], budgets, [v.label for v in mvars], quick, list(seeds),
-                     protocol, reference, axes, full)
+    full = next((v for v in all_mvars if v.name == "full"), None) or _method_variant(
+        "full", base, extra_knobs
+    )
+    plan = SweepPlan(
+        name,
+        source.strip("()"),
+        base,
+        [],
+        budgets,
+        [v.label for v in mvars],
+        quick,
+        list(seeds),
+        protocol,
+        reference,
+        axes,
+        full,
+    )
     # Validate every cell now (their knobs, the budgets), before anything trains.
     cells = plan.build_cells()
     if protocol is None:
@@ -585,8 +672,10 @@ def load_sweep(
 def _protocol(section: ProtocolSection, base: ExperimentConfig, source: str) -> Protocol:
     where = f"{source + ' ' if source else ''}sweep.protocol"
     if not base.data.valid_split:
-        raise ConfigError(f"{where}: the protocol chooses epochs and learning rates on the validation split, "
-                          "but data.valid_split is null")
+        raise ConfigError(
+            f"{where}: the protocol chooses epochs and learning rates on the validation split, "
+            "but data.valid_split is null"
+        )
     factors = [parse_multiplier(v, f"{where}.lr_grid[{i}]") for i, v in enumerate(section.lr_grid)]
     if len(set(factors)) != len(factors):
         raise ConfigError(f"{where}.lr_grid: duplicate factors {section.lr_grid}")
@@ -629,7 +718,11 @@ def _skip_reason(cell: Cell) -> str | None:
     if cell.method.name != "full":
         return None
     if cell.budget.fraction is not None:
-        return None if cell.budget.fraction >= 1 else "cannot compress: `full` needs the whole table size (budget 1)"
+        return (
+            None
+            if cell.budget.fraction >= 1
+            else "cannot compress: `full` needs the whole table size (budget 1)"
+        )
     if cell.full_bytes is None:
         return None  # data absent: the run itself will say so
     from embtables.embeddings import format_bytes

@@ -205,3 +205,20 @@ def test_report_from_hand_made_cells(tmp_path):
     assert pd.read_parquet(out["results"]).shape == df.shape
     # without sweep.json the cells are found by their cell.json
     assert not (r / "sweep.json").exists() and len(out["plots"]) == 2
+
+
+@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
+def test_shipped_comparisons_dry_run_the_protocol(name, capsys):
+    from embtables.cli import main as cli_main
+
+    raw = __import__("yaml").safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    from embtables.embeddings import list_methods
+
+    have = [m if isinstance(m, str) else m["method"] for m in raw["sweep"]["methods"]]
+    keep = ",".join(dict.fromkeys(m for m in have if m in list_methods()))
+    assert cli_main(["compare", name, "--dry-run", "--methods", keep]) == 0
+    text = capsys.readouterr().out
+    n_epochs = len(raw["sweep"]["protocol"]["epochs"])
+    assert f"stage 1/3, epochs: {n_epochs} cells" in text and "stage 3/3, reported:" in text
+    assert cli_main(["compare", name, "--dry-run", "--quick", "--methods", keep]) == 0
+    assert "(quick: 1 seed, smoke test)" in capsys.readouterr().out

@@ -22,8 +22,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         else ""
     )
     print(
-        f"== compare {plan.name}{label}: {len(plan.method_labels)} methods, {len(plan.budgets)} budgets, "
-        f"{len(plan.seeds)} seeds; jobs={args.jobs}, threads/job={threads}\n== directory: {sweep_dir}"
+        f"== compare {plan.name}{label}: {len(plan.method_labels)} methods, "
+        f"{len(plan.budgets)} budget{'s' if len(plan.budgets) != 1 else ''}, "
+        f"{len(plan.seeds)} seed{'s' if len(plan.seeds) != 1 else ''}; jobs={args.jobs}, "
+        f"threads/job={threads}\n== directory: {sweep_dir}"
     )
     if plan.protocol is None:
         skipped = sum(c.skip_reason is not None for c in plan.cells)

@@ -13,6 +13,10 @@ A comparison file holds the same sections as a run config (``name``, ``seed``, `
       seeds: [0, 1, 2]
       models: [dlrm, {name: dcn, dcn: {cross_layers: 2}}]       # optional
       datasets: [data/synth-criteo, {path: data/other, label: other}]  # optional
+      protocol:                    # optional: tune epochs and each method's LR on validation first
+        epochs: [1, 2, 3]
+        lr_grid: [0.5x, 1x, 2x]
+        budget: 1/16
       quick:                       # what --quick changes
         budgets: [1, 1/16]
         seeds: [0]

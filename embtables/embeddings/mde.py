@@ -26,14 +26,22 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod
+from embtables.embeddings.base import EmbeddingMethod, TableSpec
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hash import HashRemap
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
+
+
+class MDEKnobs(Knobs):
+    """``embedding.mde``."""
+
+    alpha: float = Field(0.3, ge=0, le=1, description="temperature of the power law that gives frequent "
+                         "(small) features wider rows; 0 gives every feature one width")
 
 PROJ_BYTES = 4  # projections are fp32 dense parameters whatever the table dtype
 
@@ -122,9 +130,8 @@ def plan_mde(
     return _plan(best, card, card, dim, lo, b)
 
 
-@register("mde")
+@register("mde", knobs=MDEKnobs, plan=plan_mde)
 class MDEEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_mde)  # pure sizing: registry.plan(...)
     # An EmbeddingCollection takes one width for all its tables (TorchRec 1.8).
     supports_sequence = False
 
@@ -162,7 +169,7 @@ class MDEEmbedding(EmbeddingMethod):
             )
         self._make_tables(
             [
-                (f"t_{f.name}", r, w, [f.name], None, f.pooling)
+                TableSpec(f"t_{f.name}", r, w, (f.name,), pooling=f.pooling)
                 for f, w, r in zip(self.features, p.widths, p.rows, strict=True)
             ],
             device,

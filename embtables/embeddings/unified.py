@@ -17,15 +17,27 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
+
+
+class UnifiedKnobs(Knobs):
+    """``embedding.unified``."""
+
+    probes: int = Field(1, ge=1, description="lookups per id, each dim / probes wide")
+    num_tables: int = Field(1, ge=1, description="T, shared tables per group")
+    rows: int | None = Field(None, ge=1, description="B, rows per shared table; null: from the budget, "
+                             "collisionless without a budget")
+    groups: list[list[str]] | None = Field(None, description="null: all features in one group; e.g. "
+                                           "[[C1, C2], [C3]] multiplexes groups separately")
 
 
 @dataclass(frozen=True)
@@ -158,10 +170,8 @@ class UnifiedRemap(nn.Module):
         )
 
 
-@register("unified")
+@register("unified", knobs=UnifiedKnobs, plan=plan_unified)
 class UnifiedEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_unified)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -191,8 +201,8 @@ class UnifiedEmbedding(EmbeddingMethod):
                 feats = [f"{n}#{p}" for n, p, tt in g.assignment if tt == t]
                 if not feats:
                     continue
-                tables.append((f"u{gi}_{t}", r, self.plan.probe_dim, feats, self._init(gi, g, t, r),
-                               pooling[g.features[0]]))
+                tables.append(TableSpec(f"u{gi}_{t}", r, self.plan.probe_dim, tuple(feats),
+                                        self._init(gi, g, t, r), pooling[g.features[0]]))
         self._make_tables(tables, device)
         # Column order of the EBC output (table by table) -> logical order (feature, probe).
         order = [pf for c in self.table_configs() for pf in c.feature_names]

@@ -40,8 +40,8 @@ from embtables.embeddings.spec import FeatureSpec
 class MDEKnobs(Knobs):
     """``embedding.mde``."""
 
-    alpha: float = Field(0.3, ge=0, le=1, description="temperature of the power law that gives frequent "
-                         "(small) features wider rows; 0 gives every feature one width")
+    alpha: float = Field(0.3, ge=0, le=1, description="temperature of the power law that sets each "
+                         "feature's width from its cardinality; 0 gives every feature one width")
 
 PROJ_BYTES = 4  # projections are fp32 dense parameters whatever the table dtype
 

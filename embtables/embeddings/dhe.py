@@ -165,15 +165,8 @@ class DHEEmbedding(EmbeddingMethod):
         layers: int = 2,
         max_hidden: int = 256,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_dhe(
             self.features,
             dim,

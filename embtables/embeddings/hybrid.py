@@ -203,15 +203,8 @@ class HybridEmbedding(EmbeddingMethod):
         frequency_ranked: bool = False,
         counts: str | None = None,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_hybrid(
             self.features,
             dim,

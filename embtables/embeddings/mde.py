@@ -147,15 +147,8 @@ class MDEEmbedding(EmbeddingMethod):
         weighted: bool = False,
         alpha: float = 0.3,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
         # Ids of an unbounded feature (raw-mode data) may exceed its cardinality: map them
         # into the rows as `hash` does, even when the table has one row per expected id.

@@ -251,8 +251,8 @@ class QREmbedding(EmbeddingMethod):
                                         f.pooling))
             elif not rad:  # plain feature as k column slices of one table: every table is dim/k wide
                 slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width) for j in range(k))
-                tables.append(TableSpec(f"t_{f.name}", k * n, p.width, tuple(f"{f.name}@{j}" for j in range(k)),
-                                        SeededInit(slices), f.pooling))
+                parts = tuple(f"{f.name}@{j}" for j in range(k))
+                tables.append(TableSpec(f"t_{f.name}", k * n, p.width, parts, SeededInit(slices), f.pooling))
             else:
                 # Symmetric init scaled so the combined vector has the variance of a
                 # plain table's default init U(+-sqrt(1/n)), i.e. var 1/(3n).

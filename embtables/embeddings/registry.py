@@ -144,7 +144,8 @@ def build(
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"embedding.dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if dim < 1 or dim % 4:
-        raise ValueError(f"embedding.dim must be a positive multiple of 4 (FBGEMM kernels need it), got {dim}")
+        raise ValueError(f"embedding.dim must be a positive multiple of 4 (FBGEMM kernels need it), "
+                         f"got {dim}")
     checked = validate_knobs(entry.knobs, knobs, f"embedding.{method}")
     if weighted is None:
         is_w = getattr(features, "is_weighted", None)

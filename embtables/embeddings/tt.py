@@ -243,15 +243,8 @@ class TTEmbedding(EmbeddingMethod):
         rank: int = 16,
         threshold: int = 200,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_tt(self.features, dim, budget_bytes, dtype, rank=rank, threshold=threshold)
         self.remap = TTRemap(self.feature_names, p)
         widths = core_widths(p.dims, p.rank)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torchrec.sparse.jagged_tensor import (
     permute_multi_embedding,
 )
 
-from embtables.embeddings.budget import DTYPE_BYTES, format_bytes
+from embtables.embeddings.budget import DTYPE_BYTES, DType, format_bytes
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import ReshapedFeatureInit, SeededInit, feature_init, module_seed
 
@@ -152,7 +153,11 @@ SEQUENCE_SHARDING_TYPES = {"cpu": ("table_wise", "row_wise", "column_wise"),
                            "cuda": ("table_wise", "row_wise", "column_wise", "data_parallel")}
 
 
-def sharding_types_for(kind: str, device_type: str) -> tuple[str, ...]:
+#: The TorchRec module kind holding a method's tables: EmbeddingBagCollection or EmbeddingCollection.
+TableKind = Literal["ebc", "ec"]
+
+
+def sharding_types_for(kind: TableKind, device_type: str) -> tuple[str, ...]:
     """Sharding types for a table kind: ``"ebc"`` (EmbeddingBagCollection) or ``"ec"``
     (EmbeddingCollection: no table_row_wise; data_parallel pools wrongly on CPU)."""
     if kind == "ebc":
@@ -223,7 +228,7 @@ class EmbeddingMethod(nn.Module):
             bounded_ids=cls.bounded_ids, fx_traceable=cls.fx_traceable, exportable=cls.exportable,
             pipelineable=cls.pipelineable)
 
-    def table_kind(self) -> str | None:
+    def table_kind(self) -> TableKind | None:
         """``"ebc"`` or ``"ec"``: the TorchRec module kind holding the tables (QR ``mult``
         looks pooled features up unpooled, so it is ``"ec"``); None for a table-free method.
         Decides the sharder DMP needs and the sharding types (``sharding_types()``)."""
@@ -241,7 +246,7 @@ class EmbeddingMethod(nn.Module):
         *,
         dim: int,
         budget_bytes: int | None,
-        dtype: str,
+        dtype: DType,
         sequence: bool,
         device: torch.device | None,
         weighted: bool = False,

@@ -8,14 +8,22 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
+
+
+class HashKnobs(Knobs):
+    """``embedding.hash``."""
+
+    rows: int | None = Field(None, ge=1, description="rows of every table; null: from the budget, and one "
+                             "row per id without a budget")
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,8 @@ class HashRemap(nn.Module):
         )
 
 
-@register("hash")
+@register("hash", knobs=HashKnobs, plan=plan_hash)
 class HashEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_hash)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -100,5 +106,5 @@ class HashEmbedding(EmbeddingMethod):
                          device=device, weighted=weighted)
         self.plan = plan_hash(self.features, dim, budget_bytes, dtype, rows=rows)
         self.remap = HashRemap(self.feature_names, list(self.plan.rows), list(self.plan.identity), weighted)
-        self._make_tables([(f"t_{f.name}", r, dim, [f.name], None, f.pooling)
+        self._make_tables([TableSpec(f"t_{f.name}", r, dim, (f.name,), pooling=f.pooling)
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)

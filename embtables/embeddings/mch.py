@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.modules.mc_modules import (
     LFU_EvictionPolicy,
@@ -32,12 +34,25 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 
 POLICIES = {"lfu": LFU_EvictionPolicy, "lru": LRU_EvictionPolicy}
+EvictionPolicy = Literal["lfu", "lru"]
+
+
+class MCHKnobs(Knobs):
+    """``embedding.mch``."""
+
+    SIZING = ("rows",)
+
+    rows: int | None = Field(None, ge=1, description="zch_size per feature; null: from the budget, "
+                             "cardinality + 1 without a budget")
+    eviction_policy: EvictionPolicy = Field("lfu", description="lfu: the most frequent ids win; lru: the "
+                                            "most recent")
+    eviction_interval: int = Field(1, ge=1, description="forward calls between admissions/evictions")
 STATE_BYTES_PER_ROW = 3 * 8       # sorted raw id, slot mapping, one eviction-metadata int64
 FIXED_BYTES_PER_FEATURE = (1025 + 3) * 8  # output segments table, iteration counter, slots, delimiter
 MIN_ROWS = 2                      # one admitted id + the shared row for the rest
@@ -124,9 +139,8 @@ class MCHRemap(nn.Module):
         return self.mcc(select_features(kjt, self.names))
 
 
-@register("mch")
+@register("mch", knobs=MCHKnobs, plan=plan_mch)
 class MCHEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_mch)  # pure sizing: registry.plan(...)
     # Admission/eviction mutate the remap's state in forward: not pipelineable (it must not
     # run a batch ahead), and the state is per process, so more than one rank is refused.
     stateful_remap = True
@@ -145,7 +159,7 @@ class MCHEmbedding(EmbeddingMethod):
         device: torch.device | None = None,
         weighted: bool = False,
         rows: int | None = None,
-        eviction_policy: str = "lfu",
+        eviction_policy: EvictionPolicy = "lfu",
         eviction_interval: int = 1,
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
@@ -155,7 +169,7 @@ class MCHEmbedding(EmbeddingMethod):
         if eviction_interval < 1:
             raise ValueError(f"mch: knob eviction_interval must be >= 1, got {eviction_interval}")
         self.plan = plan_mch(self.features, dim, budget_bytes, dtype, rows=rows)
-        self._make_tables([(f"t_{f.name}", r, dim, [f.name], None, f.pooling)
+        self._make_tables([TableSpec(f"t_{f.name}", r, dim, (f.name,), pooling=f.pooling)
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)
         dev = device or torch.device("cpu")
         modules = {

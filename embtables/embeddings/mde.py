@@ -26,14 +26,22 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod
+from embtables.embeddings.base import EmbeddingMethod, TableSpec
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hash import HashRemap
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
+
+
+class MDEKnobs(Knobs):
+    """``embedding.mde``."""
+
+    alpha: float = Field(0.3, ge=0, le=1, description="temperature of the power law that sets each "
+                         "feature's width from its cardinality; 0 gives every feature one width")
 
 PROJ_BYTES = 4  # projections are fp32 dense parameters whatever the table dtype
 
@@ -122,9 +130,8 @@ def plan_mde(
     return _plan(best, card, card, dim, lo, b)
 
 
-@register("mde")
+@register("mde", knobs=MDEKnobs, plan=plan_mde)
 class MDEEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_mde)  # pure sizing: registry.plan(...)
     # An EmbeddingCollection takes one width for all its tables (TorchRec 1.8).
     supports_sequence = False
 
@@ -140,15 +147,8 @@ class MDEEmbedding(EmbeddingMethod):
         weighted: bool = False,
         alpha: float = 0.3,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_mde(self.features, dim, budget_bytes, dtype, alpha=alpha)
         # Ids of an unbounded feature (raw-mode data) may exceed its cardinality: map them
         # into the rows as `hash` does, even when the table has one row per expected id.
@@ -162,7 +162,7 @@ class MDEEmbedding(EmbeddingMethod):
             )
         self._make_tables(
             [
-                (f"t_{f.name}", r, w, [f.name], None, f.pooling)
+                TableSpec(f"t_{f.name}", r, w, (f.name,), pooling=f.pooling)
                 for f, w, r in zip(self.features, p.widths, p.rows, strict=True)
             ],
             device,

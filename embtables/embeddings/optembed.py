@@ -28,21 +28,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, select_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, is_tracing, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 
 ARTEFACT_FORMAT = "embtables.optembed/1"
 OOV_ROW = 0  # every field's table starts with the shared OOV row
 INT32_MAX = 2**31 - 1
+
+
+class OptEmbedKnobs(Knobs):
+    """``embedding.optembed``: the module's knobs. The three-stage experiment reads its
+    search and retrain settings from the same section (``experiments.stages``)."""
+
+    SIZING = ("artefact",)
+
+    artefact: str | Path | dict[str, Any] | None = Field(
+        None, description="set: build the exported table from this file (RUN_DIR/optembed/export.pt), "
+        "no supernet")
+    alpha: float = Field(1e-4, gt=0, description="weight of the threshold regulariser sum_f exp(-t_f) "
+                         "(larger: more rows pruned)")
+    dim_step: int = Field(4, description="candidate widths are its multiples: a multiple of 4 (FBGEMM) "
+                          "that divides embedding.dim")
+
+    @field_validator("dim_step")
+    @classmethod
+    def _multiple_of_4(cls, v: int) -> int:
+        if v < 4 or v % 4:
+            raise ValueError(f"must be a multiple of 4 (FBGEMM table widths), got {v}")
+        return v
 
 
 # ---- the row mask ---------------------------------------------------------------------
@@ -200,13 +223,10 @@ class KeptRowRemap(nn.Module):
 # ---- the module -----------------------------------------------------------------------------
 
 
-@register("optembed")
+@register("optembed", knobs=OptEmbedKnobs, plan=plan_optembed_method)
 class OptEmbed(EmbeddingMethod):
-    """Knobs used by the module: ``artefact`` (exported form), ``alpha`` and
-    ``dim_step`` (supernet). The others configure the pipeline's stages
-    (docs/readme/optembed.md) and are ignored here."""
-
-    plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
+    """Knobs: ``artefact`` (exported form), ``alpha`` and ``dim_step`` (supernet). The
+    search and retrain settings belong to the experiment's stages."""
     # Pooled only: the exported tables have one width per field, and an EmbeddingCollection
     # shards only tables of one width.
     supports_sequence = False
@@ -228,26 +248,12 @@ class OptEmbed(EmbeddingMethod):
         weighted: bool = False,
         artefact: str | Path | dict[str, Any] | None = None,
         alpha: float = 1e-4,
-        threshold_lr: float = 0.01,
         dim_step: int = 4,
-        supernet_epochs: int | None = None,
-        population: int = 20,
-        mutation_num: int = 10,
-        crossover_num: int = 10,
-        parents: int = 10,
-        mutation_prob: float = 0.1,
-        search_iterations: int = 30,
-        search_rows: int = 50_000,
-        search_seed: int | None = None,
-        retrain_epochs: int | None = None,
-        retrain_init: Literal["rewind", "random", "inherit"] = "rewind",
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
-        check_knobs(dim, alpha=alpha, threshold_lr=threshold_lr, dim_step=dim_step, population=population,
-                    mutation_num=mutation_num, crossover_num=crossover_num, parents=parents,
-                    mutation_prob=mutation_prob, search_iterations=search_iterations, search_rows=search_rows,
-                    retrain_init=retrain_init)
+        if dim % dim_step:
+            raise ValueError(f"embedding.optembed.dim_step: must divide embedding.dim={dim} (got {dim_step})")
         self.alpha, self.dim_step = alpha, dim_step
         self.artefact = artefact if not isinstance(artefact, dict) else "<artefact dict>"
         cards = [f.cardinality for f in self.features]
@@ -272,8 +278,8 @@ class OptEmbed(EmbeddingMethod):
         self.eval_dims: torch.Tensor | None = None
         self._lookup_cache: dict | None = None
         # Row 0 is the OOV row of ids outside [0, cardinality); the rest one per id.
-        self._make_tables([(f"t_{f.name}", f.cardinality + 1, self.dim, [f.name]) for f in self.features],
-                          device, unpooled=True)
+        self._make_tables([TableSpec(f"t_{f.name}", f.cardinality + 1, self.dim, (f.name,))
+                           for f in self.features], device, unpooled=True)
         with torch.no_grad():  # a zero OOV row is always masked, like a pruned row after export
             for f in self.features:
                 self.table_weight(f.name)[OOV_ROW].zero_()
@@ -290,8 +296,9 @@ class OptEmbed(EmbeddingMethod):
         self._lookup_cache = None
         self.plan = plan_optembed(self.features, self.dim, art["dims"], art["kept"], self.dtype)
         self.remap = KeptRowRemap(self.feature_names, list(self.plan.cardinalities), art["kept_keys"])
-        self._make_tables([(f"t_{f.name}", k + 1, d, [f.name], None, f.pooling)
-                           for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)], device)
+        self._make_tables([TableSpec(f"t_{f.name}", k + 1, d, (f.name,), pooling=f.pooling)
+                           for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)],
+                          device)
         if art.get("tables") is not None:
             with torch.no_grad():
                 for f, w in zip(self.features, art["tables"], strict=True):
@@ -451,30 +458,6 @@ class OptEmbed(EmbeddingMethod):
     def extra_repr(self) -> str:
         form = "supernet" if self.searching else f"exported, rows pruned {self.plan.rows_pruned_share:.1%}"
         return f"{super().extra_repr()}, {form}"
-
-
-def check_knobs(dim: int, **k: Any) -> None:
-    """Knob checks; the message names the config key."""
-    def bad(name: str, why: str) -> ValueError:
-        return ValueError(f"embedding.optembed.{name}: {why} (got {k[name]!r})")
-
-    if k["dim_step"] < 4 or k["dim_step"] % 4 or dim % k["dim_step"]:
-        raise bad("dim_step", f"must be a multiple of 4 (FBGEMM table widths) that divides embedding.dim={dim}")
-    for name in ("alpha", "threshold_lr", "mutation_prob"):
-        if not k[name] > 0:
-            raise bad(name, "must be > 0")
-    if k["mutation_prob"] > 1:
-        raise bad("mutation_prob", "must be in (0, 1]")
-    for name in ("population", "search_iterations", "search_rows", "parents"):
-        if k[name] < 1:
-            raise bad(name, "must be >= 1")
-    for name in ("mutation_num", "crossover_num"):
-        if k[name] < 0:
-            raise bad(name, "must be >= 0")
-    if k["mutation_num"] + k["crossover_num"] < 1:
-        raise bad("mutation_num", "mutation_num + crossover_num must be >= 1 (the next generation's size)")
-    if k["retrain_init"] not in ("rewind", "random", "inherit"):
-        raise bad("retrain_init", "must be rewind, random or inherit")
 
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:

@@ -21,15 +21,24 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import ReshapedFeatureInit
+
+
+class TTKnobs(Knobs):
+    """``embedding.tt``."""
+
+    rank: int = Field(16, ge=1, description="TT rank r, the upper bound; the sizing function lowers it when "
+                      "the budget needs it (a middle core's row holds r*d2*r floats)")
+    threshold: int = Field(200, ge=0, description="features with at most this many ids stay plain tables")
 
 # Unsharded forward: contract G1 x G2 for every digit pair when that table is at most this
 # many floats (16 MiB); larger vocabularies contract per id.
@@ -219,10 +228,8 @@ def pool_per_id(
     return out
 
 
-@register("tt")
+@register("tt", knobs=TTKnobs, plan=plan_tt)
 class TTEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_tt)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -236,15 +243,8 @@ class TTEmbedding(EmbeddingMethod):
         rank: int = 16,
         threshold: int = 200,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_tt(self.features, dim, budget_bytes, dtype, rank=rank, threshold=threshold)
         self.remap = TTRemap(self.feature_names, p)
         widths = core_widths(p.dims, p.rank)
@@ -253,15 +253,16 @@ class TTEmbedding(EmbeddingMethod):
             n = f.cardinality
             if s is None:  # full's rows of this feature, U(+-sqrt(1/n)), reshaped into chunk-wide rows
                 tables.append(
-                    (f"t_{f.name}", n * (dim // p.chunk), p.chunk, [f.name],
-                     ReshapedFeatureInit(f.name, n, dim))
+                    TableSpec(f"t_{f.name}", n * (dim // p.chunk), p.chunk, (f.name,),
+                              ReshapedFeatureInit(f.name, n, dim))
                 )
                 continue
             # The paper's sampled-Gaussian init: three N(0, s^2) cores give products of
             # variance r^2 s^6 (r^2 terms per element); match the plain table's 1/(3n).
             std = (1 / (3 * n * p.rank**2)) ** (1 / 6)
             tables += [
-                (f"t_{f.name}@{k}", s[k] * (widths[k] // p.chunk), p.chunk, [f"{f.name}@{k}"], _normal(std))
+                TableSpec(f"t_{f.name}@{k}", s[k] * (widths[k] // p.chunk), p.chunk, (f"{f.name}@{k}",),
+                          _normal(std))
                 for k in range(3)
             ]
         self._make_tables(tables, device, unpooled=True)

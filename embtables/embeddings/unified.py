@@ -28,15 +28,32 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
+
+
+class UnifiedKnobs(Knobs):
+    """``embedding.unified``."""
+
+    probes: int = Field(1, ge=1, description="lookups per id, each dim / probes wide")
+    num_tables: int = Field(1, ge=1, description="T, shared tables per group")
+    rows: int | None = Field(None, ge=1, description="B, rows per shared table; null: from the budget, "
+                             "collisionless without a budget")
+    groups: list[list[str]] | None = Field(None, description="null: all features in one group; e.g. "
+                                           "[[C1, C2], [C3]] multiplexes groups separately")
+    feature_probes: dict[str, int] | None = Field(
+        None, description="probes per feature by name (overrides max_probes); a feature's width is its "
+        "probes x dim/probes, projected to dim when different")
+    max_probes: int | None = Field(
+        None, ge=1, description="cardinality rule: 1 + round((N-1) ln(n/n_min) / ln(n_max/n_min)) probes")
 
 
 @dataclass(frozen=True)
@@ -251,10 +268,8 @@ class UnifiedRemap(nn.Module):
         )
 
 
-@register("unified")
+@register("unified", knobs=UnifiedKnobs, plan=plan_unified)
 class UnifiedEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_unified)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -304,14 +319,8 @@ class UnifiedEmbedding(EmbeddingMethod):
                 if not feats:
                     continue
                 tables.append(
-                    (
-                        f"u{gi}_{t}",
-                        r,
-                        self.plan.probe_dim,
-                        feats,
-                        self._init(gi, g, t, r),
-                        pooling[g.features[0]],
-                    )
+                    TableSpec(f"u{gi}_{t}", r, self.plan.probe_dim, tuple(feats), self._init(gi, g, t, r),
+                              pooling[g.features[0]])
                 )
         self._make_tables(tables, device)
         # Column order of the EBC output (table by table) -> logical order (feature, probe).

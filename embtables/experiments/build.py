@@ -28,7 +28,7 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
             dtype=embedding_cfg.dtype,
             sequence=sequence,
             device=device,
-            **embedding_cfg.knobs(method),
+            **embedding_cfg.module_knobs(method),
         )
 
     return make

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from embtables.datasets.reader import BatchReader
-from embtables.embeddings import FeatureSpec, features_from_schema, knob_defaults, resolve_budget
+from embtables.embeddings import FeatureSpec, features_from_schema, resolve_budget
 from embtables.embeddings.optembed import OptEmbed, gather_rows, make_artefact, plan_optembed, save_artefact
 from embtables.experiments import metrics as M
 from embtables.experiments.build import build_model
@@ -43,7 +43,13 @@ from embtables.experiments.jsonfile import read_json, write_json
 from embtables.experiments.optembed_search import EvolutionarySearch
 from embtables.experiments.optim import dense_optimizer
 from embtables.experiments.rundir import RunDir
-from embtables.experiments.stages import Stage, StageContext, register_pipeline, train_with_resume
+from embtables.experiments.stages import (
+    OptEmbedStageSettings,
+    Stage,
+    StageContext,
+    register_pipeline,
+    train_with_resume,
+)
 from embtables.experiments.summary import make_summary
 from embtables.experiments.trainer import Trainer
 
@@ -88,7 +94,7 @@ def module_prefix(model: torch.nn.Module, target: torch.nn.Module) -> str:
 
 
 def resolved_knobs(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {**knob_defaults("optembed"), **cfg.embedding.knobs("optembed")}
+    return dict(cfg.embedding.settings("optembed"))
 
 
 def stage_config(cfg: ExperimentConfig, stage: str, knobs: dict[str, Any], artefact: Path | None = None
@@ -299,7 +305,8 @@ class RetrainStage(Stage):
         return summary
 
 
-register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()])
+register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()],
+                  settings=OptEmbedStageSettings)
 
 
 def _fmt(x: float | None) -> str:

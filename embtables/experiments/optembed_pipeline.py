@@ -36,12 +36,10 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from embtables.datasets.reader import BatchReader
 from embtables.embeddings import FeatureSpec, features_from_schema, knob_defaults, resolve_budget
 from embtables.embeddings.optembed import OptEmbed, gather_rows, make_artefact, plan_optembed, save_artefact
-from embtables.experiments import metrics as M
-from embtables.experiments.build import build_model
+from embtables.experiments.build import build_model, build_trainer
 from embtables.experiments.config import ExperimentConfig
 from embtables.experiments.jsonfile import read_json, write_json
 from embtables.experiments.optembed_search import EvolutionarySearch
-from embtables.experiments.optim import dense_optimizer
 from embtables.experiments.rundir import RunDir
 from embtables.experiments.stages import Stage, StageContext, register_pipeline, train_with_resume
 from embtables.experiments.summary import make_summary
@@ -51,23 +49,17 @@ STAGES = ("supernet", "search", "retrain")
 SUPERNET = "optembed/supernet"
 
 
-class SupernetTrainer(Trainer):
+def supernet_trainer(cfg: ExperimentConfig, schema, data_root: Path, ctx, run_dir: Path | None,
+                     threshold_lr: float, for_training: bool = True) -> Trainer:
     """The runner's Trainer; the thresholds get their own parameter group (own LR, no
     weight decay) in the dense optimizer, so they keep the checkpoint/LR-schedule path."""
 
-    def __init__(self, cfg: ExperimentConfig, schema, data_root: Path, ctx, run_dir: Path | None,
-                 threshold_lr: float, for_training: bool = True) -> None:
-        super().__init__(cfg, schema, data_root, ctx, run_dir, for_training=for_training)
-        self.supernet = optembed_module(self.inner)
-        thr = self.supernet.thresholds
-        params = [p for g in self.dense_opt.param_groups for p in g["params"]]
-        rest = [p for p in params if p is not thr]
-        if len(rest) != len(params) - 1:
-            raise RuntimeError("internal: the OptEmbed thresholds are not among the dense parameters")
-        self.dense_opt = dense_optimizer(rest, cfg.train.dense_optimizer)
-        self.dense_opt.add_param_group({"params": [thr], "lr": threshold_lr, "weight_decay": 0.0})
-        self.optimizers = [self.dense_opt, self.fused_opt]
-        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
+    def threshold_group(model: torch.nn.Module) -> list[dict[str, Any]]:
+        thr = optembed_module(model).thresholds
+        return [{"params": [thr], "lr": threshold_lr, "weight_decay": 0.0}]
+
+    return build_trainer(cfg, schema, data_root, ctx, run_dir, for_training=for_training,
+                         extra_param_groups=threshold_group)
 
 
 def optembed_module(model: torch.nn.Module) -> OptEmbed:
@@ -175,11 +167,11 @@ class SupernetStage(Stage):
         if sc.ctx.is_main:
             s1.create()
             s1.write_config(s1_cfg.to_yaml())
-        trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, s1.path, knobs["threshold_lr"])
+        trainer = supernet_trainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, s1.path, knobs["threshold_lr"])
         # The stage's folder exists only for this run: a checkpoint there is ours to go on from.
         final = train_with_resume(sc, trainer, s1, resume=True, label="supernet")
         features = features_from_schema(sc.schema)
-        sup = trainer.supernet
+        sup = optembed_module(trainer.inner)
         tables = table_tensors(trainer, sup, "embeddings")
         thr = sup.thresholds.detach().float().cpu()
         kept = [int((tables[f.name][1:].abs().sum(1) > thr[i]).sum()) for i, f in enumerate(features)]
@@ -221,8 +213,8 @@ class SearchStage(Stage):
         t0 = time.perf_counter()
         trainer = sc.shared.pop("supernet_trainer", None)
         if trainer is None:
-            trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, None, knobs["threshold_lr"],
-                                      for_training=False)
+            trainer = supernet_trainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, None, knobs["threshold_lr"],
+                                       for_training=False)
             ckpt = s1.latest_checkpoint()
             if ckpt is None:
                 raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search on "
@@ -253,7 +245,7 @@ class RetrainStage(Stage):
         sc.say(f"== optembed [3/3] retrain: {r_cfg.train.epochs} epoch(s), init={knobs['retrain_init']}, "
                f"widths {search['dims']}")
         t0 = time.perf_counter()
-        trainer = Trainer(r_cfg, sc.schema, sc.data_root, sc.ctx, run.path)
+        trainer = build_trainer(r_cfg, sc.schema, sc.data_root, sc.ctx, run.path)
         if not (sc.resume and run.checkpoints()) and (root / "retrain_dense.pt").exists():
             dense = torch.load(root / "retrain_dense.pt", weights_only=True)
             _, unexpected = trainer.model.load_state_dict(dense, strict=False)
@@ -330,11 +322,11 @@ def validation_batches(cfg: ExperimentConfig, data_root: Path, ctx, rows: int) -
     return out
 
 
-def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[str, Any], trainer: SupernetTrainer,
+def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[str, Any], trainer: Trainer,
                  features: list[FeatureSpec], schema, data_root: Path, ctx, root: Path, quiet: bool,
                  seconds_before: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter() - seconds_before
-    sup = trainer.supernet
+    sup = optembed_module(trainer.inner)
     tables = table_tensors(trainer, sup, "embeddings")
     thr = sup.thresholds.detach().float().cpu()
     kept_ids = [torch.nonzero(tables[f.name][1:].abs().sum(1) > thr[i]).flatten() for i, f in enumerate(features)]
@@ -351,7 +343,7 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         crossover_num=knobs["crossover_num"], parents=knobs["parents"], iterations=knobs["search_iterations"],
         mutation_prob=knobs["mutation_prob"], seed=seed, cost=cost, budget=budget)
     batches = validation_batches(cfg, data_root, ctx, knobs["search_rows"])
-    model = trainer.model
+    evaluator = trainer.evaluator
     _say(ctx, quiet, f"== optembed [2/3] search: {knobs['search_iterations']} generations, population "
                      f"{knobs['population']}, fitness = AUC on {sum(b.labels.numel() for b in batches) * ctx.world_size:,}"
                      f" validation rows" + (f", budget {budget:,} bytes" if budget else ""))
@@ -359,16 +351,8 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
     @torch.no_grad()
     def fitness(dims: tuple[int, ...]) -> float:
         sup.set_eval_dims(dims)
-        model.eval()
-        probs = [torch.sigmoid(model(b.dense_features, b.sparse_features).float()).numpy() for b in batches]
-        model.train()
+        auc = evaluator.auc_of_batches(batches)
         sup.set_eval_dims(None)
-        p, y = np.concatenate(probs), np.concatenate([b.labels.numpy() for b in batches])
-        if ctx.world_size > 1:
-            gathered: list = [None] * ctx.world_size
-            dist.all_gather_object(gathered, (p, y))
-            p, y = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
-        auc = M.auc(y, p)
         return math.nan if auc is None else auc
 
     sup.enable_lookup_cache()

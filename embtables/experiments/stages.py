@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from embtables.errors import CheckpointError
-from embtables.experiments.build import build_model
+from embtables.experiments.build import build_model, build_trainer
 from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
 from embtables.experiments.rundir import RunDir, checkpoint_step
 from embtables.experiments.summary import make_summary
@@ -139,7 +139,7 @@ class TrainStage(Stage):
         return sc.run.is_finished()
 
     def run(self, sc: StageContext) -> dict[str, Any]:
-        trainer = Trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
+        trainer = build_trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
         final = train_with_resume(sc, trainer, sc.run, resume=sc.resume)
         summary = make_summary(sc.cfg, trainer, final, sc.data_root, sc.ctx.world_size, sc.threads)
         summary["run_dir"] = str(sc.run.path)

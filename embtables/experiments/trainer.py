@@ -232,6 +232,13 @@ class PipelineSteps:
             self.check(loss)
             yield loss, rows
 
+    def pipelined(self, model: nn.Module) -> list[str]:
+        """Paths under ``model`` of the modules the pipeline runs in its input stage (sharded
+        tables, and ``postproc:`` id remaps)."""
+        mods = {id(m) for m in self.pipe._pipelined_modules}
+        names = [name for name, m in model.named_modules() if id(m) in mods]
+        return names + [f"postproc:{p._fqn}" for p in self.pipe._pipelined_postprocs]
+
     def pause(self) -> None:
         """Give the model its own forward back (evaluation, the end of training); the next
         ``run`` pipelines it again."""
@@ -268,6 +275,7 @@ class Trainer:
         self.after_checkpoint: Callable[[Path], None] | None = None
         self.should_stop: Callable[[], bool] | None = None
         self.step_losses: list[float] | None = None  # set to [] to record every step's training loss
+        self.steps: _Steps | None = None  # how the last train() ran its steps
         self.pipeline = "loop" if cfg.train.pipeline == "loop" or not pipelineable(inner) else "sparse_dist"
         self.tb = None
         if data is None:
@@ -378,7 +386,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (tc.progress and self.ctx.is_main), mininterval=1.0)
-        steps = self._steps()
+        steps = self.steps = self._steps()
         loss_ema = None
         while self.step < self.total_steps:
             batches = iter(self.data.epoch(self.epoch, start_batch=self.batch_in_epoch))

@@ -22,12 +22,15 @@ from embtables.sharding import init_distributed
 
 METRICS = ("valid_auc", "test_auc", "valid_logloss", "test_logloss")
 BUDGET = {"full": None, "optembed": None, "mch": 0.5}
+KNOBS = {"hybrid": {"frequency_ranked": True}}  # its hot set must come from the data
 
 
 def _cfg(data, method: str, pipeline: str, **extra):
     o = tiny_overrides(data, **{"embedding.method": method, "embedding.budget": BUDGET.get(method, 0.25),
                                 "train.max_steps": 5, "train.eval_every": 2, "train.checkpoint": False,
                                 "train.pipeline": pipeline, "data.max_eval_rows": 512, **extra})
+    if method in KNOBS:
+        o[f"embedding.{method}"] = KNOBS[method]
     return load_config("quickstart", o)
 
 
@@ -69,6 +72,23 @@ def test_pipeline_trains_like_the_loop(tiny_synth, method):
 @pytest.mark.parametrize("method", list_methods())
 def test_every_method_trains_under_the_pipeline(tiny_synth, method):
     _check_method(tiny_synth, method)
+
+
+@pytest.mark.parametrize("model, knobs", [("dcn", {"cross_layers": 2, "low_rank": 4, "deep_mlp": [16]}),
+                                          ("deepfm", {})])
+def test_other_models_train_like_the_loop(tiny_synth, model, knobs):
+    """Whether the pipeline traces a model or the trainer falls back to the loop, the
+    numbers are the loop's."""
+    losses, finals = {}, {}
+    for pipeline in ("loop", "sparse_dist"):
+        cfg = _cfg(tiny_synth, "qr", pipeline, **{"model.name": model, f"model.{model}": knobs})
+        t = build_trainer(cfg, load_schema(tiny_synth), tiny_synth, init_distributed("cpu"), None)
+        t.step_losses = []
+        finals[pipeline] = t.train()
+        losses[pipeline] = t.step_losses
+        assert (t.pipeline == pipeline) or (t.pipeline_note and "traced" in t.pipeline_note)
+    np.testing.assert_allclose(losses["sparse_dist"], losses["loop"], rtol=0, atol=1e-6)
+    assert finals["sparse_dist"]["test_auc"] == pytest.approx(finals["loop"]["test_auc"], abs=1e-6)
 
 
 def test_checkpoint_keys_are_the_bare_models(tiny_synth):

@@ -11,6 +11,7 @@ What a model may offer the trainer is declared here as protocols
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.tracing import Tracer, _get_leaf_module_names
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
@@ -105,10 +107,24 @@ def _add_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: A
         state_dict[prefix + _INNER + key[len(prefix):]] = state_dict.pop(key)
 
 
-def pipelineable(model: nn.Module) -> bool:
-    """Whether TrainPipelineSparseDist can trace the model: each embedding module declares
-    it (``EmbeddingMethod.pipelineable``)."""
-    return all(type(m).pipelineable for m in model.modules() if isinstance(m, EmbeddingMethod))
+log = logging.getLogger(__name__)
+
+
+def why_not_pipelineable(dmp: nn.Module) -> str | None:
+    """Why TrainPipelineSparseDist cannot run the DMP-wrapped :class:`TrainStep` (it traces
+    it with torch.fx), or None. An embedding module declares it
+    (``EmbeddingMethod.pipelineable``); a model that fx cannot trace shows it by failing
+    the same trace the pipeline does."""
+    root = dmp.module
+    refused = sorted({type(m).method_name for m in root.modules()
+                      if isinstance(m, EmbeddingMethod) and not type(m).pipelineable})
+    if refused:
+        return f"embedding method(s) {', '.join(refused)} declare(s) it cannot be traced by fx"
+    try:
+        Tracer(leaf_modules=_get_leaf_module_names(root)).trace(root)
+    except Exception as e:  # noqa: BLE001 - any failure to trace means: not pipelineable
+        return f"the model cannot be traced by fx ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
 
 
 # ---- sizes ----------------------------------------------------------------------------------------
@@ -276,7 +292,8 @@ class Trainer:
         self.should_stop: Callable[[], bool] | None = None
         self.step_losses: list[float] | None = None  # set to [] to record every step's training loss
         self.steps: _Steps | None = None  # how the last train() ran its steps
-        self.pipeline = "loop" if cfg.train.pipeline == "loop" or not pipelineable(inner) else "sparse_dist"
+        self.pipeline = cfg.train.pipeline  # what train() ran: "loop" when the pipeline cannot
+        self.pipeline_note: str | None = None  # why it could not
         self.tb = None
         if data is None:
             return
@@ -366,6 +383,11 @@ class Trainer:
             )
 
     def _steps(self) -> _Steps:
+        if self.pipeline == "sparse_dist":
+            self.pipeline_note = why_not_pipelineable(self.model)
+            if self.pipeline_note is not None:
+                log.info("train.pipeline: sparse_dist: %s; training with the loop", self.pipeline_note)
+                self.pipeline = "loop"
         if self.pipeline == "sparse_dist":
             return PipelineSteps(self.model, self.opt, self.ctx.device, self._set_lr, self._check_finite)
         return LoopSteps(self.model, self.opt, self._set_lr, self._check_finite)

@@ -115,7 +115,8 @@ def main() -> int:
           f"{args.rounds} rounds of {args.steps} steps (load average {load:.1f})\n")
     print(f"{'round':>5s} {'loop':>12s} {'sparse_dist':>12s} {'ratio':>7s}")
     for i in range(args.rounds):
-        print(f"{i + 1:5d} {per_round['loop'][i]:12,.0f} {per_round['sparse_dist'][i]:12,.0f} {ratios[i]:7.3f}")
+        loop, pipe = per_round["loop"][i], per_round["sparse_dist"][i]
+        print(f"{i + 1:5d} {loop:12,.0f} {pipe:12,.0f} {ratios[i]:7.3f}")
     print(f"{'median':>5s} {med['loop']:12,.0f} {med['sparse_dist']:12,.0f} {ratio:7.3f}")
     print(f"\nreader alone: {reader_sps:,.0f} samples/s; pipelined modules: {', '.join(pipelined) or 'none'}")
     print("\ntop operators of the loop (self CPU time, 10 steps):\n" + table)

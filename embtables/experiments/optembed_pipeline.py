@@ -65,7 +65,8 @@ def supernet_trainer(cfg: ExperimentConfig, schema, data_root: Path, ctx, run_di
 def optembed_module(model: torch.nn.Module) -> OptEmbed:
     mods = [m for m in model.embedding_modules().values() if isinstance(m, OptEmbed)]
     if len(mods) != 1:
-        raise ValueError(f"optembed: the model must hold exactly one OptEmbed embedding module, found {len(mods)}")
+        raise ValueError(
+            f"optembed: the model must hold exactly one OptEmbed embedding module, found {len(mods)}")
     return mods[0]
 
 
@@ -217,8 +218,8 @@ class SearchStage(Stage):
                                        for_training=False)
             ckpt = s1.latest_checkpoint()
             if ckpt is None:
-                raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search on "
-                                        "(train.checkpoint must stay true for OptEmbed)")
+                raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search "
+                                        "on (train.checkpoint must stay true for OptEmbed)")
             trainer.load_checkpoint(ckpt)
         search_stage(sc.cfg, s1_cfg, knobs, trainer, features_from_schema(sc.schema), sc.schema, sc.data_root,
                      sc.ctx, sc.run.path / "optembed", sc.quiet, seconds_before=time.perf_counter() - t0)
@@ -268,7 +269,8 @@ class RetrainStage(Stage):
             "rows_pruned_share": round(plan.rows_pruned_share, 6),
             "dims": dict(zip([f.name for f in features], plan.dims, strict=True)),
             "kept": dict(zip([f.name for f in features], plan.kept, strict=True)),
-            "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"], "search_fitness": search["fitness"],
+            "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"],
+            "search_fitness": search["fitness"],
             "search_evaluations": search["evaluations"], "retrain_init": knobs["retrain_init"],
             "budget_bytes": search.get("budget_bytes"), "stage_seconds": seconds,
             "export": str(root / "export.pt"),
@@ -329,7 +331,8 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
     sup = optembed_module(trainer.inner)
     tables = table_tensors(trainer, sup, "embeddings")
     thr = sup.thresholds.detach().float().cpu()
-    kept_ids = [torch.nonzero(tables[f.name][1:].abs().sum(1) > thr[i]).flatten() for i, f in enumerate(features)]
+    kept_ids = [torch.nonzero(tables[f.name][1:].abs().sum(1) > thr[i]).flatten()
+                for i, f in enumerate(features)]
     kept = [int(k.numel()) for k in kept_ids]
     dim, dtype = cfg.embedding.dim, cfg.embedding.dtype
     budget = resolve_budget(cfg.embedding.budget, features, dim)
@@ -339,14 +342,16 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
 
     seed = knobs["search_seed"] if knobs["search_seed"] is not None else cfg.seed
     search = EvolutionarySearch(
-        len(features), dim, knobs["dim_step"], population=knobs["population"], mutation_num=knobs["mutation_num"],
-        crossover_num=knobs["crossover_num"], parents=knobs["parents"], iterations=knobs["search_iterations"],
-        mutation_prob=knobs["mutation_prob"], seed=seed, cost=cost, budget=budget)
+        len(features), dim, knobs["dim_step"], population=knobs["population"],
+        mutation_num=knobs["mutation_num"], crossover_num=knobs["crossover_num"], parents=knobs["parents"],
+        iterations=knobs["search_iterations"], mutation_prob=knobs["mutation_prob"], seed=seed, cost=cost,
+        budget=budget)
     batches = validation_batches(cfg, data_root, ctx, knobs["search_rows"])
     evaluator = trainer.evaluator
+    rows = sum(b.labels.numel() for b in batches) * ctx.world_size
     _say(ctx, quiet, f"== optembed [2/3] search: {knobs['search_iterations']} generations, population "
-                     f"{knobs['population']}, fitness = AUC on {sum(b.labels.numel() for b in batches) * ctx.world_size:,}"
-                     f" validation rows" + (f", budget {budget:,} bytes" if budget else ""))
+                     f"{knobs['population']}, fitness = AUC on {rows:,} validation rows"
+                     + (f", budget {budget:,} bytes" if budget else ""))
 
     @torch.no_grad()
     def fitness(dims: tuple[int, ...]) -> float:
@@ -383,8 +388,9 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         dense_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()
                        if not k.startswith(prefix) and not isinstance(v, ShardedTensor)}
     out = {"dims": list(result.dims), "fitness": result.fitness, "evaluations": result.evaluations,
-           "kept": kept, "thresholds": thr.tolist(), "budget_bytes": budget, "num_parameters": plan.num_parameters,
-           "bytes": plan.bytes, "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history,
+           "kept": kept, "thresholds": thr.tolist(), "budget_bytes": budget,
+           "num_parameters": plan.num_parameters, "bytes": plan.bytes,
+           "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history,
            "seconds": round(time.perf_counter() - t0, 1)}
     if ctx.is_main:
         art = make_artefact(features, dim, list(result.dims), kept_ids, init_tables, thresholds=thr.tolist())
@@ -394,6 +400,6 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         write_json(root / "search.json", out)
     if ctx.world_size > 1:
         dist.barrier()
-    _say(ctx, quiet, f"== search: widths {list(result.dims)}, fitness auc={result.fitness:.4f}, exported table "
-                     f"{plan.bytes:,} bytes ({plan.num_parameters:,} parameters)")
+    _say(ctx, quiet, f"== search: widths {list(result.dims)}, fitness auc={result.fitness:.4f}, exported "
+                     f"table {plan.bytes:,} bytes ({plan.num_parameters:,} parameters)")
     return out

@@ -372,7 +372,8 @@ class Trainer:
 
     # ---- training ---------------------------------------------------------------------------
     def _set_lr(self) -> None:
-        set_lr(self.optimizers, self.base_lrs, lr_factor(self.cfg.train.schedule, self.step, self.total_steps))
+        factor = lr_factor(self.cfg.train.schedule, self.step, self.total_steps)
+        set_lr(self.optimizers, self.base_lrs, factor)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -425,7 +426,8 @@ class Trainer:
                     loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
                     if self.step % tc.log_every == 0 or self.step == self.total_steps:
                         el = self.train_seconds + time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{self.train_samples / max(el, 1e-9):,.0f}")
+                        sps = self.train_samples / max(el, 1e-9)
+                        bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{sps:,.0f}")
                         if self.tb is not None:
                             self.tb.add_scalar("train/loss", lv, self.step)
                     bar.update(1)

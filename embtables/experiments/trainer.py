@@ -50,7 +50,7 @@ class StopRequested(Exception):
 
 @runtime_checkable
 class Regularizer(Protocol):
-    """A submodule whose penalty is added to the training loss (e.g. DIN's mini-batch
+    """A submodule whose penalty is added to the training loss (e.g. a mini-batch
     aware L2 on the ids of the batch)."""
 
     def regularization_loss(self, features: KeyedJaggedTensor) -> torch.Tensor: ...

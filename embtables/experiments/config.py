@@ -215,6 +215,9 @@ class TrainConfig(Strict):
         False, description="write TensorBoard scalars to <run>/tensorboard (needs tensorboard)")
     log_every: int = Field(50, ge=1, description="steps between progress-bar loss updates")
     progress: bool = Field(True, description="show the progress bar")
+    pipeline: Literal["sparse_dist", "loop"] = Field(
+        "sparse_dist", description="how steps run: `sparse_dist` (TorchRec's TrainPipelineSparseDist; a "
+        "model fx cannot trace runs the loop) or `loop` (one batch at a time); the same numbers")
 
 
 class ExperimentConfig(Strict):

@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 from embtables.datasets.schema import DatasetSchema, load_schema
 from embtables.experiments import metrics as M
+from embtables.experiments.build import build_trainer
 from embtables.experiments.config import load_config, read_yaml
 from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.rundir import RunDir
-from embtables.experiments.trainer import Trainer
 from embtables.sharding import init_distributed
 
 
@@ -87,11 +87,11 @@ def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str |
         raise FileNotFoundError(f"{rd.path}: no checkpoint to predict with (was train.checkpoint false?)")
     ctx = init_distributed("cpu", cfg.sharding.timeout_s)
     try:
-        trainer = Trainer(cfg, train_schema, data, ctx, None, for_training=False)
+        trainer = build_trainer(cfg, train_schema, data, ctx, None, for_training=False)
         trainer.load_checkpoint(ckpt)
         tables, report = [], {}
         for s in splits:
-            p, y = trainer.predict_split(s, root=data)
+            p, y = trainer.evaluator.predict_split(s, root=data)
             tables.append(pa.table({"split": pa.array([s] * len(p)), "row": np.arange(len(p), dtype=np.int64),
                                     "prob": p.astype(np.float32), "label": y.astype(np.float32)}))
             report[s] = {"rows": int(len(p)), "auc": M.auc(y, p), "logloss": M.logloss(y, p)}

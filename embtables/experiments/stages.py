@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embtables.errors import CheckpointError
-from embtables.experiments.build import build_model
+from embtables.experiments.build import build_model, build_trainer
 from embtables.experiments.config import (
     STAGE_SETTINGS,
     ConfigError,
@@ -152,7 +152,7 @@ class TrainStage(Stage):
         return sc.run.is_finished()
 
     def run(self, sc: StageContext) -> dict[str, Any]:
-        trainer = Trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
+        trainer = build_trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
         final = train_with_resume(sc, trainer, sc.run, resume=sc.resume)
         summary = make_summary(sc.cfg, trainer, final, sc.data_root, sc.ctx.world_size, sc.threads)
         summary["run_dir"] = str(sc.run.path)

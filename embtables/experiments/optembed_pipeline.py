@@ -210,7 +210,11 @@ class SearchStage(Stage):
 
     def stage_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
         data = cfg.model_dump(mode="json")
-        (data["embedding"].get("optembed") or {}).pop("retrain_epochs", None)
+        own = data["embedding"].get("optembed") or {}
+        own.pop("retrain_epochs", None)
+        # A finished run's config.yaml names its own exported table (for `predict`); the search
+        # never reads it, so a run branched from it with --from must not count it as a change.
+        own.pop("artefact", None)
         return ExperimentConfig.model_validate(data)
 
     def run(self, sc: StageContext) -> None:

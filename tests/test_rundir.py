@@ -210,9 +210,9 @@ def test_from_stage_refuses_when_the_reused_stage_would_differ(optembed_run, tmp
 def test_from_stage_retrain_reuses_a_finished_runs_search(optembed_run, tmp_path):
     # The finished run's config.yaml names its exported table; that must not count as a change
     # of the search's settings.
-    src, _, base = optembed_run
+    src, cfg, base = optembed_run
     new = tmp_path / "retrain"
-    s = run(None, run_dir=new, quiet=True, from_run=src, stage="retrain")
+    s = run(cfg, run_dir=new, quiet=True, from_run=src, stage="retrain")
     assert (new / "optembed/arch.pt").read_bytes() == (src / "optembed/arch.pt").read_bytes()
     assert s["optembed"]["search_evaluations"] == base["optembed"]["search_evaluations"]
     assert s["embedding_bytes"] == base["embedding_bytes"]

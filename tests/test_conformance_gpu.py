@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from conformance_testing import build_conf, conf_batch, conformance_specs, spec_id
 
 from embtables.embeddings import get_method
-from embtables.sharding.testing import build_conf, conf_batch, conformance_specs, spec_id
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

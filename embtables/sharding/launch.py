@@ -17,6 +17,7 @@ Several machines: use torchrun itself, which sets the same variables, e.g.::
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -65,10 +66,13 @@ def _worker(fn: Callable, rank: int, nproc: int, env: dict[str, str], args: Sequ
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which ends every rank
         results.put((rank, False, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"))
     finally:
-        # Leave the process group so that the ok ranks exit promptly.
+        # Leave the process group so that the ok ranks exit promptly. Sharded models refer to
+        # the group from inside reference cycles: collect them first, so that the group (and
+        # gloo's threads) goes now rather than during interpreter exit, which can abort.
         try:
             import torch.distributed as dist
 
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001

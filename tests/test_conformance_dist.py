@@ -4,7 +4,10 @@ has them) on 1 and 2 gloo ranks, each sharding type forced once with embtables' 
 sharders (row_wise / table_row_wise switched on), TrainPipelineBase and
 TrainPipelineSparseDist against a plain loop, and DCP save/load into a fresh sharded model.
 Refusals (a method declaring ``supports_multi_rank=False``; tables DMP left unsharded) are
-asserted. One spawned group per world size (1 and 2 ranks) runs every case of that size.
+asserted. A method without tables (``has_tables=False``) that declares multi-rank support
+is checked on 2 ranks under stock DMP (which hands it to DDP) and plain DDP: outputs and
+gradients equal the unsharded module's. One spawned group per world size (1 and 2 ranks)
+runs every case of that size.
 The full cross product of methods x sharding types x optimizers is marked ``slow``."""
 
 from __future__ import annotations

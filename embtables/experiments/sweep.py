@@ -41,6 +41,7 @@ from embtables.experiments.protocol import (
 )
 from embtables.experiments.rundir import RunDir, RunDirBusy
 from embtables.experiments.sweep_config import Cell, SweepPlan
+from embtables.logs import quiet_libraries
 
 PLAN_FILE = "sweep.json"
 CELL_FILE = "cell.json"
@@ -162,9 +163,7 @@ def _worker_init(threads: int, parent: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from embtables.cli import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(threads)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-sweep").start()
 

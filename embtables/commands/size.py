@@ -60,8 +60,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("size",
-                              help="size an embedding method for a dataset and budget (builds nothing)")
+    p = subparsers.add_parser(
+        "size", help="size an embedding method for a dataset and budget (builds nothing)")
     p.add_argument("data", type=Path, help="dataset directory (schema.json)")
     p.add_argument("--method", required=True, help="embedding method (see `embtables list`)")
     p.add_argument("--budget", type=budget_arg, default=None,

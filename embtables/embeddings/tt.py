@@ -227,11 +227,11 @@ class TTRemap(nn.Module):
         )
 
 
-def small_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.bmm(a, b)``; on matrices below ATen's scalar-loop limit, b's columns are
-    zero-padded across it and the padding dropped (forward and both backward products
-    then take the vectorised kernel: they all multiply the same three sizes)."""
-    x, q, c = a.shape[1], a.shape[2], b.shape[2]
+def small_bmm(a: torch.Tensor, b: torch.Tensor, x: int, q: int, c: int) -> torch.Tensor:
+    """``torch.bmm(a, b)`` of [N, x, q] by [N, q, c] (sizes given: static under fx); below
+    ATen's scalar-loop limit, b's columns are zero-padded across it and the padding dropped
+    (the forward and both backward products then take the vectorised kernel: they all
+    multiply the same three sizes)."""
     if x * q * c >= BMM_SCALAR_LIMIT:
         return torch.bmm(a, b)
     pad = c * (-(-BMM_SCALAR_LIMIT // (x * q * c))) - c
@@ -240,13 +240,15 @@ def small_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def contract(first: torch.Tensor, cores: list[torch.Tensor], dims: tuple[int, ...], r: int) -> torch.Tensor:
     """Per-id TT product. ``first``: [N, d1*...*dj, r], the product of the first j cores;
-    ``cores``: the remaining slices, [N, r(i-1) * di * ri] each. Returns [N, dim]:
-    E[a, b, ...] = sum over the ranks of G1[a, p] G2[p, b, q] ..., row-major in (a, b, ...)."""
+    ``cores``: the remaining k - j slices, [N, r * di * ri] each (ri = 1 for the last).
+    Returns [N, dim]: E[a, b, ...] = sum over the ranks of G1[a, p] G2[p, b, q] ...,
+    row-major in (a, b, ...)."""
     m, ranks = first, tt_ranks(len(dims), r)
     j0 = len(dims) - len(cores)
     for j, g in zip(range(j0, len(dims)), cores, strict=True):
-        m = small_bmm(m, g.reshape(-1, ranks[j], dims[j] * ranks[j + 1]))
-        m = m.reshape(-1, math.prod(dims[: j + 1]), ranks[j + 1])
+        rows, q, c = math.prod(dims[:j]), ranks[j], dims[j] * ranks[j + 1]
+        m = small_bmm(m, g.reshape(-1, q, c), rows, q, c)
+        m = m.reshape(-1, rows * dims[j], ranks[j + 1])
     return m.reshape(-1, math.prod(dims))
 
 
@@ -266,8 +268,7 @@ def pool_per_id(
     )
     if weights is not None:
         vec = vec * weights.to(vec.dtype).unsqueeze(1)
-    out = torch.zeros(lengths.shape[0], vec.shape[1], dtype=vec.dtype, device=vec.device)
-    out = out.index_add(0, bag, vec)
+    out = vec.new_zeros((lengths.shape[0], vec.shape[1])).index_add(0, bag, vec)
     if mean:
         out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
     return out

@@ -197,15 +197,13 @@ class MDEEmbedding(EmbeddingMethod):
         # full-width gradient per run)
         parts = torch.split(x, [g * widths[i0] for i0, g, _ in runs], dim=1)
         cols = []
-        for (i0, g, projected), xr in zip(runs, parts, strict=True):
-            w = widths[i0]
+        for k, (i0, g, projected) in enumerate(runs):  # parts indexed: an fx Proxy cannot be iterated
+            xr, w = parts[k], widths[i0]
             if not projected:
                 cols.append(xr)
             elif g < MIN_BATCHED:
-                cols += [
-                    v @ self.proj[self.features[i].name]
-                    for i, v in zip(range(i0, i0 + g), torch.split(xr, w, dim=1), strict=True)
-                ]
+                one = torch.split(xr, w, dim=1)
+                cols += [one[j] @ self.proj[self.features[i0 + j].name] for j in range(g)]
             else:
                 proj = torch.stack([self.proj[self.features[i].name] for i in range(i0, i0 + g)])
                 # Transposed, [g, dim, w] x [g, w, B]: the batch runs along the long side of

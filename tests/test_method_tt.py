@@ -277,7 +277,9 @@ def test_inside_torchrec_and_embtables_dlrm():
 
 
 @pytest.mark.parametrize("pair_table, cores", [(True, 3), (False, 3), (True, 4), (False, 2)])
-def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction(pair_table, cores, monkeypatch):
+def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction(
+    pair_table, cores, monkeypatch
+):
     """Unsharded lookups compute per-id vectors from the weights (G1 x G2 for every digit
     pair, or per id); sharded ones go through TorchRec's EmbeddingCollection on the chunk
     rows and contract per id in combine. Both must give the same outputs and gradients."""

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from embtables.experiments.config import CONFIG_DIR, ConfigError
+from embtables.experiments.config import CONFIG_DIR, ConfigError, load_config
 from embtables.experiments.report import build_report
-from embtables.experiments.sweep_config import load_sweep, parse_budget
+from embtables.experiments.sweep_config import cell_hash, load_sweep, parse_budget
 
 
 def _cmp(tmp_path: Path, **sweep) -> dict:
@@ -222,3 +222,11 @@ def test_shipped_comparisons_dry_run_the_protocol(name, capsys):
     assert f"stage 1/3, epochs: {n_epochs} cells" in text and "stage 3/3, reported:" in text
     assert cli_main(["compare", name, "--dry-run", "--quick", "--methods", keep]) == 0
     assert "(quick: 1 seed, smoke test)" in capsys.readouterr().out
+
+
+def test_cell_ids_ignore_settings_that_cannot_change_a_result():
+    base = load_config("quickstart")
+    same = load_config("quickstart", overrides={"train.pipeline": "loop", "train.threads": 1})
+    other = load_config("quickstart", overrides={"train.embedding_optimizer.lr": 0.07})
+    assert cell_hash(base) == cell_hash(same)  # the loop and the pipeline give the same numbers
+    assert cell_hash(base) != cell_hash(other)

@@ -53,7 +53,10 @@ from embtables.experiments.config import (
 
 _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 # Config fields that never change a result: a rerun with another --jobs finds the same cells.
-_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"))
+# Settings that cannot change a result (stages.RESULT_NEUTRAL); `train.pipeline` gives the same
+# numbers either way, and cells written before it existed keep their ids.
+_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"),
+                 ("train", "pipeline"))
 
 
 class _Strict(BaseModel):

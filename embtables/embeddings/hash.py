@@ -63,7 +63,8 @@ def plan_hash(
     nbytes = sum(r) * row_bytes
     if budget_bytes is not None and nbytes > budget_bytes:
         raise BudgetTooSmall("hash", len(features) * row_bytes, budget_bytes,
-                             f"rows={rows} needs {nbytes} bytes; lower `rows` or drop it to size from the budget")
+                             f"rows={rows} needs {nbytes} bytes; lower `rows` "
+                             "or drop it to size from the budget")
     return HashPlan(tuple(r), tuple(x >= n for x, n in zip(r, card, strict=True)), dim, nbytes)
 
 
@@ -71,7 +72,8 @@ class HashRemap(nn.Module):
     """Raw ids -> rows of each feature's own table. Parameter-free, no buffers: salts
     and row counts are Python ints (one vectorised pass per feature, never per id)."""
 
-    def __init__(self, names: list[str], rows: list[int], identity: list[bool], weighted: bool = False) -> None:
+    def __init__(self, names: list[str], rows: list[int], identity: list[bool],
+                 weighted: bool = False) -> None:
         super().__init__()
         self.names, self.rows, self.identity = list(names), list(rows), list(identity)
         self.salts = [salt(n, 0) for n in names]

@@ -88,12 +88,14 @@ def plan_mch(
         mins = [MIN_ROWS * row_b + FIXED_BYTES_PER_FEATURE] * len(card)
         if sum(mins) > budget_bytes:
             raise BudgetTooSmall("mch", sum(mins), budget_bytes,
-                                 f"{MIN_ROWS} slots per feature plus {FIXED_BYTES_PER_FEATURE} bytes of MCH state")
+                                 f"{MIN_ROWS} slots per feature plus "
+                                 f"{FIXED_BYTES_PER_FEATURE} bytes of MCH state")
         # The fixed per-feature state comes off the top; slots are water-filled.
         slots = budget_bytes - len(card) * FIXED_BYTES_PER_FEATURE
         shares = split_budget(slots, feature_weights(card), [MIN_ROWS * row_b] * len(card),
                               [(n + 1) * row_b for n in card])
-        r = [max(MIN_ROWS, min(n + 1, math.floor(s / row_b + 1e-9))) for s, n in zip(shares, card, strict=True)]
+        r = [max(MIN_ROWS, min(n + 1, math.floor(s / row_b + 1e-9)))
+             for s, n in zip(shares, card, strict=True)]
     nbytes = sum(x * row_b + FIXED_BYTES_PER_FEATURE for x in r)
     if budget_bytes is not None and nbytes > budget_bytes:
         raise BudgetTooSmall("mch", len(card) * (MIN_ROWS * row_b + FIXED_BYTES_PER_FEATURE), budget_bytes,
@@ -134,8 +136,9 @@ class MCHRemap(nn.Module):
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             # (TorchRec's train pipeline traces the model with this remap as a leaf: not here.)
             raise NotImplementedError(
-                "mch cannot be fx-symbolically traced: TorchRec's managed-collision remap admits and evicts ids "
-                "with data-dependent Python control flow; torch.export (eval mode) works")
+                "mch cannot be fx-symbolically traced: TorchRec's managed-collision remap "
+                "admits and evicts ids with data-dependent Python control flow; "
+                "torch.export (eval mode) works")
         return self.mcc(select_features(kjt, self.names))
 
 
@@ -165,7 +168,8 @@ class MCHEmbedding(EmbeddingMethod):
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
         if eviction_policy not in POLICIES:
-            raise ValueError(f"mch: knob eviction_policy must be one of {sorted(POLICIES)}, got {eviction_policy!r}")
+            raise ValueError(f"mch: knob eviction_policy must be one of {sorted(POLICIES)}, "
+                             f"got {eviction_policy!r}")
         if eviction_interval < 1:
             raise ValueError(f"mch: knob eviction_interval must be >= 1, got {eviction_interval}")
         self.plan = plan_mch(self.features, dim, budget_bytes, dtype, rows=rows)
@@ -182,7 +186,8 @@ class MCHEmbedding(EmbeddingMethod):
 
     def buffer_bytes(self) -> int:
         # The LFU history accumulator is a plain attribute, not a registered buffer.
-        extra = sum(m._history_accumulator.numel() * 8 for m in self.remap.mcc._managed_collision_modules.values()
+        extra = sum(m._history_accumulator.numel() * 8
+                    for m in self.remap.mcc._managed_collision_modules.values()
                     if hasattr(m, "_history_accumulator"))
         return super().buffer_bytes() + extra
 

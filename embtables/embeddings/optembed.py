@@ -75,7 +75,8 @@ def surrogate_grad(x: torch.Tensor) -> torch.Tensor:
     """d step(x)/dx as OptEmbed trains it: 2 - 4|x| for |x| <= 0.4, 0.4 for
     0.4 < |x| <= 1, else 0 (a piecewise-linear bump around the threshold)."""
     a = x.abs()
-    return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1.0, torch.full_like(a, 0.4), torch.zeros_like(a)))
+    return torch.where(a <= 0.4, 2 - 4 * a,
+                       torch.where(a <= 1.0, torch.full_like(a, 0.4), torch.zeros_like(a)))
 
 
 class BinaryStep(torch.autograd.Function):
@@ -161,13 +162,14 @@ def plan_optembed(features: list[FeatureSpec], dim: int, dims: list[int] | None 
 
 
 def plan_optembed_method(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None,
-                         dtype: str = "fp32", artefact: str | Path | dict[str, Any] | None = None) -> OptEmbedPlan:
+                         dtype: str = "fp32",
+                         artefact: str | Path | dict[str, Any] | None = None) -> OptEmbedPlan:
     """``registry.plan(..., method="optembed")``: the exported table an artefact
     describes, or without one the supernet (every row at ``dim``)."""
     if artefact is None:
         if budget_bytes is not None:
-            raise ValueError("optembed: a budget is met by the exported table after the search; size a searched "
-                             "table with artefact=RUN_DIR/optembed/export.pt")
+            raise ValueError("optembed: a budget is met by the exported table after the search; "
+                             "size a searched table with artefact=RUN_DIR/optembed/export.pt")
         return plan_optembed(features, dim, dtype=dtype)
     art = load_artefact(artefact)
     p = plan_optembed(features, dim, art["dims"], art["kept"], dtype)
@@ -195,7 +197,8 @@ class KeptRowRemap(nn.Module):
             self.register_buffer("key_offsets", offsets)
             keys = kept_keys.to(key_dtype(cards))
             self.register_buffer("kept_keys", keys)
-            self.register_buffer("field_start", torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
+            self.register_buffer("field_start",
+                                 torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if is_tracing():
@@ -274,7 +277,8 @@ class OptEmbed(EmbeddingMethod):
         self.remap = KeptRowRemap(self.feature_names, cards, None)
         # Thresholds start at 0: a row with any non-zero entry is kept, nothing is pruned.
         self.thresholds = nn.Parameter(torch.zeros(len(cards), device=device))
-        self.register_buffer("_choices", torch.tensor(candidate_dims(self.dim, self.dim_step)), persistent=False)
+        self.register_buffer("_choices", torch.tensor(candidate_dims(self.dim, self.dim_step)),
+                             persistent=False)
         self.eval_dims: torch.Tensor | None = None
         self._lookup_cache: dict | None = None
         # Row 0 is the OOV row of ids outside [0, cardinality); the rest one per id.
@@ -286,12 +290,13 @@ class OptEmbed(EmbeddingMethod):
 
     def _init_exported(self, art: dict[str, Any], device: torch.device | None) -> None:
         names = [n for n, _ in art["features"]]
-        if names != self.feature_names or [c for _, c in art["features"]] != [f.cardinality for f in self.features]:
-            raise ValueError(f"optembed: artefact {self.artefact} was searched for features {art['features']}, "
-                             f"not {[(f.name, f.cardinality) for f in self.features]}")
+        if (names != self.feature_names
+                or [c for _, c in art["features"]] != [f.cardinality for f in self.features]):
+            raise ValueError(f"optembed: artefact {self.artefact} was searched for features "
+                             f"{art['features']}, not {[(f.name, f.cardinality) for f in self.features]}")
         if art["dim"] != self.dim:
-            raise ValueError(f"optembed: artefact {self.artefact} pads to dim {art['dim']}, but embedding.dim is "
-                             f"{self.dim}")
+            raise ValueError(f"optembed: artefact {self.artefact} pads to dim {art['dim']}, "
+                             f"but embedding.dim is {self.dim}")
         self.searching = False
         self._lookup_cache = None
         self.plan = plan_optembed(self.features, self.dim, art["dims"], art["kept"], self.dtype)
@@ -346,7 +351,8 @@ class OptEmbed(EmbeddingMethod):
             full = cache[key] = super().forward(features).values().detach()
             self.eval_dims = dims
         nf, stride = len(self.features), features.stride()
-        keep = torch.arange(self.dim, device=full.device).unsqueeze(0) < self.eval_dims.to(full.device).unsqueeze(1)
+        keep = (torch.arange(self.dim, device=full.device).unsqueeze(0)
+                < self.eval_dims.to(full.device).unsqueeze(1))
         return self._keyed(full * keep.to(full.dtype).reshape(1, nf * self.dim).expand(stride, -1))
 
     def enable_lookup_cache(self, on: bool = True) -> None:
@@ -421,7 +427,8 @@ class OptEmbed(EmbeddingMethod):
                 out.append(torch.nonzero(norms > self.thresholds[i]).flatten())
         return out
 
-    def export(self, dims: list[int], path: str | Path | None = None, *, with_weights: bool = True) -> OptEmbed:
+    def export(self, dims: list[int], path: str | Path | None = None, *,
+               with_weights: bool = True) -> OptEmbed:
         """The exported table of this (unsharded) supernet at ``dims``: kept rows, their
         first ``dims_f`` columns, a zero OOV row. Saved to ``path`` if given."""
         kept = self.kept_rows()
@@ -438,8 +445,8 @@ class OptEmbed(EmbeddingMethod):
 
     # ---- artefacts -----------------------------------------------------------------------
     @classmethod
-    def from_artefact(cls, artefact: str | Path | dict[str, Any], *, dtype: str = "fp32", weighted: bool = False,
-                      device: torch.device | None = None) -> OptEmbed:
+    def from_artefact(cls, artefact: str | Path | dict[str, Any], *, dtype: str = "fp32",
+                      weighted: bool = False, device: torch.device | None = None) -> OptEmbed:
         """The exported module saved at ``artefact`` (or from an artefact dict)."""
         art = load_artefact(artefact)
         feats = [FeatureSpec(n, int(c)) for n, c in art["features"]]
@@ -451,7 +458,8 @@ class OptEmbed(EmbeddingMethod):
             raise RuntimeError("save() is for the exported table; a supernet exports with export(dims, path)")
         kept, start = [], self.remap.field_start.tolist() + [self.remap.kept_keys.numel()]
         for i in range(len(self.features)):
-            kept.append(self.remap.kept_keys[start[i]:start[i + 1]].to(torch.int64) - self.remap.key_offsets[i])
+            kept.append(self.remap.kept_keys[start[i]:start[i + 1]].to(torch.int64)
+                        - self.remap.key_offsets[i])
         tables = [self.table_weight(f.name).detach().clone() for f in self.features]
         save_artefact(make_artefact(self.features, self.dim, list(self.plan.dims), kept, tables), Path(path))
 
@@ -499,8 +507,8 @@ def load_artefact(artefact: str | Path | dict[str, Any]) -> dict[str, Any]:
     else:
         p = Path(artefact)
         if not p.exists():
-            raise FileNotFoundError(f"embedding.optembed.artefact: {p} does not exist (an OptEmbed run writes "
-                                    "RUN_DIR/optembed/export.pt)")
+            raise FileNotFoundError(f"embedding.optembed.artefact: {p} does not exist "
+                                    "(an OptEmbed run writes RUN_DIR/optembed/export.pt)")
         art = torch.load(p, weights_only=True, map_location="cpu")
     if art.get("format") != ARTEFACT_FORMAT:
         raise ValueError(f"embedding.optembed.artefact: {artefact} is not an OptEmbed artefact "

@@ -111,8 +111,9 @@ def plan_qr(
         raise ValueError(f"qr: knob partitions must be >= 2, got {k}")
     width = dim // k if operation == "concat" else dim
     if operation == "concat" and (dim % k or width % 4):
-        raise ValueError(f"qr: concat splits dim={dim} into {k} tables of dim/{k}; that must be a multiple of 4 "
-                         f"(FBGEMM), so use dim a multiple of {4 * k} or operation='mult'/'add'")
+        raise ValueError(f"qr: concat splits dim={dim} into {k} tables of dim/{k}; "
+                         f"that must be a multiple of 4 (FBGEMM), "
+                         f"so use dim a multiple of {4 * k} or operation='mult'/'add'")
     b = DTYPE_BYTES[dtype]
     card = [f.cardinality for f in features]
     full_cost = [n * dim * b for n in card]
@@ -149,8 +150,10 @@ def plan_qr(
                                                                            zip(card, radices, strict=True)))
     nbytes = sum(cost(n, r) for n, r in zip(card, radices, strict=True))
     if budget_bytes is not None and nbytes > budget_bytes:
-        mins = sum(cost(n, qr_radices(n, k, best_radix(n, k))) if compressible(n) else n * dim * b for n in card)
-        raise BudgetTooSmall("qr", mins, budget_bytes, f"m={m} needs {nbytes} bytes; drop m to size from the budget")
+        mins = sum(cost(n, qr_radices(n, k, best_radix(n, k))) if compressible(n) else n * dim * b
+                   for n in card)
+        raise BudgetTooSmall("qr", mins, budget_bytes,
+                             f"m={m} needs {nbytes} bytes; drop m to size from the budget")
     return QRPlan(tuple(radices), tuple(card), dim, width, operation, nbytes)
 
 
@@ -212,7 +215,8 @@ class QRRemap(nn.Module):
                 olpk += [lpk[i]] * reps
         return KeyedJaggedTensor(
             keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol),
-            weights=torch.cat(ow) if ws is not None else None, length_per_key=olpk if lpk is not None else None,
+            weights=torch.cat(ow) if ws is not None else None,
+            length_per_key=olpk if lpk is not None else None,
         )
 
 
@@ -239,7 +243,8 @@ class QREmbedding(EmbeddingMethod):
                                 partitions=partitions, m=m, threshold=threshold)
         self.operation, self.k = operation, partitions
         concat = operation == "concat"
-        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions, concat, weighted)
+        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions,
+                             concat, weighted)
         k = partitions
         tables = []
         for f, rad in zip(self.features, p.radices, strict=True):
@@ -250,7 +255,8 @@ class QREmbedding(EmbeddingMethod):
                 tables.append(TableSpec(f"t_{f.name}", n, dim, (f.name,), feature_init(f.name, n, dim),
                                         f.pooling))
             elif not rad:  # plain feature as k column slices of one table: every table is dim/k wide
-                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width) for j in range(k))
+                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width)
+                               for j in range(k))
                 parts = tuple(f"{f.name}@{j}" for j in range(k))
                 tables.append(TableSpec(f"t_{f.name}", k * n, p.width, parts, SeededInit(slices), f.pooling))
             else:
@@ -287,7 +293,8 @@ class QREmbedding(EmbeddingMethod):
                 out = out * v
         return out, parts[0]
 
-    def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def combine_sequence(self, seq: dict[str, JaggedTensor],
+                         features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         out = {}
         for i, f in enumerate(self.features):
             v, jt = self._per_id(seq, i)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Areas register their own commands.
     for module in ("embtables.datasets.cli", "embtables.commands.size", "embtables.commands.plan",
-                   "embtables.experiments.sweep_cli"):
+                   "embtables.commands.compare"):
         try:
             mod = __import__(module, fromlist=["register_commands"])
         except ModuleNotFoundError as e:

@@ -46,6 +46,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables import faults
+from embtables.datasets.parquet_out import ROW_GROUP_ROWS, PartWriter, atomic_output_dir
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, SequenceFeature
 
 PAD_ID = 0
@@ -403,8 +404,6 @@ def _make_schema(name, log, item_side, user_side, cfg, tables, source) -> Datase
 
 def write_samples(samples: Samples, out: str | Path, overwrite: bool = False, row_group_rows: int | None = None) -> Path:
     """Parquet parts per split + meta/ files + schema.json (last, atomically)."""
-    from embtables.datasets.parquet_out import ROW_GROUP_ROWS, PartWriter, atomic_output_dir
-
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         splits: dict[str, list[str]] = {}
         for sname, table in samples.tables.items():

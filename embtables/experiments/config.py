@@ -28,6 +28,8 @@ from pydantic import (
 )
 
 from embtables.embeddings.budget import parse_budget_value
+from embtables.embeddings.registry import knobs_model, list_methods, validate_knobs
+from embtables.models import get_model, list_models
 from embtables.registry import Registry
 from embtables.sharding.config import ShardingConfig
 
@@ -104,7 +106,7 @@ class EmbeddingSection(Strict):
                 continue
             if not isinstance(val, dict):
                 raise ValueError(f"embedding.{key} must be a mapping of knobs, got {type(val).__name__}")
-            _embeddings().validate_knobs(sections[key], val, f"embedding.{key}")
+            validate_knobs(sections[key], val, f"embedding.{key}")
         return self
 
     def knobs(self, method: str | None = None) -> dict[str, Any]:
@@ -114,30 +116,20 @@ class EmbeddingSection(Strict):
     def module_knobs(self, method: str | None = None) -> dict[str, Any]:
         """The knobs of ``embedding.<method>`` that the module takes (``build(**knobs)``)."""
         method = method or self.method
-        own = _embeddings().knobs_model(method).model_fields
+        own = knobs_model(method).model_fields
         return {k: v for k, v in self.knobs(method).items() if k in own}
 
     def settings(self, method: str | None = None) -> BaseModel:
         """``embedding.<method>`` validated, every default filled in: the module's knobs
         and the settings of the method's stages."""
         method = method or self.method
-        return _embeddings().validate_knobs(method_sections()[method], self.knobs(method),
-                                            f"embedding.{method}")
-
-
-def _embeddings():
-    """``embtables.embeddings.registry``, imported when a config is validated, not when this
-    module is (``embtables --help`` imports it, and no torch)."""
-    from embtables.embeddings import registry
-
-    return registry
+        return validate_knobs(method_sections()[method], self.knobs(method), f"embedding.{method}")
 
 
 def method_sections() -> dict[str, type[BaseModel]]:
     """Method -> the model of its ``embedding.<method>`` section: the method's knobs model,
     merged with its stages' settings (``STAGE_SETTINGS``) when it has any."""
-    reg = _embeddings()
-    return {m: _section_model(reg.knobs_model(m), STAGE_SETTINGS.find(m)) for m in reg.list_methods()}
+    return {m: _section_model(knobs_model(m), STAGE_SETTINGS.find(m)) for m in list_methods()}
 
 
 @functools.cache
@@ -155,8 +147,6 @@ class ModelSection(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
-        from embtables.models import get_model, list_models
-
         names = list_models()
         if self.name not in names:
             raise ValueError(f"unknown model {self.name!r} at model.name; valid: {', '.join(names)}")
@@ -171,7 +161,7 @@ class ModelSection(Strict):
         return self
 
     def knobs(self) -> BaseModel:
-        entry = __import__("embtables.models", fromlist=["get_model"]).get_model(self.name)
+        entry = get_model(self.name)
         return entry.config_cls.model_validate((self.model_extra or {}).get(self.name) or {})
 
 

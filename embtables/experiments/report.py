@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embtables.embeddings.budget import format_bytes
 from embtables.experiments.claims import evaluate_claims, render_claims
 from embtables.experiments.jsonfile import read_json
 from embtables.experiments.protocol import PROTOCOL_FILE, group_key
 from embtables.experiments.stats import LEVEL, Paired, paired, t_quantile
-from embtables.experiments.sweep import CELL_FILE, PLAN_FILE, STATUS_FILE, SUMMARY_FILE, cell_state
+from embtables.experiments.sweep_dir import CELL_FILE, PLAN_FILE, STATUS_FILE, SUMMARY_FILE, cell_state
 
 METRIC = "auc"
 META_COLUMNS = ["cell_id", "method_label", "method", "knobs", "budget", "budget_fraction", "budget_bytes",
@@ -144,8 +145,6 @@ def fmt_mean_std(mean: float, std: float, n: int) -> str:
 
 
 def _empty_reason(cells: pd.DataFrame) -> str:
-    from embtables.embeddings import format_bytes
-
     st = set(cells["status"])
     if st & {"pending", "running"}:
         return "pending"
@@ -186,8 +185,6 @@ def best_and_ties(
 
 def _table(df: pd.DataFrame, agg: pd.DataFrame, methods: list[str], budgets: list[str], value: str) -> str:
     """method x budget markdown table of ``value`` (metric | bytes | seconds)."""
-    from embtables.embeddings import format_bytes
-
     best: dict[str, float] = {}
     ties: dict[str, dict[str, Paired | None]] = {}
     if value == "metric":
@@ -368,8 +365,6 @@ def render_markdown(
     plots: dict[tuple[str, str], list[Path]],
     proto: dict[str, Any] | None = None,
 ) -> str:
-    from embtables.embeddings import format_bytes
-
     methods = [m for m in plan.get("methods", []) if m in set(df["method_label"])] or list(
         dict.fromkeys(df["method_label"])
     )

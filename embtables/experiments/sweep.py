@@ -24,13 +24,11 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from embtables.experiments import jsonfile
 from embtables.experiments.jsonfile import read_json
 from embtables.experiments.protocol import (
     PROTOCOL_FILE,
@@ -39,26 +37,20 @@ from embtables.experiments.protocol import (
     group_key,
     protocol_record,
 )
+from embtables.experiments.report import build_report
 from embtables.experiments.rundir import RunDir, RunDirBusy
+from embtables.experiments.runner import run
 from embtables.experiments.sweep_config import Cell, SweepPlan
+from embtables.experiments.sweep_dir import (
+    CELL_FILE,
+    ERROR_FILE,
+    PLAN_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    cell_state,
+    write_json,
+)
 from embtables.logs import quiet_libraries
-
-PLAN_FILE = "sweep.json"
-CELL_FILE = "cell.json"
-STATUS_FILE = "status.json"
-SUMMARY_FILE = "summary.json"
-ERROR_FILE = "error.txt"
-# Sweep records (cell metadata, knobs, statuses) may hold values JSON has no type for: they
-# are written as their str().
-write_json = partial(jsonfile.write_json, default=str)
-
-
-def cell_state(cell_dir: Path) -> str:
-    """done | failed | skipped | running | pending (from the files alone)."""
-    if RunDir(cell_dir).is_finished():
-        return "done"
-    st = read_json(cell_dir / STATUS_FILE)
-    return st["status"] if st and st.get("status") in ("failed", "skipped", "running") else "pending"
 
 
 def default_sweep_dir(plan: SweepPlan) -> Path:
@@ -92,8 +84,6 @@ def execute_cell(
 def _execute_locked(
     cdir: Path, config: dict[str, Any], meta: dict[str, Any], threads: int | None
 ) -> dict[str, Any]:
-    from embtables.experiments.runner import run
-
     if RunDir(cdir).is_finished():  # finished by another process since the sweep looked
         return read_json(cdir / STATUS_FILE) or {"status": "done"}
     write_json(cdir / CELL_FILE, meta)
@@ -270,8 +260,6 @@ def run_sweep(
         "protocol_complete": complete,
     }
     if report:
-        from embtables.experiments.report import build_report
-
         out.update(build_report(sweep_dir))
     return out
 

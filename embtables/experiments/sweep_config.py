@@ -41,6 +41,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embtables.datasets.schema import load_schema
+from embtables.embeddings.budget import DTYPE_BYTES, format_bytes, full_bytes, parse_budget_value, parse_bytes
+from embtables.embeddings.spec import features_from_schema
 from embtables.experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -222,8 +225,6 @@ class BudgetSpec:
     def resolve(self, full_bytes: int) -> int:
         if self.fraction is not None:
             return int(float(self.fraction) * full_bytes)
-        from embtables.embeddings import parse_bytes
-
         return parse_bytes(self.nbytes_text or "")
 
     def sort_key(self, full_bytes: int | None) -> float:
@@ -235,8 +236,6 @@ class BudgetSpec:
 def parse_budget(value: Budget, where: str) -> BudgetSpec:
     """``1``, ``0.25``, ``"1/16"`` -> a fraction; ``4194304``, ``"4MiB"`` -> bytes: the rule
     of :mod:`embtables.embeddings.budget`, the same as ``embedding.budget``'s."""
-    from embtables.embeddings.budget import parse_budget_value
-
     try:
         frac, nbytes = parse_budget_value(value)
     except ValueError as e:
@@ -700,9 +699,6 @@ def _unique(values: list[str], where: str, what: str) -> None:
 
 def full_size_of(cfg: ExperimentConfig) -> int | None:
     """Bytes of the full tables the fractional budgets refer to (None if the data is absent)."""
-    from embtables.datasets.schema import load_schema
-    from embtables.embeddings import features_from_schema, full_bytes
-
     root = Path(cfg.data.path).expanduser()
     if not (root / "schema.json").exists():
         return None
@@ -732,9 +728,6 @@ def _skip_reason(cell: Cell) -> str | None:
         )
     if cell.full_bytes is None:
         return None  # data absent: the run itself will say so
-    from embtables.embeddings import format_bytes
-    from embtables.embeddings.budget import DTYPE_BYTES
-
     need = cell.full_bytes * DTYPE_BYTES[cell.config.embedding.dtype] // 4
     have = cell.budget.resolve(cell.full_bytes)
     if have < need:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embtables.cli import main as cli_main
-from embtables.datasets.criteo import BadRowError, convert_criteo
+from embtables.datasets.criteo import BadRowError, CriteoOptions, convert_criteo
 from embtables.datasets.criteo_format import CAT_NAMES, DENSE_NAMES
 from embtables.datasets.schema import load_schema
 from embtables.datasets.synth import generate_synth
@@ -327,3 +327,36 @@ def test_value_counter_equals_numpy_unique_counts_across_batches_and_merges(batc
     want_keys, want_counts = np.unique(np.concatenate(parts), return_counts=True)
     np.testing.assert_array_equal(keys, want_keys)
     np.testing.assert_array_equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("fields,flag", [
+    ({"cat_mode": "hash"}, "--cat-mode must be 'raw' or 'vocab', got 'hash'"),
+    ({"dense_transform": "log"}, "--dense-transform must be one of"),
+    ({"on_bad_row": "drop"}, "--on-bad-row must be 'error' or 'skip'"),
+    ({"min_count": 0}, "--min-count must be >= 1, got 0"),
+    ({"cat_mode": "raw", "vocab_from": "elsewhere"}, "--vocab-from needs --cat-mode vocab"),
+    ({"split": (0.5, 0.5)}, r"--split must be 3 non-negative fractions summing to 1, got \(0.5, 0.5\)"),
+    ({"split": (0.9, 0.2, -0.1)}, "--split must be 3 non-negative"),
+    ({"block_mb": 0}, "--block-mb must be > 0"),
+    ({"workers": 0}, "--workers must be >= 1, got 0"),
+])
+def test_criteo_options_errors_name_the_flag(fields, flag, tmp_path):
+    with pytest.raises(ValueError, match=flag):
+        CriteoOptions(**fields)
+    with pytest.raises(ValueError, match=flag):  # the keyword form checks the same, before any file
+        convert_criteo([tmp_path / "absent.tsv"], tmp_path / "o", progress=False, **fields)
+    assert not (tmp_path / "o").exists()
+
+
+def test_criteo_options_object_converts_like_the_keywords(synth, tmp_path):
+    src = synth / "synth.tsv"
+    kw = {"cat_mode": "vocab", "min_count": 2, "block_mb": SMALL_BLOCK, "random_split": True, "seed": 3,
+          "progress": False}
+    a = convert_criteo([src], tmp_path / "kw", **kw)
+    b = convert_criteo([src], tmp_path / "opt", CriteoOptions(**kw))
+    assert a == b
+    for sp in ("train", "valid", "test"):
+        assert _split(tmp_path / "kw", sp).equals(_split(tmp_path / "opt", sp))
+    with pytest.raises(TypeError, match="not both"):
+        convert_criteo([src], tmp_path / "both", CriteoOptions(), cat_mode="raw")
+    assert not (tmp_path / "both").exists()

@@ -44,7 +44,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_criteo(args: argparse.Namespace) -> int:
-    from embtables.datasets.criteo import BadRowError, convert_criteo
+    from embtables.datasets.criteo import BadRowError, CriteoOptions, convert_criteo
 
     by_file = any(x is not None for x in (args.train, args.valid, args.test))
     if by_file and args.src:
@@ -56,12 +56,13 @@ def _run_criteo(args: argparse.Namespace) -> int:
         return 2
     sources = ({"train": args.train or [], "valid": args.valid or [], "test": args.test or []} if by_file
                else list(args.src))
+    options = CriteoOptions(
+        cat_mode=args.cat_mode, min_count=args.min_count, vocab_from=args.vocab_from,
+        dense_transform=args.dense_transform, split=args.split, random_split=args.random_split,
+        seed=args.seed, on_bad_row=args.on_bad_row, overwrite=args.overwrite, progress=not args.quiet,
+        name=args.name, block_mb=args.block_mb, workers=args.workers)
     try:
-        schema = convert_criteo(
-            sources, args.out, cat_mode=args.cat_mode, min_count=args.min_count, vocab_from=args.vocab_from,
-            dense_transform=args.dense_transform, split=args.split, random_split=args.random_split,
-            seed=args.seed, on_bad_row=args.on_bad_row, overwrite=args.overwrite, progress=not args.quiet,
-            name=args.name, block_mb=args.block_mb, workers=args.workers)
+        schema = convert_criteo(sources, args.out, options)
     except BadRowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

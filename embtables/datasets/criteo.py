@@ -297,7 +297,8 @@ def _stream_blocks(path: Path, fmt: _Format, block_bytes: int) -> Iterator[_Bloc
         raw.close()
 
 
-def _count_lines(path: Path, fmt: _Format, block_bytes: int, bar: tqdm, stop: threading.Event | None = None) -> int:
+def _count_lines(path: Path, fmt: _Format, block_bytes: int, bar: tqdm,
+                 stop: threading.Event | None = None) -> int:
     """Data lines of a file (for sequential fraction splits), header excluded; gives up
     (returns -1) when ``stop`` is set."""
     mm = _mapped(path)
@@ -371,7 +372,8 @@ def _arrow_parse(block: pa.Buffer | bytes, fmt: _Format, cat_type: pa.DataType =
         pa.BufferReader(block),
         read_options=pacsv.ReadOptions(column_names=fmt.columns, use_threads=False, block_size=_PARSE_CHUNK),
         parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, double_quote=False,
-                                         escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+                                         escape_char=False, newlines_in_values=False,
+                                         ignore_empty_lines=True),
         convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
                                              quoted_strings_can_be_null=False, check_utf8=False,
                                              include_columns=COLUMNS),
@@ -420,7 +422,8 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
     if fmt.id_column:
         fields = fields[1:]
     lab = fields[0]
-    good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None and float(lab) in (0.0, 1.0))
+    good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None
+                                       and float(lab) in (0.0, 1.0))
     if not good_label:
         return "bad_label", f"label {clip(lab)} is not 0 or 1"
     for name, v in zip(DENSE_NAMES, fields[1 : 1 + NUM_DENSE], strict=True):
@@ -641,7 +644,8 @@ class _Distinct(_Batched):
 
     def _merge(self) -> None:
         if self.pending:
-            self.values = np_values(pc.unique(pa.chunked_array([arrow_array(self.values), *self.pending], pa.int64())))
+            merged = pa.chunked_array([arrow_array(self.values), *self.pending], pa.int64())
+            self.values = np_values(pc.unique(merged))
             self.pending, self.pending_n = [], 0
 
     def count(self, exclude: int | None = None) -> int:

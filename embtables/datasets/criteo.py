@@ -426,7 +426,12 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
                                        and float(lab) in (0.0, 1.0))
     if not good_label:
         return "bad_label", f"label {clip(lab)} is not 0 or 1"
-    for name, v in zip(DENSE_NAMES, fields[1 : 1 + NUM_DENSE], strict=True):
+    return _classify_dense(fields[1 : 1 + NUM_DENSE], fmt) or _classify_cats(fields[1 + NUM_DENSE :])
+
+
+def _classify_dense(fields: list[str], fmt: _Format) -> tuple[str, str] | None:
+    """Why a line's dense fields are bad, or None (numbers in a header file, else integers)."""
+    for name, v in zip(DENSE_NAMES, fields, strict=True):
         if v == "":
             continue
         if fmt.header:
@@ -434,7 +439,12 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
                 return "bad_dense", f"{name}={clip(v)} is not a number"
         elif _INT_RE.match(v) is None or len(v) > 20 or not -(2**63) <= int(v) < 2**63:
             return "bad_dense", f"{name}={clip(v)} is not an integer"
-    for name, v in zip(CAT_NAMES, fields[1 + NUM_DENSE :], strict=True):
+    return None
+
+
+def _classify_cats(fields: list[str]) -> tuple[str, str] | None:
+    """Why a line's categorical fields are bad (not a hex id below 2**63), or None."""
+    for name, v in zip(CAT_NAMES, fields, strict=True):
         if v != "" and (_HEX_RE.match(v) is None or int(v, 16) >= 2**63):
             return "bad_categorical", f"{name}={clip(v)} is not a hex id below 2**63"
     return None

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Areas register their own commands.
     for module in ("embtables.datasets.cli", "embtables.embeddings.cli", "embtables.sharding.cli",
-                   "embtables.experiments.sweep_cli"):
+                   "embtables.experiments.sweep_cli", "embtables.experiments.export_cli"):
         try:
             mod = __import__(module, fromlist=["register_commands"])
         except ModuleNotFoundError as e:

@@ -251,7 +251,7 @@ def test_bad_run_dir_is_refused(trained, tmp_path, capsys):
 def test_bad_dtype_is_refused(trained, tmp_path, capsys):
     rd, _, _, _ = trained
     out = tmp_path / "art"
-    with pytest.raises(ExportError, match="--dtype must be one of fp16, int8, int4, int2, got 'int3'"):
+    with pytest.raises(ExportError, match="--dtype must be one of fp32, fp16, int8, int4, int2, got 'int3'"):
         export_run(rd, "int3", out)
     with pytest.raises(SystemExit):
         main(["export", str(rd), "--dtype", "int3", "--out", str(out)])

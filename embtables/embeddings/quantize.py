@@ -24,9 +24,10 @@ from torch import nn
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant import embedding_modules as quant_modules
 
-#: ``--dtype`` -> the torch dtype TorchRec's quantize_embeddings takes for it.
+#: ``--dtype`` -> the torch dtype TorchRec's quantize_embeddings takes for it. ``fp32`` keeps
+#: the rows as they are in the same inference kernels (a baseline for speed).
 SERVING_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4,
+    "fp32": torch.float32, "fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4,
 }
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4  # one fp16 scale + one fp16 bias per row (integer types only)

@@ -168,7 +168,8 @@ def _markdown(cells: list[dict], by_dim: list[dict], header: str) -> str:
                          f"{_mib(tb['optimizer_state'] or 0)} |")
     cols = [f"{d}@{a}" for a in (16, 4) for d in DTYPES[1:]]
     lines += ["", "Serving bytes as % of fp32, at dim 16 and 64, row alignment 16 (default) and 4:", "",
-              "| method | budget | dim | fp32 MiB | " + " | ".join(f"{c.replace('@', ' align ')}" for c in cols)
+              "| method | budget | dim | fp32 MiB | "
+              + " | ".join(f"{c.replace('@', ' align ')}" for c in cols)
               + " |", "| --- | --- | ---: | ---: | " + "---: | " * len(cols)]
     for r in by_dim:
         if "error" in r:
@@ -202,10 +203,13 @@ def main() -> None:
             print(json.dumps(c), flush=True)
     by_dim = _bytes_by_dim(methods, budgets, Path(args.data))
     load = os.getloadavg()[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    header = (f"`python bench/bench_quant.py --methods {args.methods} --budgets {args.budgets} --rows {args.rows}` "
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip()
+    header = (f"`python bench/bench_quant.py --methods {args.methods} --budgets {args.budgets} "
+              f"--rows {args.rows} --rounds {args.rounds}` "
               f"on {datetime.now(timezone.utc):%Y-%m-%d}, commit `{commit}`, {os.cpu_count()}-core "
-              f"{platform.machine()} ({platform.system()}), torch {torch.__version__}, {args.threads} thread(s), "
+              f"{platform.machine()} ({platform.system()}), torch {torch.__version__}, "
+              f"{args.threads} thread(s), "
               f"load average {load:.1f} at the end")
     md = _markdown(cells, by_dim, header)
     print("\n" + md)

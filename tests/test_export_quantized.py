@@ -164,8 +164,8 @@ def test_a_method_declaring_unquantizable_tables_is_refused_by_name():
 def trained(tiny_synth, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     rd = tmp / "run"
-    run("quickstart", overrides=tiny_overrides(tiny_synth, **{"embedding.method": "hash", "embedding.budget": 0.5,
-                                                               "train.max_steps": 15}), run_dir=rd, quiet=True)
+    over = {"embedding.method": "hash", "embedding.budget": 0.5, "train.max_steps": 15}
+    run("quickstart", overrides=tiny_overrides(tiny_synth, **over), run_dir=rd, quiet=True)
     fp32 = tmp / "fp32.parquet"
     predict(rd, tiny_synth, fp32, split="test")
     return rd, tiny_synth, pq.read_table(fp32).to_pandas(), tmp
@@ -181,7 +181,8 @@ def test_exported_run_scores_like_the_fp32_run(trained, dtype, prob_tol, auc_tol
     got = pq.read_table(p).to_pandas()
     assert np.array_equal(got["label"], fp32["label"])
     assert np.abs(got["prob"] - fp32["prob"]).max() < prob_tol
-    assert abs(roc_auc_score(got["label"], got["prob"]) - roc_auc_score(fp32["label"], fp32["prob"])) < auc_tol
+    auc, auc32 = roc_auc_score(got["label"], got["prob"]), roc_auc_score(fp32["label"], fp32["prob"])
+    assert abs(auc - auc32) < auc_tol
     # predict is the exported module's forward, exactly
     model, _ = load_artefact(art)
     probs, _ = score(model, data, "test", 1024)

@@ -27,7 +27,8 @@ from torchrec.quant import embedding_modules as quant_modules
 #: ``--dtype`` -> the torch dtype TorchRec's quantize_embeddings takes for it. ``fp32`` keeps
 #: the rows as they are in the same inference kernels (a baseline for speed).
 SERVING_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4,
+    "fp32": torch.float32, "fp16": torch.float16,
+    "int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4,
 }
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4  # one fp16 scale + one fp16 bias per row (integer types only)
@@ -111,15 +112,17 @@ def quantize_tables(module: nn.Module, dtype: str, row_alignment: int = DEFAULT_
         return module
     if not getattr(module, "quantizable_tables", True):
         raise NotQuantizable(
-            f"{name}: its tables cannot be served quantized (it declares quantizable_tables=False: its forward "
-            "reads the table weights itself, outside TorchRec's lookup); export it at fp32 or retrain another method")
+            f"{name}: its tables cannot be served quantized (it declares quantizable_tables=False: its "
+            "forward reads the table weights itself, outside TorchRec's lookup); serve the trained run "
+            "(embtables predict RUN_DIR) or train another method")
     tables = module.tables
     if is_quantized(tables):
         raise NotQuantizable(f"{name}: its tables are quantized already")
     if type(tables) not in (torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection):
         raise NotQuantizable(
-            f"{name}: its tables are a {type(tables).__name__}, not an unsharded TorchRec EmbeddingBagCollection / "
-            "EmbeddingCollection (a DistributedModelParallel-sharded model: quantize the unsharded module)")
+            f"{name}: its tables are a {type(tables).__name__}, not an unsharded TorchRec "
+            "EmbeddingBagCollection / EmbeddingCollection (a DistributedModelParallel-sharded model: "
+            "quantize the unsharded module)")
     holder = nn.Module()
     holder.tables = tables
     kinds = [torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection]

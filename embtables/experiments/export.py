@@ -118,7 +118,8 @@ def module_report(m: EmbeddingMethod, fp32: tuple[int, int] | None = None) -> di
         rows = stored_rows(m.tables)
         rep["tables"] = {n: {"rows": int(r.shape[0]), "row_bytes": int(r.shape[1])} for n, r in rows.items()}
     if not m.has_tables:
-        rep["note"] = f"{m.method_name} has no tables (has_tables=False): nothing quantized, its MLP stays fp32"
+        rep["note"] = (f"{m.method_name} has no tables (has_tables=False): nothing quantized, its MLP "
+                       "stays fp32")
     return rep
 
 
@@ -142,8 +143,9 @@ def _export_program(model: nn.Module, batch, path: Path) -> dict[str, Any]:
     """Save ``torch.export`` of the quantized model, or say why not."""
     refusing = [m.method_name for m in embedding_modules(model).values() if not type(m).exportable]
     if refusing:
-        return {"saved": False, "skipped": f"{', '.join(sorted(set(refusing)))}: not exportable with torch.export "
-                                           "(the method declares exportable=False); model.pt serves it"}
+        names = ", ".join(sorted(set(refusing)))
+        return {"saved": False, "skipped": f"{names}: not exportable with torch.export (the method declares "
+                                           "exportable=False); model.pt serves it"}
     args = (batch.dense_features, batch.sparse_features)
     try:
         ep = torch.export.export(model, args, strict=False)
@@ -205,8 +207,8 @@ def export_run(run_dir: str | Path, dtype: str, out: str | Path, row_alignment: 
         if not program:
             manifest["program"] = {"saved": False, "skipped": "not asked for (--no-program)"}
         elif not (data / "schema.json").exists():
-            manifest["program"] = {"saved": False, "skipped": f"no example batch to trace: {data} (the run's data) "
-                                                              "is not there; pass --example-data DIR"}
+            manifest["program"] = {"saved": False, "skipped": f"no example batch to trace: {data} (the run's "
+                                                              "data) is not there; pass --example-data DIR"}
         else:
             batch = example_batch(data, cfg.data.test_split or cfg.data.valid_split or cfg.data.train_split,
                                   cfg.train.eval_batch_size)
@@ -247,7 +249,8 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model = torch.load(path / MODEL_FILE, weights_only=False)
     except Exception as e:  # noqa: BLE001 - name the file
-        raise ExportError(f"{path / MODEL_FILE}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise ExportError(f"{path / MODEL_FILE}: cannot be read ({why})") from None
     return model.eval(), manifest
 
 
@@ -255,7 +258,8 @@ def print_manifest(out: Path, m: dict[str, Any]) -> None:
     for k, r in m["modules"].items():
         pct = 100.0 * r["memory_bytes"] / r["fp32_memory_bytes"] if r["fp32_memory_bytes"] else float("nan")
         print(f"{k}: {r['method']} dim={r['dim']} {r['dtype']}: {r['memory_bytes']:,} bytes "
-              f"({pct:.1f} % of fp32's {r['fp32_memory_bytes']:,})" + (f"  [{r['note']}]" if "note" in r else ""))
+              f"({pct:.1f} % of fp32's {r['fp32_memory_bytes']:,})"
+              + (f"  [{r['note']}]" if "note" in r else ""))
     p = m["program"]
     print(f"program: {p['file'] if p['saved'] else 'not saved: ' + p['skipped']}")
     print(f"artefact: {out}")

@@ -20,9 +20,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register_commands(sub) -> None:
-    ex = sub.add_parser("export", help="a trained run's tables quantized (TorchRec inference modules) for serving")
+    ex = sub.add_parser("export",
+                        help="a trained run's tables quantized (TorchRec inference modules) for serving")
     ex.add_argument("run_dir", metavar="RUN_DIR")
-    ex.add_argument("--dtype", required=True, choices=DTYPES, help="row-wise quantized storage of the tables (fp32: unquantized rows in the same inference kernels)")
+    ex.add_argument("--dtype", required=True, choices=DTYPES,
+                    help="row-wise quantized storage of the tables (fp32: unquantized rows, same kernels)")
     ex.add_argument("--out", required=True, help="new artefact directory (must not exist)")
     ex.add_argument("--row-alignment", type=positive_int, default=16,
                     help="bytes each stored row is padded to (TorchRec's default 16; 1, 2, 4 or 8 pad less)")

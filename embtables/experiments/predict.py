@@ -37,23 +37,25 @@ def check_id_space(train: DatasetSchema, data: DatasetSchema, path: Path, train_
                    data_vocab: dict[str, str]) -> None:
     if train.dense != data.dense or train.categorical_names != data.categorical_names:
         raise IncompatibleData(
-            f"{path}: its features differ from the ones the run was trained on ({len(data.dense)} dense / "
-            f"{data.categorical_names[:3]}... vs {len(train.dense)} / {train.categorical_names[:3]}...)")
-    fix = "convert it with the training data's vocabulary (`embtables data criteo ... --vocab-from TRAIN_DATA`)"
+            f"{path}: its features differ from the ones the run was trained on ({len(data.dense)} dense "
+            f"/ {data.categorical_names[:3]}... vs {len(train.dense)} / {train.categorical_names[:3]}...)")
+    fix = ("convert it with the training data's vocabulary "
+           "(`embtables data criteo ... --vocab-from TRAIN_DATA`)")
     for t, d in zip(train.categorical, data.categorical, strict=True):
         if t.mode != d.mode:
-            raise IncompatibleData(f"{path}: feature {t.name} holds {d.mode} ids, the run was trained on {t.mode} "
-                                   f"ids: the ids index other rows of the trained table; {fix}")
+            raise IncompatibleData(f"{path}: feature {t.name} holds {d.mode} ids, the run was trained on "
+                                   f"{t.mode} ids: the ids index other rows of the trained table; {fix}")
         if t.num_embeddings != d.num_embeddings:
-            raise IncompatibleData(f"{path}: feature {t.name} has num_embeddings={d.num_embeddings}, the run's "
-                                   f"training data {t.num_embeddings}: a different id space; {fix}")
-        if train_vocab is not None and t.mode == "vocab" and train_vocab.get(t.name) != data_vocab.get(t.name):
-            raise IncompatibleData(f"{path}: feature {t.name}: its vocabulary differs from the training data's "
-                                   f"(the same id stands for another value); {fix}")
+            raise IncompatibleData(f"{path}: feature {t.name} has num_embeddings={d.num_embeddings}, the "
+                                   f"run's training data {t.num_embeddings}: a different id space; {fix}")
+        vocab_differs = train_vocab is not None and train_vocab.get(t.name) != data_vocab.get(t.name)
+        if t.mode == "vocab" and vocab_differs:
+            raise IncompatibleData(f"{path}: feature {t.name}: its vocabulary differs from the training "
+                                   f"data's (the same id stands for another value); {fix}")
     for t, d in zip(train.sequences, data.sequences, strict=False):
         if t.name != d.name or t.num_embeddings != d.num_embeddings:
-            raise IncompatibleData(f"{path}: sequence feature {d.name} (num_embeddings={d.num_embeddings}) does "
-                                   f"not match the run's {t.name} (num_embeddings={t.num_embeddings})")
+            raise IncompatibleData(f"{path}: sequence feature {d.name} (num_embeddings={d.num_embeddings}) "
+                                   f"does not match the run's {t.name} (num_embeddings={t.num_embeddings})")
 
 
 def _train_vocab(rd: RunDir, cfg) -> dict[str, str] | None:

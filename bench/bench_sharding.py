@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from embtables.sharding.launch import _run_rank, launch
+from embtables.experiments.launch_run import _run_rank
+from embtables.sharding.launch import launch
 
 BUDGET = {"full": None, "hash": 0.1, "qr": 0.1, "unified": 0.1}
 

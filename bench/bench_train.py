@@ -1,35 +1,47 @@
-"""Training throughput of the quickstart model (DLRM, `full` dim-16 tables, batch 4096)
-and what limits it.
+"""Training throughput of the quickstart model (DLRM, `full` dim-16 tables, batch 4096) as
+the runner trains it, through TorchRec's TrainPipelineSparseDist against the plain loop.
 
-    python bench/bench_train.py [--data data/synth-criteo] [--steps 60]
+    python bench/bench_train.py [--data data/synth-criteo] [--steps 40] [--rounds 5]
 
-Measures, in one process and one run: (1) the whole training step as the runner does it
-(reader + DMP-wrapped model + fused row-wise Adagrad + Adam), (2) the reader alone,
-(3) the step on pre-read batches (no I/O), (4) embedding tables only (forward+backward
-with the fused optimizer), and a torch.profiler table of the top operators. Prints a
-table and writes bench/results/train.json.
+Builds the runner's two trainers (``train.pipeline: loop`` and ``sparse_dist``) in one
+process and runs them in interleaved rounds of ``--steps`` steps each (reader, DMP-wrapped
+model, fused row-wise Adagrad, Adam; each round is one segment, as between two
+evaluations: the pipeline fills and drains in it), alternating which goes first. Prints
+samples/s of each round, the medians and the median of the per-round ratios
+(pipeline / loop), the reader alone, and a torch.profiler table of the top operators of
+the loop; writes bench/results/train.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import statistics
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
+
+MODES = ("loop", "sparse_dist")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="data/synth-criteo")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up round)")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args()
+    if args.rounds < 5:
+        print("--rounds: at least 5 (the figure is a median of interleaved rounds)", file=sys.stderr)
+        return 2
 
     import logging
     import warnings
@@ -37,12 +49,12 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     import torch
-    from torch import nn
+    import torch.distributed as dist
 
     from embtables.datasets.reader import BatchReader
     from embtables.datasets.schema import load_schema
+    from embtables.experiments.build import build_trainer
     from embtables.experiments.config import load_config
-    from embtables.experiments.trainer import Trainer
     from embtables.sharding import init_distributed
 
     torch.set_num_threads(args.threads)
@@ -50,76 +62,86 @@ def main() -> int:
     if not (root / "schema.json").exists():
         print(f"no dataset at {root}: run `make data` first", file=sys.stderr)
         return 2
-    cfg = load_config("quickstart", {"data.path": str(root), "train.batch_size": args.batch_size,
-                                     "train.progress": False, "train.checkpoint": False})
     ctx = init_distributed("cpu")
-    tr = Trainer(cfg, load_schema(root), root, ctx, None)
-    n = args.steps
-    warm = 5
+    schema = load_schema(root)
+    trainers, steps, streams = {}, {}, {}
+    for mode in MODES:
+        cfg = load_config("quickstart", {"data.path": str(root), "train.batch_size": args.batch_size,
+                                         "train.progress": False, "train.checkpoint": False,
+                                         "train.pipeline": mode})
+        tr = build_trainer(cfg, schema, root, ctx, None)
+        assert tr.pipeline == mode
+        tr.model.train()
+        trainers[mode], steps[mode], streams[mode] = tr, tr._steps(), _batches(tr)
 
-    def step(batch) -> None:
-        logits = tr.model(batch.dense_features, batch.sparse_features)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-        tr.dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.dense_opt.step()
-        float(loss)
+    def one_round(mode: str) -> float:
+        rows, t = 0, time.perf_counter()
+        for loss, n in steps[mode].run(islice(streams[mode], args.steps)):
+            float(loss)
+            rows += n
+        return rows / (time.perf_counter() - t)
 
-    results: dict[str, float] = {}
-    # (2) reader alone
+    for mode in MODES:  # warm-up: first traces, allocator, caches
+        one_round(mode)
+    per_round: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios = []
+    for r in range(args.rounds):
+        order = MODES if r % 2 == 0 else MODES[::-1]
+        got = {m: one_round(m) for m in order}
+        for m in MODES:
+            per_round[m].append(got[m])
+        ratios.append(got["sparse_dist"] / got["loop"])
+    pipelined = steps["sparse_dist"].pipelined(trainers["sparse_dist"].inner)
+
     reader = BatchReader(root, "train", args.batch_size, shuffle=True, seed=0, shuffle_buffer=65536)
     it = iter(reader)
-    for _ in range(warm):
+    next(it)
+    t = time.perf_counter()
+    for _ in range(args.steps):
         next(it)
-    t = time.perf_counter()
-    batches = [next(it) for _ in range(n)]
-    results["reader only"] = n * args.batch_size / (time.perf_counter() - t)
-    # (3) step on pre-read batches
-    for b in batches[:warm]:
-        step(b)
-    t = time.perf_counter()
-    for b in batches:
-        step(b)
-    results["train step, batches in memory"] = n * args.batch_size / (time.perf_counter() - t)
-    # (1) the whole loop with the reader's prefetch thread
-    reader2 = BatchReader(root, "train", args.batch_size, shuffle=True, seed=1, shuffle_buffer=65536,
-                          prefetch=2)
-    it2 = iter(reader2)
-    for _ in range(warm):
-        step(next(it2))
-    t = time.perf_counter()
-    for _ in range(n):
-        step(next(it2))
-    results["train step + reader (as the runner)"] = n * args.batch_size / (time.perf_counter() - t)
-    # (4) embedding part alone: sharded tables forward + backward (fused optimizer)
-    emb = tr.inner.embedding
-    t = time.perf_counter()
-    for b in batches:
-        out = emb(b.sparse_features).values()
-        out.sum().backward()
-    results["embedding tables only (fwd+bwd+fused opt)"] = n * args.batch_size / (time.perf_counter() - t)
+    reader_sps = args.steps * args.batch_size / (time.perf_counter() - t)
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for b in batches[:10]:
-            step(b)
+        for _ in steps["loop"].run(islice(streams["loop"], 10)):
+            pass
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
-    print(f"\nquickstart DLRM, dim 16, batch {args.batch_size}, {args.threads} threads, {n} steps\n")
-    print(f"{'what':45s} {'samples/s':>12s}")
-    for k, v in results.items():
-        print(f"{k:45s} {v:12,.0f}")
-    print("\ntop operators (self CPU time, 10 steps):\n" + table)
+    med = {m: statistics.median(v) for m, v in per_round.items()}
+    ratio = statistics.median(ratios)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"\nquickstart DLRM, dim 16, batch {args.batch_size}, {args.threads} threads, "
+          f"{args.rounds} rounds of {args.steps} steps (load average {load:.1f})\n")
+    print(f"{'round':>5s} {'loop':>12s} {'sparse_dist':>12s} {'ratio':>7s}")
+    for i in range(args.rounds):
+        loop, pipe = per_round["loop"][i], per_round["sparse_dist"][i]
+        print(f"{i + 1:5d} {loop:12,.0f} {pipe:12,.0f} {ratios[i]:7.3f}")
+    print(f"{'median':>5s} {med['loop']:12,.0f} {med['sparse_dist']:12,.0f} {ratio:7.3f}")
+    print(f"\nreader alone: {reader_sps:,.0f} samples/s; pipelined modules: {', '.join(pipelined) or 'none'}")
+    print("\ntop operators of the loop (self CPU time, 10 steps):\n" + table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "steps": n,
-                               "samples_per_second": results, "profile_top": table}, indent=2) + "\n")
+    out.write_text(json.dumps({
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": load},
+        "batch_size": args.batch_size, "threads": args.threads, "steps_per_round": args.steps,
+        "samples_per_second": per_round, "median_samples_per_second": med, "ratios": ratios,
+        "median_ratio_pipeline_over_loop": ratio, "pipelined_modules": pipelined,
+        "reader_samples_per_second": reader_sps, "profile_top": table,
+    }, indent=2) + "\n")
     print(f"wrote {out}")
-    import torch.distributed as dist
-
     dist.destroy_process_group()
     return 0
+
+
+def _batches(trainer):
+    """The trainer's training stream, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from trainer.data.epoch(epoch)
+        epoch += 1
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from embtables.embeddings import knob_defaults, list_methods
+from embtables.embeddings import knobs_model
 from embtables.experiments.config import (
+    STAGE_SETTINGS,
     DataConfig,
     DenseOptimizerConfig,
     EmbeddingOptimizerConfig,
@@ -21,6 +22,7 @@ from embtables.experiments.config import (
     ExperimentConfig,
     ScheduleConfig,
     TrainConfig,
+    method_sections,
 )
 from embtables.models import get_model, list_models
 from embtables.sharding.config import ShardingConfig
@@ -38,7 +40,7 @@ keys are errors that name their path. A comparison file adds a `sweep:` section
 
 def _type_name(ann) -> str:
     s = getattr(ann, "__name__", None) if getattr(ann, "__args__", None) is None else None
-    s = s or str(ann).replace("typing.", "")
+    s = s or str(ann).replace("typing.", "").replace("pathlib.", "")
     return s.replace("|", "\\|")
 
 
@@ -76,12 +78,20 @@ def page() -> str:
     for cls, prefix in sections():
         out += [f"## {titles[prefix]}\n", _table(rows(cls, prefix)), ""]
     out += ["## Embedding method knobs\n",
-            "Under `embedding.<method>:`; what each does: [Embedding methods](../methods/index.md).\n",
-            "| method | knob | default |", "| --- | --- | --- |"]
-    for m in list_methods():
-        for k, d in knob_defaults(m).items():
-            out.append(f"| `{m}` | `embedding.{m}.{k}` | `{d!r}` |")
-    out += ["", "## `model`\n",
+            "Under `embedding.<method>:`, generated from each method's registered knobs model; what "
+            "each method does: [Embedding methods](../methods/index.md). `null` leaves a knob to the "
+            "method (most size from `embedding.budget`).\n"]
+    for m, section in method_sections().items():
+        out.append(f"### `embedding.{m}`\n")
+        if not section.model_fields:
+            out += ["No knobs.", ""]
+            continue
+        if STAGE_SETTINGS.find(m) is not None:
+            own = ", ".join(f"`{k}`" for k in knobs_model(m).model_fields)
+            out.append(f"The module takes {own}; the other keys are read by the stages of its "
+                       "experiment.\n")
+        out += [_table(rows(section, f"embedding.{m}.")), ""]
+    out += ["## `model`\n",
             "`model.name` (default `'dlrm'`) is a registered model (`embtables list` shows them); its "
             "knobs go under `model.<name>:` ([Models](../models.md)).\n"]
     for cls, prefix in model_sections():

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
-import warnings
 
 from embtables.argtypes import positive_int
-
-
-def _quiet_libraries() -> None:
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
+from embtables.logs import quiet_libraries
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.resume is None and args.from_run is None:
-        raise SystemExit("embtables run: give a CONFIG (file or shipped name), --resume RUN_DIR or --from RUN_DIR")
+        raise SystemExit("embtables run: give a CONFIG (file or shipped name), --resume RUN_DIR "
+                         "or --from RUN_DIR")
     extra = {"overwrite": args.overwrite, "from_run": args.from_run, "stage": args.stage}
     try:
         if args.nproc and args.nproc > 1:
-            from embtables.sharding.launch import launch_run
+            from embtables.experiments.launch_run import launch_run
 
             return launch_run(args.config, args.set, args.run_dir, args.resume, args.nproc, **extra)
         from embtables.experiments.runner import run
@@ -79,19 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train and evaluate one experiment")
     r.add_argument("config", nargs="?", help="YAML file or shipped config name (e.g. quickstart)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value")
     r.add_argument("--run-dir", help="write here instead of runs/<name>-<timestamp>/")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    r.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU, NCCL on GPU)")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (gloo on CPU, NCCL on GPU)")
     r.add_argument("--overwrite", action="store_true",
                    help="--run-dir exists: move it aside to RUN_DIR.old-<stamp> and start afresh")
     r.add_argument("--from", dest="from_run", metavar="RUN_DIR",
-                   help="start a NEW run directory from RUN_DIR's finished stages (with --stage; RUN_DIR is only read)")
+                   help="start a NEW run directory from RUN_DIR's finished stages "
+                        "(with --stage; RUN_DIR is only read)")
     r.add_argument("--stage", help="with --from: the stage the new run starts at (e.g. search for OptEmbed)")
     r.set_defaults(fn=_cmd_run)
     _check_types(r, nproc=positive_int)
 
-    pr = sub.add_parser("predict", help="score a dataset with a trained run or an `embtables export` artefact")
+    pr = sub.add_parser("predict", help="score a dataset with a trained run or an exported artefact")
     pr.add_argument("run_dir")
     pr.add_argument("data", help="dataset directory (schema.json)")
     pr.add_argument("--out", required=True, help="Parquet file of row ids and probabilities")
@@ -104,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=_cmd_list)
 
     # Areas register their own commands.
-    for module in ("embtables.datasets.cli", "embtables.embeddings.cli", "embtables.sharding.cli",
-                   "embtables.experiments.sweep_cli", "embtables.experiments.export_cli"):
+    for module in ("embtables.datasets.cli", "embtables.commands.size", "embtables.commands.plan",
+                   "embtables.commands.compare", "embtables.commands.export"):
         try:
             mod = __import__(module, fromlist=["register_commands"])
         except ModuleNotFoundError as e:
@@ -117,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,8 @@ PINNED = {"torch": "2.13.0", "torchrec": "1.8.0", "fbgemm_gpu": "1.8.0"}
 
 def diagnose() -> tuple[list[str], list[str]]:
     """(report lines, problems in plain sentences)."""
-    lines = [f"python      {platform.python_version()} ({sys.executable})", f"platform    {platform.platform()}"]
+    lines = [f"python      {platform.python_version()} ({sys.executable})",
+             f"platform    {platform.platform()}"]
     problems: list[str] = []
     try:
         import torch
@@ -49,10 +50,12 @@ def diagnose() -> tuple[list[str], list[str]]:
             lines.append(f"fbgemm ops  FAILED: {str(e).splitlines()[0][:200]}")
             problems.append(
                 "FBGEMM imports but its operators are missing: its build does not match this torch "
-                f"({torch.__version__}); install fbgemm-gpu-cpu {PINNED['fbgemm_gpu']} with torch {PINNED['torch']}."
+                f"({torch.__version__}); install fbgemm-gpu-cpu {PINNED['fbgemm_gpu']} "
+                f"with torch {PINNED['torch']}."
             )
         if cuda and "cpu" in str(getattr(importlib.import_module("fbgemm_gpu"), "__variant__", "")).lower():
-            problems.append("a GPU is present but the CPU build of FBGEMM is installed: `make clean setup DEVICE=cuda`.")
+            problems.append("a GPU is present but the CPU build of FBGEMM is installed: "
+                            "`make clean setup DEVICE=cuda`.")
     try:
         torchrec = importlib.import_module("torchrec")
         lines.append(f"torchrec    {torchrec.__version__}")
@@ -60,7 +63,8 @@ def diagnose() -> tuple[list[str], list[str]]:
 
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=4,
                                                                 feature_names=["f"])])
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([1]), lengths=torch.tensor([1]))
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([1]),
+                                                  lengths=torch.tensor([1]))
         ebc(kjt)
         lines.append("torchrec    an EmbeddingBagCollection runs")
     except Exception as e:  # noqa: BLE001

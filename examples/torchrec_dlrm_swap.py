@@ -13,6 +13,7 @@ global batch every ``--print-every`` steps on rank 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 
@@ -36,7 +37,7 @@ CARDINALITIES = [1460, 583, 10131, 2202, 305, 24, 12517, 633, 3, 9379, 5738, 101
                  10, 4567, 2173, 4, 10180, 18, 15, 2864, 105, 1424]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="qr", choices=list_methods())
     p.add_argument("--budget", type=float, default=0.25,
@@ -46,10 +47,10 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--print-every", type=int, default=5)
     p.add_argument("--backend", default="gloo")
-    args = p.parse_args()
+    return p.parse_args()
 
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # the pipeline's tracing notes
-    dist.init_process_group(args.backend)
+
+def train(args: argparse.Namespace) -> None:
     rank = dist.get_rank()
     cuda = args.backend == "nccl"
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
@@ -89,8 +90,23 @@ def main() -> None:
     # Both ranks past every collective before the group goes (gloo aborts a rank that tears
     # its group down while the other still has work in flight).
     dist.barrier()
-    del pipeline, model
-    dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # the pipeline's tracing notes
+    dist.init_process_group(args.backend)
+    try:
+        train(args)
+    finally:
+        # The sharded model refers to the process group from inside reference cycles, which
+        # only the garbage collector frees: without this collection the group, and gloo's
+        # worker and transport threads with it, outlive main() and are torn down (or not)
+        # while the interpreter exits, which can abort the process ("terminate called
+        # without an active exception"). Collected here, the group's threads are joined
+        # when destroy_process_group() drops the last reference to it.
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,7 @@ import logging
 import pytest
 import torch
 import torchrec.fx
-from torchrec.models.deepfm import SimpleDeepFMNN
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embtables.embeddings import FeatureSpec, build, get_method
-from embtables.embeddings.base import IdOutOfRange
-from embtables.sharding.testing import (
+from conformance_testing import (
     CONF_FEATURES,
     NUM_DENSE,
     build_conf,
@@ -26,6 +20,12 @@ from embtables.sharding.testing import (
     conformance_specs,
     spec_id,
 )
+from torchrec.models.deepfm import SimpleDeepFMNN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embtables.embeddings import FeatureSpec, build, get_method
+from embtables.embeddings.base import IdOutOfRange
 
 torch.set_num_threads(1)
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -4,15 +4,18 @@ has them) on 1 and 2 gloo ranks, each sharding type forced once with embtables' 
 sharders (row_wise / table_row_wise switched on), TrainPipelineBase and
 TrainPipelineSparseDist against a plain loop, and DCP save/load into a fresh sharded model.
 Refusals (a method declaring ``supports_multi_rank=False``; tables DMP left unsharded) are
-asserted. One spawned group per world size (1 and 2 ranks) runs every case of that size.
+asserted. A method without tables (``has_tables=False``) that declares multi-rank support
+is checked on 2 ranks under stock DMP (which hands it to DDP) and plain DDP: outputs and
+gradients equal the unsharded module's. One spawned group per world size (1 and 2 ranks)
+runs every case of that size.
 The full cross product of methods x sharding types x optimizers is marked ``slow``."""
 
 from __future__ import annotations
 
 import pytest
+from conformance_testing import build_conf, conformance_specs, conformance_worker, spec_id
 
 from embtables.embeddings import get_method
-from embtables.sharding.testing import build_conf, conformance_specs, conformance_worker, spec_id
 
 SPECS = conformance_specs()
 EBC_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
@@ -28,7 +31,7 @@ def faces(spec):
 
 
 def multi_rank(spec) -> bool:
-    return caps(spec).multi_rank and caps(spec).has_tables
+    return caps(spec).multi_rank
 
 
 def forced_types(spec, sequence: bool) -> list[str]:
@@ -68,6 +71,10 @@ def _cases(full: bool) -> list[tuple]:
             if full or spec[0] == "full":
                 cases.append(("pipeline", worlds[-1], spec, "base"))
         cases.append(("dcp", worlds[-1], spec, not caps(spec).pooled))
+        if not caps(spec).has_tables and multi_rank(spec):
+            # Nothing to shard: DMP hands the model to DDP. Outputs and gradients, both wrappers.
+            cases += [("tablefree", 2, spec, seq, wrapper)
+                      for seq in faces(spec) for wrapper in ("dmp", "ddp")]
     # Adaptive optimizer (state per row): every type but column_wise, on the plain table.
     if not full:
         cases += [("dmp", 2, ("full", {}), False, False, t, "rowwise_adagrad", "embtables")
@@ -86,6 +93,8 @@ def case_id(case) -> str:
         spec, seq, weighted, forced, opt, sharders = args
         return (f"dmp-{world}r-{spec_id(spec)}-{'seq' if seq else 'pooled'}{'-weighted' if weighted else ''}-"
                 f"{forced or 'planner'}-{opt}-{sharders}")
+    if kind == "tablefree":
+        return f"tablefree-{args[2]}-{world}r-{spec_id(args[0])}-{'seq' if args[1] else 'pooled'}"
     if kind == "pipeline":
         return f"pipeline-{args[1]}-{world}r-{spec_id(args[0])}"
     if kind == "dcp":
@@ -154,6 +163,29 @@ DMP_CASES = [c for c in CASES if c[0] == "dmp"]
 @pytest.mark.parametrize("case", DMP_CASES, ids=case_id)
 def test_stock_dmp_equals_unsharded(results, case):
     check_dmp(results, case)
+
+
+TABLE_FREE_CASES = [c for c in CASES if c[0] == "tablefree"]
+
+
+def test_every_table_free_multi_rank_method_runs_on_two_ranks():
+    """Driven by the declarations: a method without tables that declares multi-rank support
+    is checked under DMP and DDP on 2 ranks, pooled and sequence where it has them."""
+    want = {(spec_id(s), seq, w) for s in SPECS if not caps(s).has_tables and caps(s).multi_rank
+            for seq in faces(s) for w in ("dmp", "ddp")}
+    assert {(spec_id(c[2]), c[3], c[4]) for c in TABLE_FREE_CASES} == want
+    assert all(c[1] == 2 for c in TABLE_FREE_CASES)
+    on_two = {spec_id(c[2]) for c in DMP_CASES if c[1] == 2}
+    assert on_two >= {spec_id(s) for s in SPECS if caps(s).multi_rank}
+
+
+@pytest.mark.parametrize("case", TABLE_FREE_CASES, ids=case_id)
+def test_table_free_method_under_dmp_and_ddp_equals_unsharded(results, case):
+    for rank, (fwd, grad, scale, wrapper) in enumerate(_ranks(results, case)):
+        assert wrapper == "DistributedDataParallel", f"rank {rank}: wrapped in {wrapper}"
+        assert fwd <= 1e-6, f"rank {rank}: outputs differ from the unsharded module by {fwd}"
+        assert scale > 0, f"rank {rank}: a parameter got no gradient (the check below would prove nothing)"
+        assert grad <= 1e-6, f"rank {rank}: gradients differ from the unsharded module's by {grad}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] == "pipeline"], ids=case_id)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embtables.cli import main as cli_main
-from embtables.datasets.criteo import BadRowError, convert_criteo
+from embtables.datasets.criteo import BadRowError, CriteoOptions, convert_criteo
 from embtables.datasets.criteo_format import CAT_NAMES, DENSE_NAMES
 from embtables.datasets.schema import load_schema
 from embtables.datasets.synth import generate_synth
@@ -29,7 +29,9 @@ def _all(root) -> pd.DataFrame:
 def _split(root, split) -> pd.DataFrame:
     s = load_schema(root)
     files = s.files(root, split)
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else pd.DataFrame()
+    if not files:
+        return pd.DataFrame()
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,8 @@ def test_vocab_min_count_oov_and_order(sample_df, tmp_path):
         for v in kept.index:  # one id per kept value, more frequent -> smaller id
             these = np.unique(ids[(raw == v).to_numpy()])
             assert len(these) == 1 and these[0] >= 2
-        order = [np.unique(ids[(raw == v).to_numpy()])[0] for v in kept.sort_values(ascending=False, kind="stable").index]
+        by_count = kept.sort_values(ascending=False, kind="stable").index
+        order = [np.unique(ids[(raw == v).to_numpy()])[0] for v in by_count]
         counts_by_id = {i: (ids == i).sum() for i in order}
         assert [counts_by_id[i] for i in sorted(order)] == sorted(counts_by_id.values(), reverse=True)
 
@@ -192,7 +195,8 @@ def test_bad_rows_skipped_and_counted(synth, tmp_path):
 
 def test_header_csv_floats_are_fine_but_not_in_official_files(tmp_path):
     row = ["1", "1.0", "-2.0", "", "3.5"] + ["0"] * 9 + ["05db9164"] * 26
-    (tmp_path / "h.csv").write_text("label," + ",".join(DENSE_NAMES + CAT_NAMES) + "\n" + ",".join(row) + "\n")
+    (tmp_path / "h.csv").write_text("label," + ",".join(DENSE_NAMES + CAT_NAMES) + "\n"
+                                    + ",".join(row) + "\n")
     s = convert_criteo([tmp_path / "h.csv"], tmp_path / "h", cat_mode="raw", split=(1, 0, 0), progress=False)
     got = _all(tmp_path / "h")
     assert s.rows["train"] == 1
@@ -224,7 +228,8 @@ def test_random_and_file_splits(synth, tmp_path):
     for sp in a.splits:
         assert _split(tmp_path / "r1", sp).equals(_split(tmp_path / "r2", sp))
     both = pd.concat([_split(tmp_path / "r1", sp) for sp in a.splits])
-    direct = pd.concat([_split(synth / "direct", sp) for sp in ("train", "valid", "test")]).drop(columns="prob")
+    direct = pd.concat([_split(synth / "direct", sp) for sp in ("train", "valid", "test")])
+    direct = direct.drop(columns="prob")
     assert len(both.merge(direct, how="inner")) == 12_000  # every row once
     lines = src.read_bytes().splitlines(keepends=True)
     (tmp_path / "p1.tsv").write_bytes(b"".join(lines[:100]))
@@ -235,14 +240,16 @@ def test_random_and_file_splits(synth, tmp_path):
 
 
 def test_cli(synth, tmp_path, capsys):
-    assert cli_main(["data", "criteo", str(synth / "synth.tsv"), "--out", str(tmp_path / "o"), "--cat-mode", "raw",
-                     "--split", "0.5,0.25,0.25", "--quiet"]) == 0
+    assert cli_main(["data", "criteo", str(synth / "synth.tsv"), "--out", str(tmp_path / "o"),
+                     "--cat-mode", "raw", "--split", "0.5,0.25,0.25", "--quiet"]) == 0
     assert load_schema(tmp_path / "o").rows == {"train": 6000, "valid": 3000, "test": 3000}
     assert "sum of distinct ids" in capsys.readouterr().out
     (tmp_path / "bad.tsv").write_text("1\t2\n")
-    assert cli_main(["data", "criteo", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "b"), "--quiet"]) == 1
+    assert cli_main(["data", "criteo", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "b"),
+                     "--quiet"]) == 1
     assert "bad.tsv:1: bad row (column_count" in capsys.readouterr().err
-    assert cli_main(["data", "synth", "--rows", "500", "--out", str(tmp_path / "s"), "--quiet", "--scale", "0.01"]) == 0
+    assert cli_main(["data", "synth", "--rows", "500", "--out", str(tmp_path / "s"), "--quiet",
+                     "--scale", "0.01"]) == 0
     assert load_schema(tmp_path / "s").rows["test"] == 50
     with pytest.raises(FileExistsError):
         convert_criteo([synth / "synth.tsv"], tmp_path / "o", cat_mode="raw", progress=False)
@@ -254,16 +261,19 @@ def test_parallel_workers_write_the_same_dataset_and_report_the_first_bad_row(sy
     even when a later block fails first."""
     src = synth / "synth.tsv"
     for mode in ("raw", "vocab"):  # vocab: the vocabulary's lookups run on the 3 threads too
-        one = convert_criteo([src], tmp_path / f"w1{mode}", cat_mode=mode, block_mb=SMALL_BLOCK, progress=False)
-        three = convert_criteo([src], tmp_path / f"w3{mode}", cat_mode=mode, block_mb=SMALL_BLOCK, progress=False,
-                               workers=3)
+        one = convert_criteo([src], tmp_path / f"w1{mode}", cat_mode=mode, block_mb=SMALL_BLOCK,
+                             progress=False)
+        three = convert_criteo([src], tmp_path / f"w3{mode}", cat_mode=mode, block_mb=SMALL_BLOCK,
+                               progress=False, workers=3)
         assert one.rows == three.rows and one.categorical == three.categorical
         for sp in ("train", "valid", "test"):
-            assert pq.read_table(tmp_path / f"w1{mode}" / sp).equals(pq.read_table(tmp_path / f"w3{mode}" / sp)), sp
+            got = pq.read_table(tmp_path / f"w3{mode}" / sp)
+            assert pq.read_table(tmp_path / f"w1{mode}" / sp).equals(got), sp
     cases = [BAD_KINDS[5], BAD_KINDS[0], BAD_KINDS[7]]  # lines 7, 2103, 2804 in different blocks
     path, where, _ = _bad_file(synth, tmp_path, cases)
     with pytest.raises(BadRowError) as e:
-        convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False, workers=3)
+        convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False,
+                       workers=3)
     assert e.value.line == min(where)
     s = convert_criteo([path], tmp_path / "s", cat_mode="raw", on_bad_row="skip", block_mb=SMALL_BLOCK,
                        progress=False, workers=3)
@@ -289,7 +299,8 @@ def test_short_hex_ids_take_the_variable_width_path_in_every_block(tmp_path):
 
 def test_nul_byte_in_a_categorical_is_a_bad_row_not_the_missing_id(synth, tmp_path):
     # the fixed-width decode reads a NUL pair as an empty slot; a NUL in the input must not reach it
-    path, where, _ = _bad_file(synth, tmp_path, [(900, "bad_categorical", _set(20, b"\x00\x00\x00\x00\x00\x00\x00\x00"))])
+    nul8 = b"\x00\x00\x00\x00\x00\x00\x00\x00"
+    path, where, _ = _bad_file(synth, tmp_path, [(900, "bad_categorical", _set(20, nul8))])
     (line, _), = where.items()
     with pytest.raises(BadRowError) as e:
         convert_criteo([path], tmp_path / "o", cat_mode="raw", block_mb=SMALL_BLOCK, progress=False)
@@ -327,3 +338,36 @@ def test_value_counter_equals_numpy_unique_counts_across_batches_and_merges(batc
     want_keys, want_counts = np.unique(np.concatenate(parts), return_counts=True)
     np.testing.assert_array_equal(keys, want_keys)
     np.testing.assert_array_equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("fields,flag", [
+    ({"cat_mode": "hash"}, "--cat-mode must be 'raw' or 'vocab', got 'hash'"),
+    ({"dense_transform": "log"}, "--dense-transform must be one of"),
+    ({"on_bad_row": "drop"}, "--on-bad-row must be 'error' or 'skip'"),
+    ({"min_count": 0}, "--min-count must be >= 1, got 0"),
+    ({"cat_mode": "raw", "vocab_from": "elsewhere"}, "--vocab-from needs --cat-mode vocab"),
+    ({"split": (0.5, 0.5)}, r"--split must be 3 non-negative fractions summing to 1, got \(0.5, 0.5\)"),
+    ({"split": (0.9, 0.2, -0.1)}, "--split must be 3 non-negative"),
+    ({"block_mb": 0}, "--block-mb must be > 0"),
+    ({"workers": 0}, "--workers must be >= 1, got 0"),
+])
+def test_criteo_options_errors_name_the_flag(fields, flag, tmp_path):
+    with pytest.raises(ValueError, match=flag):
+        CriteoOptions(**fields)
+    with pytest.raises(ValueError, match=flag):  # the keyword form checks the same, before any file
+        convert_criteo([tmp_path / "absent.tsv"], tmp_path / "o", progress=False, **fields)
+    assert not (tmp_path / "o").exists()
+
+
+def test_criteo_options_object_converts_like_the_keywords(synth, tmp_path):
+    src = synth / "synth.tsv"
+    kw = {"cat_mode": "vocab", "min_count": 2, "block_mb": SMALL_BLOCK, "random_split": True, "seed": 3,
+          "progress": False}
+    a = convert_criteo([src], tmp_path / "kw", **kw)
+    b = convert_criteo([src], tmp_path / "opt", CriteoOptions(**kw))
+    assert a == b
+    for sp in ("train", "valid", "test"):
+        assert _split(tmp_path / "kw", sp).equals(_split(tmp_path / "opt", sp))
+    with pytest.raises(TypeError, match="not both"):
+        convert_criteo([src], tmp_path / "both", CriteoOptions(), cat_mode="raw")
+    assert not (tmp_path / "both").exists()

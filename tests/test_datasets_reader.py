@@ -63,7 +63,8 @@ def test_contents_equal_parquet_columns(root):
     dense = torch.cat([b.dense_features for b in batches]).numpy()
     np.testing.assert_array_equal(dense[:, 0], t.column("d1").to_numpy())
     np.testing.assert_array_equal(dense[:, 1], t.column("d2").to_numpy())
-    np.testing.assert_array_equal(torch.cat([b.labels for b in batches]).numpy(), t.column("label").to_numpy())
+    np.testing.assert_array_equal(torch.cat([b.labels for b in batches]).numpy(),
+                                  t.column("label").to_numpy())
     assert batches[0].dense_features.dtype == torch.float32 and batches[0].labels.dtype == torch.float32
     kjts = [b.sparse_features for b in batches]
     assert kjts[0].keys() == ["C1", "C2", "hist"]
@@ -175,5 +176,6 @@ def test_schema_missing_is_explained(tmp_path):
 def test_parquet_row_groups_fixed_size(root):
     d, _ = root
     sizes = [pq.ParquetFile(f).metadata.row_group(i).num_rows
-             for f in sorted((d / "train").glob("*.parquet")) for i in range(pq.ParquetFile(f).num_row_groups)]
+             for f in sorted((d / "train").glob("*.parquet"))
+             for i in range(pq.ParquetFile(f).num_row_groups)]
     assert sizes == [100] * 10 + [37]

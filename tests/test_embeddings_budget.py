@@ -22,7 +22,8 @@ from embtables.embeddings.mch import FIXED_BYTES_PER_FEATURE
 
 torch.set_num_threads(1)
 
-FEATS = [FeatureSpec("tiny", 3), FeatureSpec("small", 150), FeatureSpec("mid", 4000), FeatureSpec("big", 20000)]
+FEATS = [FeatureSpec("tiny", 3), FeatureSpec("small", 150), FeatureSpec("mid", 4000),
+         FeatureSpec("big", 20000)]
 COMPRESSING = [("hash", {}), ("qr", {}), ("qr", {"operation": "concat"}), ("qr", {"partitions": 3}),
                ("unified", {}), ("unified", {"probes": 2, "num_tables": 2}), ("mch", {})]
 
@@ -39,7 +40,8 @@ def test_split_budget_water_fills():
     caps = [10.0, 1000.0, 1000.0]
     shares = split_budget(600.0, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], caps)
     assert shares[0] == 10.0  # the small one keeps its full size ...
-    assert shares[1] == pytest.approx(295.0) and shares[2] == pytest.approx(295.0)  # ... the rest shares equally
+    # ... the rest shares equally
+    assert shares[1] == pytest.approx(295.0) and shares[2] == pytest.approx(295.0)
     assert sum(shares) == pytest.approx(600.0)
     assert split_budget(5000.0, [1, 1, 1], [1, 1, 1], caps) == caps
 

@@ -32,7 +32,8 @@ def kjt(weights: bool = False, single: bool = False) -> KeyedJaggedTensor:
         lengths = [3, 0, 1, 2, 1, 1, 1, 2, 3]
         values = [3, 999, 17, 4, 0, 49, 7, 11, 2999, 5, 6, 1234, 42, 2999]
     w = torch.rand(len(values), generator=torch.Generator().manual_seed(3)) if weights else None
-    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values), torch.tensor(lengths), weights=w)
+    return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor(values), torch.tensor(lengths),
+                                               weights=w)
 
 
 def tables_of(mod) -> dict[str, torch.Tensor]:
@@ -62,7 +63,8 @@ def test_full_equals_torchrec_ebc_with_same_weights():
     assert mod.is_weighted()
     with torch.no_grad():
         for f in FEATS:
-            tables_of(mod)[f"tbl_{f.name}"].copy_(ebc.embedding_bags[f"tbl_{f.name}"].weight)  # the EBC's names
+            # the EBC's names
+            tables_of(mod)[f"tbl_{f.name}"].copy_(ebc.embedding_bags[f"tbl_{f.name}"].weight)
     x = kjt(weights=True)
     a, b = ebc(x), mod(x)
     assert a.keys() == b.keys() and a.length_per_key() == b.length_per_key()
@@ -166,7 +168,8 @@ def test_unified_with_room_for_every_id_reproduces_plain_tables():
     mod = build(FEATS, method="unified", dim=8, probes=2)  # no budget: collisionless offsets
     assert [c.num_embeddings for c in mod.table_configs()] == [2 * 4050]
     ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f.name, num_embeddings=f.cardinality,
-                                                            embedding_dim=8, feature_names=[f.name]) for f in FEATS])
+                                                            embedding_dim=8, feature_names=[f.name])
+                                         for f in FEATS])
     W = tables_of(mod)["u0_0"]
     with torch.no_grad():  # table rows: a#0, a#1, b#0, b#1, c#0, c#1 blocks of 4 columns each
         off = 0
@@ -316,7 +319,8 @@ def test_mch_admits_ids_in_training_and_is_collision_free():
         raw, rows = x[name].values(), after[name].values()
         assert int(rows.max()) < 63  # every (few) id admitted
         # zero collisions: distinct raw ids <-> distinct rows
-        assert len(set(zip(raw.tolist(), rows.tolist(), strict=True))) == len(set(raw.tolist())) == len(set(rows.tolist()))
+        assert (len(set(zip(raw.tolist(), rows.tolist(), strict=True)))
+                == len(set(raw.tolist())) == len(set(rows.tolist())))
     assert mod.memory_bytes() > before  # the batch-sized history buffer now exists, and is counted
 
 
@@ -330,7 +334,8 @@ def test_mch_remap_equals_torchrec_own_remap_on_hits_and_misses():
     mod.eval()
     for name, m in mod.remap.mcc._managed_collision_modules.items():
         assert type(m) is not MCHManagedCollisionModule
-        x = {name: JaggedTensor(values=torch.tensor([0, 1, 2, 3, 5, 7, 11, 2**40, 4]), lengths=torch.tensor([9]))}
+        x = {name: JaggedTensor(values=torch.tensor([0, 1, 2, 3, 5, 7, 11, 2**40, 4]),
+                                lengths=torch.tensor([9]))}
         ours = m.remap(x)[name].values()
         theirs = MCHManagedCollisionModule.remap(m, x)[name].values()
         assert torch.equal(ours, theirs)
@@ -343,7 +348,8 @@ def test_registry_lists_all_methods():
 
 def test_one_line_swap_takes_dim_and_sizes_from_the_ebc():
     ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t{f.name}", num_embeddings=f.cardinality,
-                                                            embedding_dim=32, feature_names=[f.name]) for f in FEATS])
+                                                            embedding_dim=32, feature_names=[f.name])
+                                         for f in FEATS])
     mod = build(ebc, method="unified", budget=0.1)
     assert mod.output_dims() == [32, 32, 32]
     assert mod.memory_bytes() <= 0.1 * sum(f.cardinality for f in FEATS) * 32 * 4
@@ -391,5 +397,6 @@ def test_unified_single_id_fast_path_equals_bag_path_with_weights():
     torch.testing.assert_close(fast, mod(y).values()[:3])
     W = tables_of(mod)
     w0 = x["c"].weights()[0]
-    want = torch.cat([W[f"u0_{p}"][hash_to_rows(x["c"].values()[:1], salt("c", p), 97)][0] * w0 for p in range(2)])
+    want = torch.cat([W[f"u0_{p}"][hash_to_rows(x["c"].values()[:1], salt("c", p), 97)][0] * w0
+                      for p in range(2)])
     torch.testing.assert_close(fast[0, 16:24], want)

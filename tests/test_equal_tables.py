@@ -14,8 +14,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embtables.datasets.schema import load_schema
 from embtables.datasets.synth import generate_synth
 from embtables.embeddings import FeatureSpec, build, list_methods
+from embtables.experiments.build import build_trainer
 from embtables.experiments.config import load_config
-from embtables.experiments.trainer import Trainer
 from embtables.sharding import init_distributed
 
 FEATURES = [FeatureSpec("a", 37), FeatureSpec("b", 5), FeatureSpec("c", 300), FeatureSpec("d", 1)]
@@ -147,7 +147,7 @@ def train_50(root, method: str, budget, knobs: dict | None = None):
     if knobs:
         o[f"embedding.{method}"] = knobs
     cfg = load_config("quickstart", o)
-    t = Trainer(
+    t = build_trainer(
         cfg, load_schema(root), root, init_distributed(cfg.sharding.device, cfg.sharding.timeout_s), None
     )
     dense = {n: p.detach().clone() for n, p in t.inner.named_parameters() if not n.startswith("embedding.")}

@@ -22,6 +22,13 @@ from embtables.experiments.config import ConfigError, load_config, shipped_confi
         ({"train": {"embedding_optimizer": {"name": "lion"}}}, "train.embedding_optimizer.name"),
         ({"sharding": {"offload": "ssd"}}, "sharding.offload"),
         ({"seed": "abc"}, "seed:"),
+        ({"embedding": {"qr": {"operation": "sum"}}}, "embedding.qr.operation: Input should be 'mult'"),
+        ({"embedding": {"optembed": {"population": 0}}}, "embedding.optembed.population: "),
+        ({"embedding": {"optembed": {"retrain_init": "warm"}}}, "embedding.optembed.retrain_init: "),
+        ({"embedding": {"optembed": {"mutation_num": 0, "crossover_num": 0}}},
+         "embedding.optembed: mutation_num + crossover_num must be >= 1"),
+        ({"embedding": {"optembed": {"generations": 3}}},
+         "unknown knob(s) ['generations'] at embedding.optembed"),
     ],
 )
 def test_schema_errors_name_the_key(bad, fragment):
@@ -93,3 +100,19 @@ def test_doctor_finds_no_problem_here(capsys):
     lines, problems = diagnose()
     assert problems == [], problems
     assert any("fbgemm ops  load and run" in x for x in lines)
+
+
+def test_optembed_section_holds_module_knobs_and_stage_settings():
+    # The keys an existing config writes under embedding.optembed keep loading: the module
+    # gets its own knobs, the stages their settings (defaults filled in), and the config
+    # dumps exactly what was written (run directories' config.yaml and hashes unchanged).
+    written = {"alpha": 1e-3, "population": 6, "search_rows": 512, "retrain_init": "random"}
+    c = load_config({"embedding": {"method": "optembed", "optembed": written}})
+    assert c.embedding.knobs() == written
+    assert c.embedding.module_knobs() == {"alpha": 1e-3}
+    s = c.embedding.settings()
+    assert (s.population, s.search_rows, s.retrain_init, s.alpha) == (6, 512, "random", 1e-3)
+    assert (s.mutation_num, s.search_iterations, s.dim_step, s.artefact) == (10, 30, 4, None)
+    assert c.model_dump(mode="json")["embedding"]["optembed"] == written
+    assert load_config(c.model_dump(mode="json")).config_hash() == c.config_hash()
+

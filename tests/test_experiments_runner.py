@@ -25,7 +25,8 @@ REQUIRED = ["method", "model", "dataset", "auc", "logloss", "valid_auc", "test_a
 @pytest.fixture(scope="module")
 def trained(tiny_synth, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "r"
-    summary = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.epochs": 2}), run_dir=run_dir, quiet=True)
+    summary = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.epochs": 2}), run_dir=run_dir,
+                  quiet=True)
     return run_dir, summary
 
 
@@ -66,7 +67,8 @@ def test_summary_auc_equals_sklearn_on_the_predictions(trained, tiny_synth, tmp_
 def test_oracle_auc_is_the_auc_of_true_probabilities(trained, tiny_synth):
     _, s = trained
     t = pq.read_table(load_schema(tiny_synth).files(tiny_synth, "test"))
-    assert abs(roc_auc_score(t.column("label").to_numpy(), t.column("prob").to_numpy()) - s["oracle_auc"]) < 1e-6
+    truth = roc_auc_score(t.column("label").to_numpy(), t.column("prob").to_numpy())
+    assert abs(truth - s["oracle_auc"]) < 1e-6
 
 
 def test_resume_ends_with_the_same_metrics(tiny_synth, tmp_path):
@@ -102,8 +104,8 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_synth, tmp_path):
 
 
 def test_eval_split_falls_back_to_valid(tiny_synth, tmp_path):
-    s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"data.test_split": None, "train.max_steps": 3}),
-            run_dir=tmp_path / "r", quiet=True)
+    o = tiny_overrides(tiny_synth, **{"data.test_split": None, "train.max_steps": 3})
+    s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
     assert s["eval_split"] == "valid" and s["test_auc"] is None and s["auc"] == s["valid_auc"]
 
 
@@ -115,16 +117,17 @@ def test_summary_is_written_atomically(tiny_synth, tmp_path, monkeypatch):
 
     written = []
     real = rundir.write_json
-    monkeypatch.setattr(rundir, "write_json", lambda path, obj: (written.append(Path(path).name), real(path, obj)))
-    s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"train.max_steps": 2}), run_dir=tmp_path / "r",
-            quiet=True)
+    monkeypatch.setattr(rundir, "write_json",
+                        lambda path, obj: (written.append(Path(path).name), real(path, obj)))
+    o = tiny_overrides(tiny_synth, **{"train.max_steps": 2})
+    s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
     assert "summary.json" in written
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["auc"] == s["auc"]
 
 
 def test_dcn_runs(tiny_synth, tmp_path):
-    o = tiny_overrides(tiny_synth, **{"model.name": "dcn", "model.dcn": {"cross_layers": 2, "low_rank": 4,
-                                                                             "deep_mlp": [16]}, "train.max_steps": 4})
+    dcn = {"cross_layers": 2, "low_rank": 4, "deep_mlp": [16]}
+    o = tiny_overrides(tiny_synth, **{"model.name": "dcn", "model.dcn": dcn, "train.max_steps": 4})
     del o["model.dlrm"]
     s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
     assert s["model"] == "dcn" and s["steps"] == 4 and np.isfinite(s["logloss"])
@@ -147,7 +150,8 @@ def test_every_method_trains_through_the_runner(tiny_synth, tmp_path, method, bu
     and summary.json reports the method's real size (checked against its sizing plan)."""
     from embtables.embeddings import features_from_schema, plan
 
-    o = tiny_overrides(tiny_synth, **{"embedding.method": method, "embedding.budget": budget, "train.max_steps": 6})
+    o = tiny_overrides(tiny_synth, **{"embedding.method": method, "embedding.budget": budget,
+                                      "train.max_steps": 6})
     s = run("quickstart", overrides=o, run_dir=tmp_path / "r", quiet=True)
     feats = features_from_schema(load_schema(tiny_synth))
     p = plan(feats, method, dim=8, budget=budget)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conformance_testing import build_conf, conf_batch, conformance_specs, spec_id
 from conftest import method_feats, method_kjt, tiny_overrides
 from sklearn.metrics import roc_auc_score
 
@@ -46,7 +47,6 @@ from embtables.experiments.export import (
     score,
 )
 from embtables.experiments.predict import predict
-from embtables.sharding.testing import build_conf, conf_batch, conformance_specs, spec_id
 
 DTYPES = ("fp16", "int8", "int4", "int2")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import EmbWrap, method_feats, method_kjt
@@ -9,7 +11,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 
 from embtables.embeddings import BudgetTooSmall, FeatureSpec, build, full_bytes, plan
-from embtables.embeddings.tt import chunk_width, tt_dims, tt_shape
+from embtables.embeddings.tt import chunk_width, core_widths, plan_tt, tt_dims, tt_shape
 from embtables.models.dlrm import DLRM, DLRMConfig
 
 FEATS = method_feats()
@@ -26,6 +28,16 @@ def test_factorisations():
         n1, n2, n3 = tt_shape(n)
         assert n1 * n2 * n3 >= n and n1 == n2 and (n1 - 1) ** 3 < n
     assert chunk_width((2, 2, 4), 16, 16) == 16 and chunk_width((2, 2, 4), 2, 16) == 4
+    # other core counts: balanced widths, smallest in the middle; n1 = ... = n(k-1) = ceil(n^(1/k))
+    assert tt_dims(16, 2) == (4, 4) and tt_dims(8, 2) == (2, 4) and tt_dims(16, 4) == (2, 2, 2, 2)
+    assert tt_dims(16, 3) == tt_dims(16)
+    assert tt_shape(100, 2) == (10, 10) and tt_shape(101, 2) == (11, 10) and tt_shape(17, 4) == (3, 3, 3, 1)
+    for k in (2, 3, 4):
+        for n in (1, 7, 1000, 1001, 2**40 + 3):
+            s = tt_shape(n, k)
+            assert len(s) == k and math.prod(s) >= n and (s[0] - 1) ** k < n
+            assert math.prod(s[:-1]) * (s[-1] - 1) < n  # the last factor is the fewest that cover n
+    assert core_widths((2, 2, 4), 3) == (6, 18, 12) and core_widths((4, 4), 3) == (12, 12)
 
 
 def test_tt_product_on_2x2_cores_by_hand():
@@ -77,6 +89,81 @@ def test_tt_product_on_2x2_cores_by_hand():
     out.sum().backward()
     rows = W["t_a@1"].grad.abs().sum(1).nonzero().flatten().tolist()
     assert rows == [4, 5, 10, 11]
+
+
+def test_two_cores_product_on_2x2_cores_by_hand():
+    # cores=2, dim 4 = 2*2 at rank 2: G1[i1] is 2x2 (d1 x r), G2[i2] is 2x2 (r x d2): E = G1 @ G2.
+    mod = build([FeatureSpec("a", 100)], method="tt", dim=4, rank=2, threshold=10, cores=2)
+    assert mod.plan.shapes == ((10, 10),) and mod.plan.dims == (2, 2) and mod.plan.chunk == 4
+    W = weights_of(mod)
+    assert set(W) == {"t_a@0", "t_a@1"} and W["t_a@0"].shape == (10, 4) and W["t_a@1"].shape == (10, 4)
+    with torch.no_grad():
+        for w in W.values():
+            w.zero_()
+        # id 37 -> digits (7, 3)
+        W["t_a@0"][7] = torch.tensor([1.0, 2, 3, 4])  # G1[a, p]: a=0 [1, 2], a=1 [3, 4]
+        W["t_a@1"][3] = torch.tensor([5.0, 6, 7, 8])  # G2[p, c]: p=0 [5, 6], p=1 [7, 8]
+    # [[1, 2], [3, 4]] @ [[5, 6], [7, 8]] = [[19, 22], [43, 50]], by hand
+    x = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([37, 38]), torch.tensor([1, 1]))
+    out = mod(x).values()
+    torch.testing.assert_close(out[0], torch.tensor([19.0, 22, 43, 50]), rtol=0, atol=0)
+    assert torch.all(out[1] == 0)  # id 38 -> digits (8, 3): G1[8] is zero
+    out[0].sum().backward()
+    assert W["t_a@1"].grad.abs().sum(1).nonzero().flatten().tolist() == [3]
+
+
+def test_four_cores_equal_an_einsum_of_the_slices():
+    mod = build([FeatureSpec("a", 5000)], method="tt", dim=16, rank=2, threshold=10, cores=4)
+    n1, n2, n3, n4 = mod.plan.shapes[0]
+    assert mod.plan.dims == (2, 2, 2, 2) and n1 == n2 == n3 == 9 and n4 == 7
+    W = weights_of(mod)
+    m = [w // mod.plan.chunk for w in core_widths(mod.plan.dims, 2)]  # chunk rows per core row
+    ids = torch.tensor([0, 4999, 1234, 9 * 9 * 9 * 5 + 9 * 9 * 8 + 9 * 2 + 5])
+    digits = [(int(v) % 9, int(v) // 9 % 9, int(v) // 81 % 9, int(v) // 729) for v in ids]
+    assert digits[-1] == (5, 2, 8, 5)
+
+    def core(k: int, i: int) -> torch.Tensor:
+        return W[f"t_a@{k}"][i * m[k] : (i + 1) * m[k]].reshape(-1)
+
+    want = torch.stack(
+        [
+            torch.einsum(
+                "ap,pbq,qcs,sd->abcd",
+                core(0, i).view(2, 2),
+                core(1, j).view(2, 2, 2),
+                core(2, k).view(2, 2, 2),
+                core(3, t).view(2, 2),
+            ).reshape(-1)
+            for i, j, k, t in digits
+        ]
+    )
+    out = mod(KeyedJaggedTensor.from_lengths_sync(["a"], ids, torch.ones(4, dtype=torch.int64))).values()
+    torch.testing.assert_close(out, want.detach())
+
+
+def test_cores_knob_sizing_and_refusals():
+    for k in (2, 3, 4):
+        p = plan(FEATS, "tt", dim=16, rank=4, cores=k)
+        assert p.cores == k and all(s is None or len(s) == k for s in p.shapes)
+        w = core_widths(p.dims, 4)
+        want = sum(
+            n * 16 if s is None else sum(a * b for a, b in zip(s, w, strict=True))
+            for s, n in zip(p.shapes, p.cardinalities, strict=True)
+        )
+        assert p.bytes == 4 * want
+        mod = build(FEATS, method="tt", dim=16, rank=4, cores=k, budget=1 / 8)
+        assert mod.memory_bytes() == plan(FEATS, "tt", dim=16, rank=4, cores=k, budget=1 / 8).bytes
+        assert mod(kjt()).values().shape == (3, 48)
+    with pytest.raises(BudgetTooSmall, match="2 cores") as e:
+        build(FEATS, method="tt", dim=16, cores=2, budget=1000)
+    build(FEATS, method="tt", dim=16, cores=2, budget=e.value.minimum)  # the named minimum builds
+    with pytest.raises(BudgetTooSmall):
+        build(FEATS, method="tt", dim=16, cores=2, budget=e.value.minimum - 1)
+    for bad in (1, 5):  # the knobs model refuses it, with the key path, before any sizing
+        with pytest.raises(ValueError, match=r"embedding\.tt\.cores: Input should be"):
+            plan(FEATS, "tt", dim=16, cores=bad)
+        with pytest.raises(ValueError, match="knob cores must be in"):  # the sizing function alone
+            plan_tt(FEATS, 16, None, "fp32", cores=bad)
 
 
 def test_digits_are_exact_and_unique_above_2_24():
@@ -191,8 +278,10 @@ def test_inside_torchrec_and_embtables_dlrm():
     assert any(not torch.equal(before[k], v) for k, v in ours.state_dict().items() if "tables" in k)
 
 
-@pytest.mark.parametrize("pair_table", [True, False])
-def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction(pair_table, monkeypatch):
+@pytest.mark.parametrize("pair_table, cores", [(True, 3), (False, 3), (True, 4), (False, 2)])
+def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction(
+    pair_table, cores, monkeypatch
+):
     """Unsharded lookups compute per-id vectors from the weights (G1 x G2 for every digit
     pair, or per id); sharded ones go through TorchRec's EmbeddingCollection on the chunk
     rows and contract per id in combine. Both must give the same outputs and gradients."""
@@ -200,8 +289,9 @@ def test_unsharded_fast_path_equals_torchrec_chunk_lookup_and_per_id_contraction
 
     if not pair_table:
         monkeypatch.setattr(tt, "PAIR_TABLE_FLOATS", 0)
-    mod = build(FEATS, method="tt", dim=16, rank=4, weighted=True)
-    assert mod.plan.chunk == 8  # core widths 8, 32, 16 and the plain width 16, in rows of 8
+    mod = build(FEATS, method="tt", dim=16, rank=4, weighted=True, cores=cores)
+    # core widths 8, 32, 16 (cores=3), 16, 16 (cores=2), 8, 32, 32, 8 (cores=4); plain width 16
+    assert mod.plan.chunk == {2: 16, 3: 8, 4: 8}[cores]
     remapped = mod.remap(kjt(weights=True))
     fast = mod._per_id(mod.lookup(remapped), computed=True)
     # TorchRec's own EmbeddingCollection forward on the chunk rows, contracted per id

@@ -24,7 +24,8 @@ def single_id_kjt(ids: list[list[int]]) -> KeyedJaggedTensor:
     """ids[f][b]: one id per bag, feature-major."""
     flat = [i for per in ids for i in per]
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in FEATS], values=torch.tensor(flat), lengths=torch.ones(len(flat), dtype=torch.long))
+        keys=[f.name for f in FEATS], values=torch.tensor(flat),
+        lengths=torch.ones(len(flat), dtype=torch.long))
 
 
 def all_ids_kjt() -> tuple[KeyedJaggedTensor, int]:
@@ -67,7 +68,8 @@ def test_raising_threshold_prunes_monotonically_more():
 
 
 def test_step_backward_is_the_surrogate():
-    x = torch.tensor([-1.5, -1.0, -0.7, -0.4, -0.1, 0.0, 0.2, 0.4, 0.41, 0.9, 1.0, 1.01, 3.0], requires_grad=True)
+    x = torch.tensor([-1.5, -1.0, -0.7, -0.4, -0.1, 0.0, 0.2, 0.4, 0.41, 0.9, 1.0, 1.01, 3.0],
+                     requires_grad=True)
     y = oe.BinaryStep.apply(x)
     assert y.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
     g = torch.arange(1.0, 14.0)  # distinct upstream gradients
@@ -172,7 +174,8 @@ def test_pruned_and_unseen_ids_map_to_the_oov_row():
 def test_multi_id_and_empty_bags_in_the_export():
     _, e = exported()
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["a", "b", "c"], values=torch.tensor([1, 2, 3, 0, 4, 5]), lengths=torch.tensor([2, 1, 1, 0, 2, 0]))
+        keys=["a", "b", "c"], values=torch.tensor([1, 2, 3, 0, 4, 5]),
+        lengths=torch.tensor([2, 1, 1, 0, 2, 0]))
     out = e(kjt).values().detach().view(2, 3, DIM)
     w = {f.name: e.table_weight(f.name).detach() for f in FEATS}
     torch.testing.assert_close(out[0, 0, :4], w["a"][2] + w["a"][3])

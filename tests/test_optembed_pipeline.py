@@ -45,12 +45,14 @@ def test_three_stages_write_artefacts_and_resume_skips_the_supernet(data, tmp_pa
     for name in ("supernet/done.json", "supernet/config.yaml", "supernet/metrics.jsonl", "search_state.json",
                  "search.json", "arch.pt", "retrain_dense.pt", "export.pt"):
         assert (root / name).exists(), name
-    assert (rd / "summary.json").exists() and json.loads((rd / "summary.json").read_text())["method"] == "optembed"
+    assert ((rd / "summary.json").exists()
+            and json.loads((rd / "summary.json").read_text())["method"] == "optembed")
 
     # The summary is the retrained exported table's: its bytes are the export's memory_bytes().
     feats = features_from_schema(load_schema(data))
     exported = build(feats, method="optembed", dim=8, artefact=str(root / "export.pt"))
-    assert s["embedding_bytes"] == exported.memory_bytes() == OptEmbed.from_artefact(root / "export.pt").memory_bytes()
+    assert (s["embedding_bytes"] == exported.memory_bytes()
+            == OptEmbed.from_artefact(root / "export.pt").memory_bytes())
     search = json.loads((root / "search.json").read_text())
     assert list(exported.plan.dims) == search["dims"] == list(s["optembed"]["dims"].values())
     assert all(1 <= d <= 8 and d % 4 == 0 for d in search["dims"])
@@ -59,7 +61,8 @@ def test_three_stages_write_artefacts_and_resume_skips_the_supernet(data, tmp_pa
     assert 0 <= s["optembed"]["rows_pruned_share"] < 1 and s["auc"] is not None
     # The export's tables are the retrained ones, not the rewound initial ones.
     arch = torch.load(root / "arch.pt", weights_only=True)
-    assert not all(torch.equal(a, exported.table_weight(f.name)) for a, f in zip(arch["tables"], feats, strict=True))
+    assert not all(torch.equal(a, exported.table_weight(f.name))
+                   for a, f in zip(arch["tables"], feats, strict=True))
 
     # `embtables predict` rebuilds the retrained exported model from the run directory.
     from embtables.experiments.predict import predict

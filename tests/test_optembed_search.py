@@ -19,7 +19,8 @@ def fitness(c: tuple[int, ...]) -> float:
 
 
 def search(seed: int = 0, **kw) -> EvolutionarySearch:
-    args = dict(population=20, mutation_num=10, crossover_num=10, parents=10, iterations=15, mutation_prob=0.1)
+    args = dict(population=20, mutation_num=10, crossover_num=10, parents=10, iterations=15,
+                mutation_prob=0.1)
     args.update(kw)
     return EvolutionarySearch(NF, DIM, 4, seed=seed, **args)
 
@@ -82,6 +83,7 @@ def test_budget_aware_search_never_exceeds_the_budget():
     assert cost(r.dims) <= budget
     assert evaluated and all(cost(c) <= budget for c in evaluated)
     # Independent check of the cost: (kept + 1) * width * 4 bytes + int32 keys + 3 int64 per field.
-    assert cost(r.dims) == sum((k + 1) * d * 4 for k, d in zip(kept, r.dims, strict=True)) + sum(kept) * 4 + NF * 24
+    assert cost(r.dims) == (sum((k + 1) * d * 4 for k, d in zip(kept, r.dims, strict=True))
+                            + sum(kept) * 4 + NF * 24)
     with pytest.raises(SearchInfeasible, match="narrowest"):
         search(cost=cost, budget=cost(tuple([4] * NF)) - 1)

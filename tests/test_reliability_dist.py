@@ -8,8 +8,9 @@ import json
 import pytest
 
 from embtables import faults
+from embtables.experiments.launch_run import launch_run
 from embtables.experiments.rundir import RunDir
-from embtables.sharding.launch import LaunchInterrupted, launch_run
+from embtables.sharding.launch import LaunchInterrupted
 
 METRICS = ("valid_auc", "test_auc", "valid_logloss", "test_logloss")
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from embtables.experiments.launch_run import launch_run
 from embtables.experiments.rundir import RunDir
-from embtables.sharding.launch import free_port, launch_run
+from embtables.sharding.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

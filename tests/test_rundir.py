@@ -205,3 +205,15 @@ def test_from_stage_refuses_when_the_reused_stage_would_differ(optembed_run, tmp
     with pytest.raises(ConfigError, match="--stage needs --from"):
         run("quickstart", run_dir=tmp_path / "d", quiet=True, stage="search")
     assert not (tmp_path / "b" / "summary.json").exists()
+
+
+def test_from_stage_retrain_reuses_a_finished_runs_search(optembed_run, tmp_path):
+    # The finished run's config.yaml names its exported table; that must not count as a change
+    # of the search's settings.
+    src, cfg, base = optembed_run
+    new = tmp_path / "retrain"
+    s = run(cfg, run_dir=new, quiet=True, from_run=src, stage="retrain")
+    assert (new / "optembed/arch.pt").read_bytes() == (src / "optembed/arch.pt").read_bytes()
+    assert s["optembed"]["search_evaluations"] == base["optembed"]["search_evaluations"]
+    assert s["embedding_bytes"] == base["embedding_bytes"]
+    assert s["auc"] == pytest.approx(base["auc"], abs=1e-6)  # the same retrain, from the same search

@@ -40,7 +40,8 @@ def test_gather_and_segment_sum_equal_index_ops_with_gradients(make):
 
     vals = torch.randn(len(plan.index), 3, dtype=torch.double, requires_grad=True)
     s = segment_sum(vals, plan)
-    torch.testing.assert_close(s, torch.zeros(rows, 3, dtype=torch.double).index_add_(0, plan.index, vals.detach()))
+    torch.testing.assert_close(s, torch.zeros(rows, 3, dtype=torch.double)
+                               .index_add_(0, plan.index, vals.detach()))
     gs = torch.randn_like(s)
     (gv,) = torch.autograd.grad(s, vals, gs)
     assert torch.equal(gv, gs[plan.index])

@@ -42,7 +42,8 @@ def test_history_is_strictly_earlier_and_most_recent(ties):
     for pos, i in enumerate(events):
         earlier = [j for j in events[:pos] if log.user[j] == log.user[i]
                    and (log.ts[j] < log.ts[i] if ties == "strict" else True)]
-        expected.setdefault((log.user[i], log.ts[i], log.item[i]), []).append([log.item[j] for j in earlier][-4:])
+        key = (log.user[i], log.ts[i], log.item[i])
+        expected.setdefault(key, []).append([log.item[j] for j in earlier][-4:])
     total = 0
     for split, t in s.tables.items():
         for u, ts, it, h in zip(t.column("user_id").to_pylist(), t.column("ts").to_pylist(),
@@ -65,7 +66,8 @@ def test_sampled_negatives_never_interacted_and_resampled_per_epoch(tmp_path):
         seen.setdefault(int(u), set()).add(int(i))
     for t in s.tables.values():
         lab = t.column("label").to_numpy()
-        for u, it, y in zip(t.column("user_id").to_pylist(), t.column("item_id").to_pylist(), lab, strict=False):
+        users, items = t.column("user_id").to_pylist(), t.column("item_id").to_pylist()
+        for u, it, y in zip(users, items, lab, strict=False):
             assert (it in seen[u]) == (y == 1), (u, it, y)
     # eval: every positive followed by exactly 10 distinct negatives
     test = s.tables["test"]
@@ -90,7 +92,8 @@ def test_sampled_negatives_never_interacted_and_resampled_per_epoch(tmp_path):
 
 def test_leave_one_out_split():
     log = _log(seed=2)
-    s = build_samples(log, SampleConfig(mode="sampled", split="loo", eval_negatives=3, ties="order"), name="t")
+    s = build_samples(log, SampleConfig(mode="sampled", split="loo", eval_negatives=3, ties="order"),
+                      name="t")
     n = len(log.user)
     by_user = {}
     for i in sorted(range(n), key=lambda i: (log.user[i], log.ts[i], i)):
@@ -98,9 +101,10 @@ def test_leave_one_out_split():
     for split, pick in (("test", -1), ("valid", -2)):
         t = s.tables[split]
         pos = t.filter(t.column("label").to_numpy() == 1)
-        got = dict(zip(pos.column("user_id").to_pylist(), zip(pos.column("item_id").to_pylist(),
-                                                              pos.column("ts").to_pylist(), strict=False), strict=False))
-        want = {u: (int(log.item[ev[pick]]), int(log.ts[ev[pick]])) for u, ev in by_user.items() if len(ev) >= 3}
+        item_ts = zip(pos.column("item_id").to_pylist(), pos.column("ts").to_pylist(), strict=False)
+        got = dict(zip(pos.column("user_id").to_pylist(), item_ts, strict=False))
+        want = {u: (int(log.item[ev[pick]]), int(log.ts[ev[pick]]))
+                for u, ev in by_user.items() if len(ev) >= 3}
         assert got == want
     train = s.tables["train"]
     n_train_pos = int((train.column("label").to_numpy() == 1).sum())
@@ -159,8 +163,8 @@ def test_grouplens_layouts(tmp_path):
     d.mkdir()
     (d / "ratings.dat").write_text("1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n")
     (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
-    (d / "movies.dat").write_bytes("10::Toy Story (1995)::Animation|Children's\n20::Jumanji (1995)::Adventure\n"
-                                   .encode("latin-1"))
+    (d / "movies.dat").write_bytes("10::Toy Story (1995)::Animation|Children's\n"
+                                   "20::Jumanji (1995)::Adventure\n".encode("latin-1"))
     raw = read_movielens(d)
     assert raw.layout == "ml-1m"
     log = to_event_log(raw)
@@ -169,11 +173,13 @@ def test_grouplens_layouts(tmp_path):
 
     from embtables.datasets.movielens import convert_movielens
 
-    out = convert_movielens(tmp_path / "ml100k", tmp_path / "out", cfg=SampleConfig(eval_negatives=1, ties="strict"))
+    out = convert_movielens(tmp_path / "ml100k", tmp_path / "out",
+                            cfg=SampleConfig(eval_negatives=1, ties="strict"))
     t = pq.read_table(out / "train")
     assert t.num_rows == 2 * 2  # one training positive per user (+1 negative each)
     v = pq.read_table(out / "valid")
-    hist = dict(zip(zip(v.column("user_id").to_pylist(), v.column("item_id").to_pylist(), strict=False), _lists(v, "hist_item_id"), strict=False))
+    keys = zip(v.column("user_id").to_pylist(), v.column("item_id").to_pylist(), strict=False)
+    hist = dict(zip(keys, _lists(v, "hist_item_id"), strict=False))
     assert hist[(2, 2)] == []  # user 9's valid target (60 @ 95) never sees the same-second rating of 50
     assert hist[(1, 1)] == [2]  # user 7's valid target (50 @ 100) sees 60 @ 90
 
@@ -192,8 +198,10 @@ def test_behavior_log_with_yaml_columns(tmp_path):
         "uid,iid,cat,time,click\n"
         "a,x,c1,2020-01-01,1\na,y,c2,2020-01-02,0\na,z,c1,2020-01-03,1\na,x,c1,2020-01-04,1\n"
         "b,y,c2,2020-01-01,1\nb,z,c1,2020-01-02,1\nb,x,c1,2020-01-03,0\n")
-    (tmp_path / "cols.yaml").write_text("user: uid\nitem: iid\ncategory: cat\ntimestamp: time\nlabel: click\n")
-    out = convert_behavior(tmp_path / "log.csv", tmp_path / "d", cols=ColumnMap.from_yaml(tmp_path / "cols.yaml"))
+    (tmp_path / "cols.yaml").write_text("user: uid\nitem: iid\ncategory: cat\ntimestamp: time\n"
+                                        "label: click\n")
+    out = convert_behavior(tmp_path / "log.csv", tmp_path / "d",
+                           cols=ColumnMap.from_yaml(tmp_path / "cols.yaml"))
     s = load_schema(out)
     assert [q.name for q in s.sequences] == ["hist_item_id", "hist_category"]
     test = pq.read_table(out / "test")
@@ -210,16 +218,18 @@ def test_cli_movielens_threshold_time_split(tmp_path, capsys):
     from embtables.cli import main
 
     _write_grouplens_100k(tmp_path / "src")
-    rc = main(["data", "movielens", str(tmp_path / "src"), "--out", str(tmp_path / "d"), "--mode", "threshold",
-               "--threshold", "4", "--split", "time", "--valid-frac", "0.2", "--test-frac", "0.2"])
+    rc = main(["data", "movielens", str(tmp_path / "src"), "--out", str(tmp_path / "d"),
+               "--mode", "threshold", "--threshold", "4", "--split", "time", "--valid-frac", "0.2",
+               "--test-frac", "0.2"])
     assert rc == 0, capsys.readouterr()
     s = load_schema(tmp_path / "d")
     assert sum(s.rows.values()) == 6  # threshold: one sample per rating
     labels = {}
     for split in ("train", "valid", "test"):
         t = pq.read_table(tmp_path / "d" / split)
-        labels.update(zip(zip(t.column("user_id").to_pylist(), t.column("ts").to_pylist(),
-                              t.column("item_id").to_pylist(), strict=True), t.column("label").to_pylist(), strict=True))
+        keys = zip(t.column("user_id").to_pylist(), t.column("ts").to_pylist(),
+                   t.column("item_id").to_pylist(), strict=True)
+        labels.update(zip(keys, t.column("label").to_pylist(), strict=True))
     assert labels[(1, 100, 1)] == 1.0 and labels[(1, 90, 2)] == 0.0  # ratings 5 and 3 with threshold 4
     assert "threshold" not in capsys.readouterr().err
     assert main(["data", "movielens", str(tmp_path / "src"), "--out", str(tmp_path / "e"), "--mode",

@@ -22,7 +22,8 @@ SCHEMA = DatasetSchema(
     "tiny", dense=["I1"],
     categorical=[CategoricalFeature("user_id", 5, "vocab", 6), CategoricalFeature("item_id", 9, "vocab", 10),
                  CategoricalFeature("cate", 3, "vocab", 4)],
-    sequences=[SequenceFeature("hist_item_id", 9, 6, "item_id", 10), SequenceFeature("hist_cate", 3, 6, "cate", 4)],
+    sequences=[SequenceFeature("hist_item_id", 9, 6, "item_id", 10),
+               SequenceFeature("hist_cate", 3, 6, "cate", 4)],
 )
 KEYS = ["user_id", "item_id", "cate", "hist_item_id", "hist_cate"]
 

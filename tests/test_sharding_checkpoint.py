@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
-from embtables.sharding import ShardingConfig, init_distributed, shard_model
-from embtables.sharding.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from embtables.sharding.testing import (
+from sharding_testing import (
     attach_table_optimizer,
     dense_optimizer,
     gather_full,
@@ -20,6 +17,9 @@ from embtables.sharding.testing import (
     tiny_dlrm,
     train_step,
 )
+
+from embtables.sharding import ShardingConfig, init_distributed, shard_model
+from embtables.sharding.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 STEPS, SPLIT, BATCH = 6, 3, 32
 

@@ -10,13 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from sklearn.metrics import log_loss, roc_auc_score
-
-from embtables.sharding import ShardingConfig, init_distributed, shard_model
-from embtables.sharding._fail_worker import fail_on_rank
-from embtables.sharding.checkpoint import load_checkpoint
-from embtables.sharding.launch import LaunchError, launch
-from embtables.sharding.testing import (
+from sharding_testing import (
     attach_table_optimizer,
     dense_optimizer,
     make_batch,
@@ -25,6 +19,12 @@ from embtables.sharding.testing import (
     tiny_dlrm,
     train_step,
 )
+from sklearn.metrics import log_loss, roc_auc_score
+
+from embtables.sharding import ShardingConfig, init_distributed, shard_model
+from embtables.sharding._fail_worker import fail_on_rank
+from embtables.sharding.checkpoint import load_checkpoint
+from embtables.sharding.launch import LaunchError, launch
 
 STEPS, SPLIT, BATCH = 6, 3, 32
 SIZES = [101, 37]
@@ -50,7 +50,8 @@ def suite(tmp_path_factory):
 
 def test_failing_rank_ends_every_rank_with_its_error():
     t0 = time.monotonic()
-    with pytest.raises(LaunchError, match="rank 1 of 2 failed: ValueError: deliberate failure on rank 1") as info:
+    want = "rank 1 of 2 failed: ValueError: deliberate failure on rank 1"
+    with pytest.raises(LaunchError, match=want) as info:
         launch(fail_on_rank, 2, (1,), timeout_s=400)
     # Rank 0 sat in a barrier with a 600 s timeout: the launcher ended it long before
     # (seconds on an idle machine; the bound leaves room for imports on a busy one).
@@ -99,7 +100,7 @@ def test_checkpoint_two_ranks_resume_and_reshard_into_one(suite):
 @pytest.mark.slow
 def test_quickstart_dist_two_processes_reach_the_one_process_auc(tmp_path):
     """`embtables run quickstart-dist --nproc 2` vs `--nproc 1` (minutes on 2 cores)."""
-    from embtables.sharding.launch import launch_run
+    from embtables.experiments.launch_run import launch_run
 
     data = Path("data/synth-criteo")
     if not (data / "schema.json").exists():
@@ -120,7 +121,7 @@ def test_two_ranks_evaluate_a_split_smaller_than_the_world(tmp_path):
     import json
 
     from embtables.datasets.synth import generate_synth
-    from embtables.sharding.launch import launch_run
+    from embtables.experiments.launch_run import launch_run
 
     data = tmp_path / "tiny"
     schema = generate_synth(data, 400, split=(0.99, 0.0025, 0.0075), progress=False, scale=0.001)

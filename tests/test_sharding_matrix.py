@@ -7,9 +7,9 @@ one spawned 2-process group."""
 from __future__ import annotations
 
 import pytest
+from sharding_testing import build_matrix_method, module_kind, shared_two_rank_run
 
 from embtables.embeddings import list_methods
-from embtables.sharding.testing import build_matrix_method, module_kind, shared_two_rank_run
 
 EBC_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 EC_TYPES = ["table_wise", "row_wise", "column_wise"]  # EC: no TWRW; data_parallel is wrong on CPU
@@ -26,7 +26,8 @@ for spec in SPECS:
         REFUSED += [((spec, seq, t, "sgd"), f"cannot be {t}") for t in EBC_TYPES if t not in ok]
 # Adaptive optimizers: rowwise Adagrad keeps one state per row shard, so column_wise
 # legitimately differs with it (TORCHREC-NOTES); plain Adagrad is elementwise.
-CASES += [("full", False, t, "rowwise_adagrad") for t in ("table_wise", "row_wise", "table_row_wise", "data_parallel")]
+CASES += [("full", False, t, "rowwise_adagrad")
+          for t in ("table_wise", "row_wise", "table_row_wise", "data_parallel")]
 CASES += [("full", False, "column_wise", "adagrad"), ("full", True, "row_wise", "rowwise_adagrad")]
 # Over budget: rank 0's planner error reaches every rank as the same exception, no hang.
 REFUSED.append((("full", False, "table_wise", "sgd", "4KiB"), "no plan fits the memory budget"))

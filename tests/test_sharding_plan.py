@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from sharding_testing import attach_table_optimizer, tiny_dlrm
 
 from embtables.embeddings import FeatureSpec
 from embtables.experiments.planning import plan_config
 from embtables.sharding import ShardingConfig, init_distributed, shard_model
 from embtables.sharding.dmp import PlanDoesNotFit, ShardingError, build_constraints, build_topology
 from embtables.sharding.plan import plan_model_offline
-from embtables.sharding.testing import attach_table_optimizer, tiny_dlrm
 
 GiB = 2**30
 CRITEO_WEIGHTS = 187_767_399 * 128 * 4  # sum of the 26 cardinalities x dim x fp32
@@ -93,7 +93,8 @@ def test_planner_estimate_matches_measured_sharded_tables(optimizer):
     try:
         dmp = shard_model(model, cfg, ctx)
         measured = sum(s.tensor.numel() * s.tensor.element_size()
-                       for v in dmp.state_dict().values() if hasattr(v, "local_shards") for s in v.local_shards())
+                       for v in dmp.state_dict().values() if hasattr(v, "local_shards")
+                       for s in v.local_shards())
         for per_param in dmp.fused_optimizer.state_dict()["state"].values():
             for v in per_param.values():
                 if hasattr(v, "local_shards"):

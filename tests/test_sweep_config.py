@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from embtables.experiments.config import CONFIG_DIR, ConfigError
+from embtables.experiments.config import CONFIG_DIR, ConfigError, load_config
 from embtables.experiments.report import build_report
-from embtables.experiments.sweep_config import load_sweep, parse_budget
+from embtables.experiments.sweep_config import cell_hash, load_sweep, parse_budget
 
 
 def _cmp(tmp_path: Path, **sweep) -> dict:
@@ -44,7 +44,9 @@ def test_unknown_keys_name_their_path(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.methods\.1\..*unknown key 'qr'"):
         load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "qr": {"operation": "mult"}}]))
     # a knob the method does not have: the cell and the config key are named
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.methods\[1\] \(hash-3\).*unknown knob.*embedding\.hash"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)sweep\.methods\[1\] \(hash-3\).*unknown knob.*embedding\.hash"
+    ):
         load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "hash": {"bucketz": 3}}]))
     with pytest.raises(ConfigError, match=r"(?s)unknown method 'nope'.*--methods"):
         load_sweep(_cmp(tmp_path, methods=["full", "nope"]))
@@ -67,7 +69,9 @@ def test_cells_are_readable_stable_and_full_is_skipped_below_1(tmp_path):
     assert ids == [c.cell_id for c in load_sweep(spec, ["train.threads=7"]).cells]
     assert ids != [c.cell_id for c in load_sweep(spec, ["train.dense_optimizer.lr=0.01"]).cells]
     skipped = {c.cell_id.split("-")[0] for c in plan.cells if c.skip_reason}
-    assert skipped == {"full_b1"} and all("cannot compress" in c.skip_reason for c in plan.cells if c.skip_reason)
+    assert skipped == {"full_b1"} and all(
+        "cannot compress" in c.skip_reason for c in plan.cells if c.skip_reason
+    )
     by_id = {c.cell_id: c for c in plan.cells}
     cfg = by_id[ids[-1]].config
     assert cfg.embedding.method == "qr" and cfg.embedding.knobs() == {"operation": "mult"}
@@ -76,19 +80,30 @@ def test_cells_are_readable_stable_and_full_is_skipped_below_1(tmp_path):
 
 
 def test_quick_section(tmp_path):
-    spec = _cmp(tmp_path, seeds=[0, 1, 2], quick={"budgets": [1], "seeds": [5], "set": {"data.max_train_rows": 99},
-                                                  "knobs": {"hash": {"rows": 64}}})
+    spec = _cmp(
+        tmp_path,
+        seeds=[0, 1, 2],
+        quick={
+            "budgets": [1],
+            "seeds": [5],
+            "set": {"data.max_train_rows": 99},
+            "knobs": {"hash": {"rows": 64}},
+        },
+    )
     full = load_sweep(spec)
     quick = load_sweep(spec, quick=True)
     assert quick.name == "t-quick" and full.name == "t" and len(full.cells) == 12
-    assert [(c.method.label, c.budget.label, c.seed) for c in quick.cells] == [("full", "1", 5), ("hash", "1", 5)]
+    assert [(c.method.label, c.budget.label, c.seed) for c in quick.cells] == [
+        ("full", "1", 5),
+        ("hash", "1", 5),
+    ]
     assert all(c.config.data.max_train_rows == 99 for c in quick.cells)
     assert quick.cells[1].config.embedding.knobs() == {"rows": 64}
     with pytest.raises(ConfigError, match="no sweep.quick"):
         load_sweep(_cmp(tmp_path), quick=True)
 
 
-@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k"])
+@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
 def test_shipped_comparisons_parse(name):
     from embtables.embeddings import list_methods
     from embtables.models import list_models
@@ -100,17 +115,44 @@ def test_shipped_comparisons_parse(name):
     have = [m for m in wanted if m in list_methods()]
     for quick in (False, True):
         plan = load_sweep(name, quick=quick, methods=have)
-        assert plan.cells and {c.method.name for c in plan.cells} == set(have)
-        assert {c.budget.label for c in plan.cells} <= {str(b) for b in raw["sweep"]["budgets"]}
+        # under the protocol the cells wait for the tuning; the grid itself is validated
+        assert (plan.protocol is not None) == ("protocol" in raw["sweep"] and not quick)
+        cells = plan.cells if plan.protocol is None else plan.build_cells()
+        assert bool(plan.cells) == (plan.protocol is None)
+        assert cells and {c.method.name for c in cells} == set(have)
+        assert {c.budget.label for c in cells} <= {str(b) for b in raw["sweep"]["budgets"]}
+        if plan.protocol is not None:
+            assert [c.config.train.epochs for c in plan.epoch_cells()] == raw["sweep"]["protocol"]["epochs"]
 
 
-def _fake_cell(root: Path, cid: str, method: str, budget: str, seed: int, *, auc=None, status="done", err=None,
-               min_bytes=None, nbytes=1000) -> None:
+def _fake_cell(
+    root: Path,
+    cid: str,
+    method: str,
+    budget: str,
+    seed: int,
+    *,
+    auc=None,
+    status="done",
+    err=None,
+    min_bytes=None,
+    nbytes=1000,
+) -> None:
     d = root / cid
     d.mkdir(parents=True)
-    meta = {"cell_id": cid, "method_label": method, "method": method, "knobs": {}, "budget": budget,
-            "budget_fraction": float(Fraction(budget)), "budget_bytes": int(4000 * Fraction(budget)),
-            "full_bytes": 4000, "seed": seed, "model_label": "dlrm", "dataset_label": "tiny"}
+    meta = {
+        "cell_id": cid,
+        "method_label": method,
+        "method": method,
+        "knobs": {},
+        "budget": budget,
+        "budget_fraction": float(Fraction(budget)),
+        "budget_bytes": int(4000 * Fraction(budget)),
+        "full_bytes": 4000,
+        "seed": seed,
+        "model_label": "dlrm",
+        "dataset_label": "tiny",
+    }
     (d / "cell.json").write_text(json.dumps(meta))
     st = {"status": status, "attempts": 1}
     if err:
@@ -119,9 +161,20 @@ def _fake_cell(root: Path, cid: str, method: str, budget: str, seed: int, *, auc
         st["min_bytes"] = min_bytes
     (d / "status.json").write_text(json.dumps(st))
     if status == "done":
-        (d / "summary.json").write_text(json.dumps({
-            "method": method, "auc": auc, "oracle_auc": 0.8, "embedding_bytes": nbytes, "train_seconds": 2.0 + seed,
-            "eval_split": "test", "seed": seed, "versions": {"torch": "x"}}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "auc": auc,
+                    "oracle_auc": 0.8,
+                    "embedding_bytes": nbytes,
+                    "train_seconds": 2.0 + seed,
+                    "eval_split": "test",
+                    "seed": seed,
+                    "versions": {"torch": "x"},
+                }
+            )
+        )
 
 
 def test_report_from_hand_made_cells(tmp_path):
@@ -139,7 +192,11 @@ def test_report_from_hand_made_cells(tmp_path):
     md = Path(out["report"]).read_text()
     # hash at 1: mean 0.72, sample std sqrt(((0.02)^2 + (0.02)^2) / 1) = 0.0283; best at budget 1 (0.72 tie)
     assert "| full | **0.7100 ± 0.0141** | n/a (cannot compress) |" not in md  # 0.71 < 0.72: not best
-    assert "| full | 0.7100 ± 0.0141 | n/a (cannot compress) |" in md
+    # full - hash per seed: 0.00, -0.02 -> mean -0.01, sd 0.01414, t(0.975, 1) = 12.706:
+    # half-width 12.706 * 0.01414 / sqrt(2) = 0.1271, an interval holding 0: a tie (≈)
+    assert "| full | 0.7100 ± 0.0141 ≈ | n/a (cannot compress) |" in md
+    assert "| full | -0.0100 [-0.1371, +0.1171] | — |" in md  # the paired table against hash
+    assert "| 1 | hash | full (-0.0100 [-0.1371, +0.1171]) | — | — |" in md  # the ranking
     assert "| hash | **0.7200 ± 0.0283** | **0.6500** (1/2 seeds) |" in md
     assert "TrainingDiverged: loss is nan" in md and "oracle AUC (true click probabilities): 0.8000" in md
     df = pd.read_csv(out["results_csv"])
@@ -148,3 +205,28 @@ def test_report_from_hand_made_cells(tmp_path):
     assert pd.read_parquet(out["results"]).shape == df.shape
     # without sweep.json the cells are found by their cell.json
     assert not (r / "sweep.json").exists() and len(out["plots"]) == 2
+
+
+@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
+def test_shipped_comparisons_dry_run_the_protocol(name, capsys):
+    from embtables.cli import main as cli_main
+
+    raw = __import__("yaml").safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    from embtables.embeddings import list_methods
+
+    have = [m if isinstance(m, str) else m["method"] for m in raw["sweep"]["methods"]]
+    keep = ",".join(dict.fromkeys(m for m in have if m in list_methods()))
+    assert cli_main(["compare", name, "--dry-run", "--methods", keep]) == 0
+    text = capsys.readouterr().out
+    n_epochs = len(raw["sweep"]["protocol"]["epochs"])
+    assert f"stage 1/3, epochs: {n_epochs} cells" in text and "stage 3/3, reported:" in text
+    assert cli_main(["compare", name, "--dry-run", "--quick", "--methods", keep]) == 0
+    assert "(quick: 1 seed, smoke test)" in capsys.readouterr().out
+
+
+def test_cell_ids_ignore_settings_that_cannot_change_a_result():
+    base = load_config("quickstart")
+    same = load_config("quickstart", overrides={"train.pipeline": "loop", "train.threads": 1})
+    other = load_config("quickstart", overrides={"train.embedding_optimizer.lr": 0.07})
+    assert cell_hash(base) == cell_hash(same)  # the loop and the pipeline give the same numbers
+    assert cell_hash(base) != cell_hash(other)

@@ -63,18 +63,28 @@ def killed_and_resumed(tiny_synth, tmp_path_factory):
     try:
         while not list(sweep_dir.glob("*/summary.json")):
             if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"sweep ended or hung before any cell finished:\n{proc.stdout.read().decode()[-3000:]}")
+                pytest.fail(
+                    f"sweep ended or hung before any cell finished:\n{proc.stdout.read().decode()[-3000:]}"
+                )
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)  # the sweep's own process group, started above
     finally:
         proc.wait(timeout=30)
         proc.stdout.close()
-    at_kill = {d.name: ((d / "summary.json").stat().st_mtime_ns if (d / "summary.json").exists() else None)
-               for d in sweep_dir.iterdir() if d.is_dir()}
+    at_kill = {
+        d.name: ((d / "summary.json").stat().st_mtime_ns if (d / "summary.json").exists() else None)
+        for d in sweep_dir.iterdir()
+        if d.is_dir()
+    }
     # A cell's directory is made just before its status.json: the kill can land in between,
     # so "started" is what status.json recorded, not that the directory exists.
-    attempts_at_kill = {d.name: json.loads((d / "status.json").read_text()).get("attempts", 0)
-                        if (d / "status.json").exists() else 0 for d in sweep_dir.iterdir() if d.is_dir()}
+    attempts_at_kill = {
+        d.name: json.loads((d / "status.json").read_text()).get("attempts", 0)
+        if (d / "status.json").exists()
+        else 0
+        for d in sweep_dir.iterdir()
+        if d.is_dir()
+    }
     assert not (sweep_dir / "report.md").exists()
     plan = load_sweep(cmp_file)
     out = run_sweep(plan, sweep_dir, threads=1, progress=False)
@@ -116,10 +126,13 @@ def test_failed_cell_has_its_reason_and_the_sweep_went_on(killed_and_resumed):
         assert df.loc[c.cell_id, "status"] == "failed" and "minimum" in df.loc[c.cell_id, "error"]
     for c in small:
         if c.method.name == "full":  # by design: not run, shown as n/a
-            assert df.loc[c.cell_id, "status"] == "skipped" and "cannot compress" in df.loc[c.cell_id, "error"]
+            assert (
+                df.loc[c.cell_id, "status"] == "skipped" and "cannot compress" in df.loc[c.cell_id, "error"]
+            )
     # cells after the failing ones in plan order still ran
-    assert (df["status"] == "done").sum() == len([c for c in plan.cells if c.budget.label != "100"
-                                                   and not c.skip_reason])
+    assert (df["status"] == "done").sum() == len(
+        [c for c in plan.cells if c.budget.label != "100" and not c.skip_reason]
+    )
     md = Path(out["report"]).read_text()
     assert "failed: budget < minimum" in md and "n/a (cannot compress)" in md
 
@@ -129,7 +142,7 @@ def _auc_table(md: str) -> dict[tuple[str, str], str]:
     start = next(i for i, ln in enumerate(lines) if ln.startswith("| method |"))
     budgets = [b.strip() for b in lines[start].strip("|").split("|")][1:]
     out = {}
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.startswith("|"):
             break
         cells = [c.strip() for c in ln.strip().strip("|").split("|")]
@@ -175,8 +188,14 @@ def test_report_command_rebuilds_from_the_cells(killed_and_resumed, capsys):
     _, sweep_dir, _, out, _ = killed_and_resumed
     before = Path(out["report"]).read_text()
     csv_before = pd.read_csv(sweep_dir / "results.csv")
-    for name in ("report.md", "results.csv", "results.parquet", "auc_vs_bytes.png", "time_vs_budget.png",
-                 "sweep.json"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.parquet",
+        "auc_vs_bytes.png",
+        "time_vs_budget.png",
+        "sweep.json",
+    ):
         (sweep_dir / name).unlink()
     assert cli_main(["report", str(sweep_dir), "--quiet"]) == 0
     after = (sweep_dir / "report.md").read_text()
@@ -185,7 +204,8 @@ def test_report_command_rebuilds_from_the_cells(killed_and_resumed, capsys):
     cols = ["cell_id", "status", "auc"]
     pd.testing.assert_frame_equal(
         pd.read_csv(sweep_dir / "results.csv")[cols].sort_values("cell_id").reset_index(drop=True),
-        csv_before[cols].sort_values("cell_id").reset_index(drop=True))
+        csv_before[cols].sort_values("cell_id").reset_index(drop=True),
+    )
 
 
 @pytest.mark.slow
@@ -209,8 +229,12 @@ def test_a_cell_stopped_after_a_checkpoint_resumes_from_it(tiny_synth, tmp_path)
     cmp_file.write_text(yaml.safe_dump(cfg))
     plan = load_sweep(cmp_file)
     (cell,) = plan.cells
-    stopped = run(cell.config.model_dump(mode="json"), run_dir=tmp_path / "a" / cell.cell_id, quiet=True,
-                  stop_after_step=7)
+    stopped = run(
+        cell.config.model_dump(mode="json"),
+        run_dir=tmp_path / "a" / cell.cell_id,
+        quiet=True,
+        stop_after_step=7,
+    )
     assert stopped["stopped_at_step"] == 7
     resumed = run_sweep(plan, tmp_path / "a", threads=1, progress=False, report=False)
     straight = run_sweep(plan, tmp_path / "b", threads=1, progress=False, report=False)

@@ -147,7 +147,8 @@ def to_event_log(df: pd.DataFrame) -> EventLog:
 
 
 def convert_behavior(src: str | Path, out: str | Path, *, cols: ColumnMap | None = None,
-                     cfg: SampleConfig | None = None, name: str | None = None, overwrite: bool = False) -> Path:
+                     cfg: SampleConfig | None = None, name: str | None = None,
+                     overwrite: bool = False) -> Path:
     cols = cols or ColumnMap()
     if cols.label_threshold is not None and not cols.label:
         raise ValueError("--label-threshold needs a label column (--label-col)")

@@ -25,7 +25,8 @@ def _summary(schema) -> str:
     lines.append(f"categorical: {len(schema.categorical)} features, sum of distinct ids {card:,}")
     for key in ("oracle_auc", "ctr"):
         if key in schema.extra:
-            lines.append(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in schema.extra[key].items() if v is not None))
+            values = ", ".join(f"{k} {v:.4f}" for k, v in schema.extra[key].items() if v is not None)
+            lines.append(f"{key}: " + values)
     bad = schema.extra.get("bad_rows")
     if bad is not None:
         lines.append("bad rows skipped: " + (", ".join(f"{k} {v:,}" for k, v in bad.items()) or "none"))
@@ -44,7 +45,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_criteo(args: argparse.Namespace) -> int:
-    from embtables.datasets.criteo import BadRowError, convert_criteo
+    from embtables.datasets.criteo import BadRowError, CriteoOptions, convert_criteo
 
     by_file = any(x is not None for x in (args.train, args.valid, args.test))
     if by_file and args.src:
@@ -56,12 +57,13 @@ def _run_criteo(args: argparse.Namespace) -> int:
         return 2
     sources = ({"train": args.train or [], "valid": args.valid or [], "test": args.test or []} if by_file
                else list(args.src))
+    options = CriteoOptions(
+        cat_mode=args.cat_mode, min_count=args.min_count, vocab_from=args.vocab_from,
+        dense_transform=args.dense_transform, split=args.split, random_split=args.random_split,
+        seed=args.seed, on_bad_row=args.on_bad_row, overwrite=args.overwrite, progress=not args.quiet,
+        name=args.name, block_mb=args.block_mb, workers=args.workers)
     try:
-        schema = convert_criteo(
-            sources, args.out, cat_mode=args.cat_mode, min_count=args.min_count, vocab_from=args.vocab_from,
-            dense_transform=args.dense_transform, split=args.split, random_split=args.random_split,
-            seed=args.seed, on_bad_row=args.on_bad_row, overwrite=args.overwrite, progress=not args.quiet,
-            name=args.name, block_mb=args.block_mb, workers=args.workers)
+        schema = convert_criteo(sources, args.out, options)
     except BadRowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -78,8 +80,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--scale", type=positive_float, default=0.05,
-                   help="multiplies the Criteo Kaggle cardinalities (features under 2,000 ids keep theirs); default 0.05")
-    p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), help="train,valid,test fractions (sequential)")
+                   help="multiplies the Criteo Kaggle cardinalities (features under 2,000 ids keep theirs); "
+                        "default 0.05")
+    p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                   help="train,valid,test fractions (sequential)")
     p.add_argument("--tsv", type=Path, default=None,
                    help="also write the same rows as an official Criteo TSV (no header; .gz -> gzip)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -88,7 +92,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("criteo", help="convert Criteo TSV (Kaggle, Terabyte), header CSV or Kaggle's "
                                       "Id,Label,... CSV to Parquet")
-    p.add_argument("src", nargs="*", type=Path, help="input files, split by --split fractions (or --random-split)")
+    p.add_argument("src", nargs="*", type=Path,
+                   help="input files, split by --split fractions (or --random-split)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--train", nargs="+", type=Path, help="files for the train split (split by file)")
     p.add_argument("--valid", nargs="+", type=Path, help="files for the valid split")
@@ -106,7 +111,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p",
                    help="log1p: missing/negative -> 0 then log1p (DLRM); none: missing -> 0 only")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
-                   help="error: stop at the first bad row (file, line, text); skip: drop and count per reason")
+                   help="error: stop at the first bad row (file, line, text); "
+                        "skip: drop and count per reason")
     p.add_argument("--name", default=None, help="dataset name in schema.json (default: criteo)")
     p.add_argument("--block-mb", type=positive_float, default=16.0, help="bytes parsed per block (MB)")
     p.add_argument("--workers", type=positive_int, default=None,

@@ -47,7 +47,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -297,7 +297,8 @@ def _stream_blocks(path: Path, fmt: _Format, block_bytes: int) -> Iterator[_Bloc
         raw.close()
 
 
-def _count_lines(path: Path, fmt: _Format, block_bytes: int, bar: tqdm, stop: threading.Event | None = None) -> int:
+def _count_lines(path: Path, fmt: _Format, block_bytes: int, bar: tqdm,
+                 stop: threading.Event | None = None) -> int:
     """Data lines of a file (for sequential fraction splits), header excluded; gives up
     (returns -1) when ``stop`` is set."""
     mm = _mapped(path)
@@ -371,7 +372,8 @@ def _arrow_parse(block: pa.Buffer | bytes, fmt: _Format, cat_type: pa.DataType =
         pa.BufferReader(block),
         read_options=pacsv.ReadOptions(column_names=fmt.columns, use_threads=False, block_size=_PARSE_CHUNK),
         parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, double_quote=False,
-                                         escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+                                         escape_char=False, newlines_in_values=False,
+                                         ignore_empty_lines=True),
         convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
                                              quoted_strings_can_be_null=False, check_utf8=False,
                                              include_columns=COLUMNS),
@@ -420,10 +422,16 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
     if fmt.id_column:
         fields = fields[1:]
     lab = fields[0]
-    good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None and float(lab) in (0.0, 1.0))
+    good_label = lab in ("0", "1") or (fmt.header and _FLOAT_RE.match(lab) is not None
+                                       and float(lab) in (0.0, 1.0))
     if not good_label:
         return "bad_label", f"label {clip(lab)} is not 0 or 1"
-    for name, v in zip(DENSE_NAMES, fields[1 : 1 + NUM_DENSE], strict=True):
+    return _classify_dense(fields[1 : 1 + NUM_DENSE], fmt) or _classify_cats(fields[1 + NUM_DENSE :])
+
+
+def _classify_dense(fields: list[str], fmt: _Format) -> tuple[str, str] | None:
+    """Why a line's dense fields are bad, or None (numbers in a header file, else integers)."""
+    for name, v in zip(DENSE_NAMES, fields, strict=True):
         if v == "":
             continue
         if fmt.header:
@@ -431,7 +439,12 @@ def _classify(line: bytes, fmt: _Format) -> tuple[str, str] | None:
                 return "bad_dense", f"{name}={clip(v)} is not a number"
         elif _INT_RE.match(v) is None or len(v) > 20 or not -(2**63) <= int(v) < 2**63:
             return "bad_dense", f"{name}={clip(v)} is not an integer"
-    for name, v in zip(CAT_NAMES, fields[1 + NUM_DENSE :], strict=True):
+    return None
+
+
+def _classify_cats(fields: list[str]) -> tuple[str, str] | None:
+    """Why a line's categorical fields are bad (not a hex id below 2**63), or None."""
+    for name, v in zip(CAT_NAMES, fields, strict=True):
         if v != "" and (_HEX_RE.match(v) is None or int(v, 16) >= 2**63):
             return "bad_categorical", f"{name}={clip(v)} is not a hex id below 2**63"
     return None
@@ -641,7 +654,8 @@ class _Distinct(_Batched):
 
     def _merge(self) -> None:
         if self.pending:
-            self.values = np_values(pc.unique(pa.chunked_array([arrow_array(self.values), *self.pending], pa.int64())))
+            merged = pa.chunked_array([arrow_array(self.values), *self.pending], pa.int64())
+            self.values = np_values(pc.unique(merged))
             self.pending, self.pending_n = [], 0
 
     def count(self, exclude: int | None = None) -> int:
@@ -728,7 +742,77 @@ class _Vocab:
         return cls(np_column(t.column("raw")).copy(), np_column(t.column("count")).copy())
 
 
-# ---- conversion ---------------------------------------------------------------------------
+# ---- options --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CriteoOptions:
+    """How :func:`convert_criteo` converts; each field is the CLI flag of the same name
+    (``cat_mode`` is ``--cat-mode``). Checked when built: a bad value is a ``ValueError``
+    naming the flag."""
+
+    cat_mode: str = "vocab"
+    """``--cat-mode``: ``raw`` stores the hex value as int64 (missing -> 0); ``vocab`` ids by
+    descending frequency (0 = OOV, 1 = missing, 2.. = kept values)."""
+    min_count: int = 1
+    """``--min-count``: vocab mode, values seen fewer times get the OOV id."""
+    vocab_from: str | Path | None = None
+    """``--vocab-from``: vocab mode, reuse the vocabulary of this converted dataset."""
+    dense_transform: str = "log1p"
+    """``--dense-transform``: ``log1p`` (missing/negative -> 0 then log1p) or ``none``."""
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)
+    """``--split``: train, valid, test fractions of the rows (ignored when split by file)."""
+    random_split: bool = False
+    """``--random-split``: rows go to splits at random (seeded by ``seed``), not the tail."""
+    seed: int = 0
+    """``--seed``: the seed of ``random_split``."""
+    on_bad_row: str = "error"
+    """``--on-bad-row``: ``error`` stops at the first bad row; ``skip`` drops and counts it."""
+    overwrite: bool = False
+    """``--overwrite``: replace the output directory if it exists."""
+    progress: bool = True
+    """progress bars (``--quiet`` turns them off)."""
+    name: str | None = None
+    """``--name``: the dataset name in schema.json (default ``criteo``)."""
+    block_mb: float = 16.0
+    """``--block-mb``: megabytes parsed per block (at least 64 KiB are)."""
+    workers: int | None = None
+    """``--workers``: blocks parsed at once, one thread each (None: 1)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split", tuple(self.split))  # a list given is kept as a tuple
+        if self.cat_mode not in ("raw", "vocab"):
+            raise ValueError(f"--cat-mode must be 'raw' or 'vocab', got {self.cat_mode!r}")
+        if self.dense_transform not in DENSE_TRANSFORMS:
+            raise ValueError(f"--dense-transform must be one of {DENSE_TRANSFORMS}, "
+                             f"got {self.dense_transform!r}")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"--on-bad-row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.min_count < 1:
+            raise ValueError(f"--min-count must be >= 1, got {self.min_count}")
+        if self.vocab_from is not None and self.cat_mode != "vocab":
+            raise ValueError("--vocab-from needs --cat-mode vocab")
+        fr = tuple(float(f) for f in self.split)
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"--split must be 3 non-negative fractions summing to 1, got {self.split}")
+        if not self.block_mb > 0:
+            raise ValueError(f"--block-mb must be > 0, got {self.block_mb}")
+        if self.workers is not None and int(self.workers) < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+    @property
+    def block_bytes(self) -> int:
+        return max(int(self.block_mb * (1 << 20)), 1 << 16)
+
+    @property
+    def worker_count(self) -> int:
+        return 1 if self.workers is None else int(self.workers)
+
+
+# ---- conversion -----------------------------------------------------------------------------
+
+_PA_SCHEMA = pa.schema([(LABEL, pa.float32())] + [(n, pa.float32()) for n in DENSE_NAMES]
+                       + [(n, pa.int64()) for n in CAT_NAMES])
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -761,187 +845,284 @@ def _normalise_sources(sources) -> tuple[list[tuple[Path, str | None]], str]:
     return files, method
 
 
-def convert_criteo(
-    sources, out: str | Path, *, cat_mode: str = "vocab", min_count: int = 1, vocab_from: str | Path | None = None,
-    dense_transform: str = "log1p", split: tuple[float, ...] = (0.8, 0.1, 0.1), random_split: bool = False,
-    seed: int = 0, on_bad_row: str = "error", overwrite: bool = False, progress: bool = True,
-    name: str | None = None, block_mb: float = 16.0, workers: int | None = None,
-) -> DatasetSchema:
+@dataclass(frozen=True)
+class _Inputs:
+    """The input files, each with its fixed split (by file) or None, and its format."""
+
+    files: list[tuple[Path, str | None]]
+    fmts: list[_Format]
+    method: str  # "file", "fraction" (sequential) or "random"
+    total_bytes: int
+
+    @property
+    def split_names(self) -> list[str]:
+        if self.method != "file":
+            return list(SPLITS)
+        return [s for s in SPLITS if any(x == s for _, x in self.files)]
+
+    def each(self) -> Iterator[tuple[int, Path, str | None, _Format]]:
+        for fi, ((f, fixed), fmt) in enumerate(zip(self.files, self.fmts, strict=True)):
+            yield fi, f, fixed, fmt
+
+
+def _read_inputs(sources, opts: CriteoOptions) -> _Inputs:
+    """Check the input files, find each one's format and the split method."""
+    files, method = _normalise_sources(sources)
+    if method == "fraction" and opts.random_split:
+        method = "random"
+    fmts = [_detect_format(f) for f, _ in files]
+    return _Inputs(files, fmts, method, sum(f.stat().st_size for f, _ in files))
+
+
+def _bar(inputs: _Inputs, opts: CriteoOptions, desc: str, position: int = 0) -> tqdm:
+    return tqdm(total=inputs.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not opts.progress, smoothing=0.1, position=position)
+
+
+class _LinePositions:
+    """Where each file's lines sit in the whole input, and the split bounds on those
+    positions (sequential fraction split only: every file's lines are counted first).
+
+    The count runs on its own thread, started here, overlapping the vocabulary pass and
+    the first blocks' parse (the cores are not yet busy then); rows wait for it only to be
+    routed. :meth:`stop` ends an unfinished count."""
+
+    def __init__(self, inputs: _Inputs, opts: CriteoOptions):
+        self._nfiles, self._split = len(inputs.files), opts.split
+        self._stop = threading.Event()
+        self._counting: Future[list[int]] | None = None
+        self._positions: tuple[list[int], np.ndarray | None] | None = None
+        if inputs.method == "fraction":
+            counter = ThreadPoolExecutor(1, thread_name_prefix="criteo-count")
+            self._counting = counter.submit(self._count_all, inputs, opts)
+            counter.shutdown(wait=False)
+
+    def _count_all(self, inputs: _Inputs, opts: CriteoOptions) -> list[int]:
+        with _bar(inputs, opts, "count lines", position=1) as b:
+            return [_count_lines(f, fmt, opts.block_bytes, b, self._stop) for _, f, _, fmt in inputs.each()]
+
+    def get(self) -> tuple[list[int], np.ndarray | None]:
+        """(first line position per file, split bounds or None); waits for the count."""
+        if self._positions is None:
+            if self._counting is None:
+                self._positions = [0] * self._nfiles, None
+            else:
+                counts = self._counting.result()
+                bounds = np.cumsum([0] + split_counts(sum(counts), self._split))
+                self._positions = np.cumsum([0] + counts[:-1]).tolist(), bounds
+        return self._positions
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _count_vocab(inputs: _Inputs, opts: CriteoOptions) -> list[_Vocab]:
+    """The vocabulary pass: every categorical value counted over all rows, then the kept
+    values (seen at least ``min_count`` times) ordered by count."""
+    counters = [_Counts() for _ in range(NUM_CAT)]
+    with _bar(inputs, opts, "vocab pass") as b:
+        for _, f, _, fmt in inputs.each():
+            parser, last = _Parser(fmt, None, opts.on_bad_row), 0  # ids only: no dense transform
+            blocks = _parsed_blocks(f, fmt, parser, opts.block_bytes, opts.worker_count,
+                                    lambda p, blk: (p, blk.pos))
+            for p, pos in blocks:
+                for k in range(NUM_CAT):
+                    counters[k].add(p.cats[k])
+                b.update(pos - last)
+                last = pos
+    return [_Vocab.build(*c.result(), opts.min_count) for c in counters]
+
+
+def _vocabularies(inputs: _Inputs, opts: CriteoOptions) -> list[_Vocab] | None:
+    """Vocab mode: another dataset's vocabulary (``vocab_from``), or one counted over the
+    inputs; raw mode: None."""
+    if opts.cat_mode != "vocab":
+        return None
+    if opts.vocab_from is not None:
+        return _load_vocabs(Path(opts.vocab_from))
+    return _count_vocab(inputs, opts)
+
+
+class _Router:
+    """Cuts a block's table into the pieces each split gets."""
+
+    def __init__(self, inputs: _Inputs, opts: CriteoOptions, positions: _LinePositions):
+        self.method, self.split, self.seed = inputs.method, opts.split, opts.seed
+        self.positions = positions
+
+    def pieces(self, fi: int, fixed: str | None, fmt: _Format, lines: np.ndarray,
+               table: pa.Table) -> list[tuple[str | None, pa.Table]]:
+        """``(split, rows)`` pieces of ``table``, the rows of file ``fi`` at ``lines``."""
+        if self.method == "file":
+            return [(fixed, table)]
+        which = self._which(fi, fmt, lines)
+        pieces: list[tuple[str | None, pa.Table]] = []
+        for si, s in enumerate(SPLITS):
+            sel = which == si
+            if sel.all():
+                pieces.append((s, table))
+            elif sel.any():
+                if self.method == "fraction":  # contiguous: slice, no copy
+                    idx = np.flatnonzero(sel)
+                    pieces.append((s, table.slice(int(idx[0]), len(idx))))
+                else:
+                    pieces.append((s, table.filter(arrow_array(sel))))
+        return pieces
+
+    def _which(self, fi: int, fmt: _Format, lines: np.ndarray) -> np.ndarray:
+        """The split index of each row."""
+        line_offsets, bounds = self.positions.get()
+        g = line_offsets[fi] + (lines - (2 if fmt.header else 1))  # input line position
+        if self.method == "fraction":
+            return np.searchsorted(bounds, g, side="right") - 1
+        u = (_splitmix64(g ^ np.int64(fi << 48) ^ np.int64(self.seed * 0x9E3779B1))
+             >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        return np.searchsorted(np.cumsum(self.split)[:-1], u, side="right")
+
+
+@dataclass
+class _Written:
+    """What the conversion pass wrote and counted: part writers per split, distinct raw
+    ids per categorical, rows skipped per reason and the first examples."""
+
+    writers: dict[str, PartWriter]
+    distinct: list[_Distinct] = field(default_factory=lambda: [_Distinct() for _ in range(NUM_CAT)])
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
+    examples: list[str] = field(default_factory=list)
+    total_rows: int = 0
+
+    def add_skipped(self, p: _Parsed) -> None:
+        for r in BAD_REASONS:
+            self.bad[r] += p.bad.get(r, 0)
+        self.examples += p.examples[: max(0, 20 - len(self.examples))]
+
+    def consume(self, item: tuple[list[np.ndarray], list[tuple[str, pa.Table]]], out: str | Path) -> None:
+        """A block's raw ids and split pieces (runs in the writer thread, overlapping the
+        next parse)."""
+        raw_cats, pieces = item
+        for k in range(NUM_CAT):
+            self.distinct[k].add(raw_cats[k])
+        for s, t in pieces:
+            self.writers[s].write(t)
+        faults.hit("convert_block", str(out))  # a block's rows are handed to the writers
+
+    def close(self) -> list[int]:
+        """Close the part files; the distinct ids per categorical (missing not counted)."""
+        with ThreadPoolExecutor(2, thread_name_prefix="criteo-finish") as pool:  # overlap the last writes
+            cardinalities = pool.map(lambda d: d.count(exclude=RAW_MISSING_ID), self.distinct)
+            for w in self.writers.values():
+                w.close()
+            return list(cardinalities)
+
+
+def _to_table(p: _Parsed, blk: _Block, vocabs: list[_Vocab] | None) -> tuple[_Parsed, pa.Table | None, int]:
+    """A parsed block as an Arrow table (categoricals mapped when ``vocabs``), on the
+    parsing thread."""
+    table = None
+    if len(p.label):
+        cats = p.cats if vocabs is None else [v.map(c) for v, c in zip(vocabs, p.cats, strict=True)]
+        table = pa.Table.from_arrays([arrow_array(a) for a in [p.label, *p.dense, *cats]], schema=_PA_SCHEMA)
+    return p, table, blk.pos
+
+
+def _convert_pass(tmp: Path, out: str | Path, inputs: _Inputs, opts: CriteoOptions,
+                  vocabs: list[_Vocab] | None, router: _Router) -> _Written:
+    """Parse, transform, route and write every row to Parquet parts under ``tmp``."""
+    written = _Written({s: PartWriter(tmp, s, _PA_SCHEMA) for s in inputs.split_names})
+    with _bar(inputs, opts, "convert") as b, _Worker(lambda item: written.consume(item, out)) as sink:
+        for fi, f, fixed, fmt in inputs.each():
+            parser, last = _Parser(fmt, opts.dense_transform, opts.on_bad_row), 0
+            blocks = _parsed_blocks(f, fmt, parser, opts.block_bytes, opts.worker_count,
+                                    lambda p, blk: _to_table(p, blk, vocabs))
+            for p, table, pos in blocks:
+                written.add_skipped(p)
+                if len(p.label):
+                    sink.put((p.cats, router.pieces(fi, fixed, fmt, p.lines, table)))
+                    written.total_rows += len(p.label)
+                b.update(pos - last)
+                last = pos
+                b.set_postfix(rows=f"{written.total_rows:,}", refresh=False)
+    return written
+
+
+def _save_vocabs(tmp: Path, vocabs: list[_Vocab] | None) -> None:
+    if vocabs is not None:
+        (tmp / VOCAB_DIR).mkdir()
+        for name_k, v in zip(CAT_NAMES, vocabs, strict=True):
+            v.save(tmp / VOCAB_DIR / f"{name_k}.parquet")
+
+
+def _schema_extra(inputs: _Inputs, opts: CriteoOptions, vocabs: list[_Vocab] | None,
+                  written: _Written) -> dict:
+    """schema.json's ``extra``: inputs, split, modes, bad rows and vocabulary."""
+    method = inputs.method
+    extra = {
+        "source": "criteo",
+        "files": [{"path": str(f), "split": fixed, "header": fmt.header, "id_column": fmt.id_column,
+                   "delimiter": "tab" if fmt.delimiter == "\t" else fmt.delimiter}
+                  for _, f, fixed, fmt in inputs.each()],
+        "split_method": method, "split": list(opts.split) if method != "file" else None,
+        "seed": opts.seed if method == "random" else None,
+        "cat_mode": opts.cat_mode, "dense_transform": opts.dense_transform,
+        "missing_id": RAW_MISSING_ID if opts.cat_mode == "raw" else VOCAB_MISSING_ID,
+        "bad_rows": written.bad, "bad_row_examples": written.examples, "on_bad_row": opts.on_bad_row,
+    }
+    if vocabs is not None:
+        vocab_from = opts.vocab_from
+        extra["vocab"] = {"dir": VOCAB_DIR, "oov_id": OOV_ID, "missing_id": VOCAB_MISSING_ID,
+                          "first_id": FIRST_VOCAB_ID,
+                          "min_count": _vocab_min_count(vocab_from) if vocab_from else opts.min_count,
+                          "from": str(vocab_from) if vocab_from else None,
+                          "kept": [len(v.raw) for v in vocabs]}
+    return extra
+
+
+def _dataset_schema(inputs: _Inputs, opts: CriteoOptions, vocabs: list[_Vocab] | None,
+                    written: _Written, cardinalities: list[int]) -> DatasetSchema:
+    cats = [CategoricalFeature(n, cardinalities[k], mode=opts.cat_mode,
+                               num_embeddings=None if vocabs is None else vocabs[k].num_embeddings)
+            for k, n in enumerate(CAT_NAMES)]
+    return DatasetSchema(name=opts.name or "criteo", dense=list(DENSE_NAMES), categorical=cats,
+                         splits={s: w.files for s, w in written.writers.items()},
+                         rows={s: w.rows for s, w in written.writers.items()},
+                         extra=_schema_extra(inputs, opts, vocabs, written))
+
+
+def convert_criteo(sources, out: str | Path, options: CriteoOptions | None = None, **fields) -> DatasetSchema:
     """Convert Criteo files to ``out`` (Parquet parts + schema.json); returns the schema.
 
     ``sources``: a list of files, split into train/valid/test by ``split`` fractions of
     their lines (sequential: the tail is held out; or at random per line with
     ``random_split``/``seed``), or a dict ``{"train": [...], "valid": [...], "test": [...]}``
-    (split by file). ``workers``: blocks parsed and validated at once, one thread each
-    (default 1: the three-stage pipeline described in the module docstring; memory grows
-    by about ``6 * block_mb`` MB per worker).
+    (split by file). The options come as a :class:`CriteoOptions` or as its fields by
+    keyword (``cat_mode="raw", min_count=3``), not both. ``workers``: blocks parsed and
+    validated at once, one thread each (default 1: the three-stage pipeline described in
+    the module docstring; memory grows by about ``6 * block_mb`` MB per worker).
+
+    The passes: check the inputs, count their lines (sequential split, on a thread), the
+    vocabulary pass (vocab mode), the conversion pass (parse, route, write parts), then
+    close the parts and write the vocabulary and schema.json; all under ``OUT.tmp-*``,
+    renamed to ``out`` when complete.
     """
-    if cat_mode not in ("raw", "vocab"):
-        raise ValueError(f"cat_mode must be 'raw' or 'vocab', got {cat_mode!r}")
-    if dense_transform not in DENSE_TRANSFORMS:
-        raise ValueError(f"dense_transform must be one of {DENSE_TRANSFORMS}, got {dense_transform!r}")
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    if vocab_from is not None and cat_mode != "vocab":
-        raise ValueError("vocab_from needs cat_mode='vocab'")
-    files, method = _normalise_sources(sources)
-    if method == "fraction":
-        fr = tuple(float(f) for f in split)
-        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
-            raise ValueError(f"split must be 3 non-negative fractions summing to 1, got {split}")
-        method = "random" if random_split else "fraction"
-    block_bytes = max(int(block_mb * (1 << 20)), 1 << 16)
-    workers = max(1, 1 if workers is None else int(workers))
-    fmts = [_detect_format(f) for f, _ in files]
-    sizes = [f.stat().st_size for f, _ in files]
-
-    def bar(desc: str, position: int = 0) -> tqdm:
-        return tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                    disable=not progress, smoothing=0.1, position=position)
-
-    # Sequential fraction split: boundaries on input line positions, so every file's lines
-    # are counted first. The count runs on its own thread, overlapping the first blocks'
-    # parse (the cores are not yet busy then); rows wait for it only to be routed.
-    counting, stop_counting = None, threading.Event()
-    if method == "fraction":
-        def count_all() -> list[int]:
-            with bar("count lines", position=1) as b:
-                return [_count_lines(f, fmt, block_bytes, b, stop_counting) for (f, _), fmt in zip(files, fmts, strict=True)]
-
-        counter = ThreadPoolExecutor(1, thread_name_prefix="criteo-count")
-        counting = counter.submit(count_all)
-        counter.shutdown(wait=False)
-    positions: tuple[list[int], np.ndarray | None] | None = None  # (first line position per file, split bounds)
-
-    def line_positions() -> tuple[list[int], np.ndarray | None]:
-        nonlocal positions
-        if positions is None:
-            if counting is None:
-                positions = [0] * len(files), None
-            else:
-                counts = counting.result()
-                positions = np.cumsum([0] + counts[:-1]).tolist(), np.cumsum([0] + split_counts(sum(counts), split))
-        return positions
-
+    if options is not None and fields:
+        raise TypeError("give convert_criteo either options=CriteoOptions(...) or its fields "
+                        f"by keyword, not both (got {sorted(fields)})")
+    opts = options if options is not None else CriteoOptions(**fields)
+    inputs = _read_inputs(sources, opts)
+    positions = _LinePositions(inputs, opts)
     try:
-        vocabs: list[_Vocab] | None = None
-        if cat_mode == "vocab" and vocab_from is not None:
-            vocabs = _load_vocabs(Path(vocab_from))
-        elif cat_mode == "vocab":
-            counters = [_Counts() for _ in range(NUM_CAT)]
-            with bar("vocab pass") as b:
-                for (f, _), fmt in zip(files, fmts, strict=True):
-                    parser, last = _Parser(fmt, None, on_bad_row), 0  # ids only: no dense transform
-                    for p, pos in _parsed_blocks(f, fmt, parser, block_bytes, workers, lambda p, blk: (p, blk.pos)):
-                        for k in range(NUM_CAT):
-                            counters[k].add(p.cats[k])
-                        b.update(pos - last)
-                        last = pos
-            vocabs = [_Vocab.build(*c.result(), min_count) for c in counters]
-
-        pa_schema = pa.schema([(LABEL, pa.float32())] + [(n, pa.float32()) for n in DENSE_NAMES]
-                              + [(n, pa.int64()) for n in CAT_NAMES])
-        distinct = [_Distinct() for _ in range(NUM_CAT)]
-        bad = dict.fromkeys(BAD_REASONS, 0)
-        examples: list[str] = []
-        with atomic_output_dir(out, overwrite) as tmp:
-            split_names = list(SPLITS) if method != "file" else [s for s in SPLITS if any(x == s for _, x in files)]
-            writers = {s: PartWriter(tmp, s, pa_schema) for s in split_names}
-            total_rows = 0
-
-            def consume(item) -> None:  # runs in the writer thread, overlapping the next parse
-                raw_cats, pieces = item
-                for k in range(NUM_CAT):
-                    distinct[k].add(raw_cats[k])
-                for s, t in pieces:
-                    writers[s].write(t)
-                faults.hit("convert_block", str(out))  # a block's rows are handed to the writers
-
-            with bar("convert") as b, _Worker(consume) as sink:
-                for fi, ((f, fixed), fmt) in enumerate(zip(files, fmts, strict=True)):
-                    parser, last = _Parser(fmt, dense_transform, on_bad_row), 0
-                    data_start = 2 if fmt.header else 1
-
-                    def to_table(p: _Parsed, blk: _Block):
-                        table = None
-                        if len(p.label):
-                            cats = p.cats if vocabs is None else [v.map(c) for v, c in zip(vocabs, p.cats, strict=True)]
-                            table = pa.Table.from_arrays([arrow_array(a) for a in [p.label, *p.dense, *cats]],
-                                                         schema=pa_schema)
-                        return p, table, blk.pos
-
-                    for p, table, pos in _parsed_blocks(f, fmt, parser, block_bytes, workers, to_table):
-                        for r in BAD_REASONS:
-                            bad[r] += p.bad.get(r, 0)
-                        examples += p.examples[: max(0, 20 - len(examples))]
-                        n = len(p.label)
-                        if n:
-                            if method == "file":
-                                sink.put((p.cats, [(fixed, table)]))
-                            else:
-                                line_offsets, bounds = line_positions()
-                                g = line_offsets[fi] + (p.lines - data_start)  # input line position
-                                if method == "fraction":
-                                    which = np.searchsorted(bounds, g, side="right") - 1
-                                else:
-                                    u = (_splitmix64(g ^ np.int64(fi << 48) ^ np.int64(seed * 0x9E3779B1))
-                                         >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-                                    which = np.searchsorted(np.cumsum(split)[:-1], u, side="right")
-                                pieces = []
-                                for si, s in enumerate(SPLITS):
-                                    sel = which == si
-                                    if sel.all():
-                                        pieces.append((s, table))
-                                    elif sel.any():
-                                        if method == "fraction":  # contiguous: slice, no copy
-                                            idx = np.flatnonzero(sel)
-                                            pieces.append((s, table.slice(int(idx[0]), len(idx))))
-                                        else:
-                                            pieces.append((s, table.filter(arrow_array(sel))))
-                                sink.put((p.cats, pieces))
-                            total_rows += n
-                        b.update(pos - last)
-                        last = pos
-                        b.set_postfix(rows=f"{total_rows:,}", refresh=False)
-            _check_rows(files, method, split, {s: w.total_rows for s, w in writers.items()}, bad, examples)
-            with ThreadPoolExecutor(2, thread_name_prefix="criteo-finish") as pool:  # the last merges overlap the last writes
-                cardinalities = pool.map(lambda d: d.count(exclude=RAW_MISSING_ID), distinct)
-                for w in writers.values():
-                    w.close()
-                cardinalities = list(cardinalities)
-            if vocabs is not None:
-                (tmp / VOCAB_DIR).mkdir()
-                for name_k, v in zip(CAT_NAMES, vocabs, strict=True):
-                    v.save(tmp / VOCAB_DIR / f"{name_k}.parquet")
-            cats = [CategoricalFeature(n, cardinalities[k], mode=cat_mode,
-                                       num_embeddings=None if vocabs is None else vocabs[k].num_embeddings)
-                    for k, n in enumerate(CAT_NAMES)]
-            extra = {
-                "source": "criteo",
-                "files": [{"path": str(f), "split": fixed, "header": fmt.header, "id_column": fmt.id_column,
-                           "delimiter": "tab" if fmt.delimiter == "\t" else fmt.delimiter}
-                          for (f, fixed), fmt in zip(files, fmts, strict=True)],
-                "split_method": method, "split": list(split) if method != "file" else None,
-                "seed": seed if method == "random" else None,
-                "cat_mode": cat_mode, "dense_transform": dense_transform,
-                "missing_id": RAW_MISSING_ID if cat_mode == "raw" else VOCAB_MISSING_ID,
-                "bad_rows": bad, "bad_row_examples": examples, "on_bad_row": on_bad_row,
-            }
-            if vocabs is not None:
-                extra["vocab"] = {"dir": VOCAB_DIR, "oov_id": OOV_ID, "missing_id": VOCAB_MISSING_ID,
-                                  "first_id": FIRST_VOCAB_ID,
-                                  "min_count": _vocab_min_count(vocab_from) if vocab_from else min_count,
-                                  "from": str(vocab_from) if vocab_from else None,
-                                  "kept": [len(v.raw) for v in vocabs]}
-            schema = DatasetSchema(name=name or "criteo", dense=list(DENSE_NAMES), categorical=cats,
-                                   splits={s: w.files for s, w in writers.items()},
-                                   rows={s: w.rows for s, w in writers.items()}, extra=extra)
+        vocabs = _vocabularies(inputs, opts)
+        with atomic_output_dir(out, opts.overwrite) as tmp:
+            written = _convert_pass(tmp, out, inputs, opts, vocabs, _Router(inputs, opts, positions))
+            rows = {s: w.total_rows for s, w in written.writers.items()}
+            _check_rows(inputs.files, inputs.method, opts.split, rows, written.bad, written.examples)
+            cardinalities = written.close()
+            _save_vocabs(tmp, vocabs)
+            schema = _dataset_schema(inputs, opts, vocabs, written, cardinalities)
             schema.save(tmp)
         return schema
     finally:  # stop an unfinished line count (an error, or no row was ever routed)
-        stop_counting.set()
+        positions.stop()
 
 
 def _check_rows(files, method: str, split, rows: dict[str, int], bad: dict[str, int],

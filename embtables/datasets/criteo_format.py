@@ -85,7 +85,8 @@ def arrow_array(a: np.ndarray) -> pa.Array:
     contiguous); ``bool`` is bit-packed."""
     a = np.ascontiguousarray(a)
     if a.dtype == np.bool_:
-        return pa.Array.from_buffers(pa.bool_(), len(a), [None, pa.py_buffer(np.packbits(a, bitorder="little"))])
+        bits = pa.py_buffer(np.packbits(a, bitorder="little"))
+        return pa.Array.from_buffers(pa.bool_(), len(a), [None, bits])
     return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
 
 
@@ -163,7 +164,8 @@ def parse_hex(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     if offsets[-1] - offsets[0] != n * width:  # an empty string or oversize value slipped in
         lens = np.diff(offsets)
         ok &= lens == width
-        idx = (offsets[:-1, None] + np.arange(width)[None, :]).clip(max=max(len(np.frombuffer(bufs[2], np.uint8)) - 1, 0))
+        last_byte = max(len(np.frombuffer(bufs[2], np.uint8)) - 1, 0)
+        idx = (offsets[:-1, None] + np.arange(width)[None, :]).clip(max=last_byte)
         mat = np.frombuffer(bufs[2], dtype=np.uint8)[idx]
     else:
         mat = data.reshape(n, width)
@@ -239,7 +241,8 @@ def _parse_hex8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     else:
         packed_nulls = False
         nvalid = n if valid is None else int(valid.sum())
-        if valid is None or last - first != 8 * nvalid or not np.array_equal(lens, valid.view(np.uint8) * np.int32(8)):
+        if (valid is None or last - first != 8 * nvalid
+                or not np.array_equal(lens, valid.view(np.uint8) * np.int32(8))):
             return None
     if last == first:
         return np.zeros(n, np.int64), np.ones(n, bool)

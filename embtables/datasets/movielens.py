@@ -153,8 +153,9 @@ def read_movielens(src: str | Path) -> RawMovieLens:
             users = u[["user", "age", "gender", "occupation"]]
         if (src / "movies.dat").exists():
             m = _read_dat(src / "movies.dat", ["item", "title", "genres"])
-            items = pd.DataFrame({"item": m["item"], "genre": m["genres"].str.split("|").str[0],
-                                  "year": m["title"].str.extract(r"\((\d{4})\)\s*$", expand=False).fillna("")})
+            year = m["title"].str.extract(r"\((\d{4})\)\s*$", expand=False).fillna("")
+            genre = m["genres"].str.split("|").str[0]
+            items = pd.DataFrame({"item": m["item"], "genre": genre, "year": year})
     return RawMovieLens(ratings, users, items, layout)
 
 
@@ -163,7 +164,8 @@ def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
     rows = [line.split("::") for line in text.splitlines() if line]
     bad = [i for i, r in enumerate(rows) if len(r) != len(names)]
     if bad:
-        raise ValueError(f"{path}:{bad[0] + 1}: expected {len(names)} '::'-separated fields ({', '.join(names)})")
+        raise ValueError(f"{path}:{bad[0] + 1}: expected {len(names)} '::'-separated fields "
+                         f"({', '.join(names)})")
     return pd.DataFrame(rows, columns=names)
 
 
@@ -204,7 +206,8 @@ def download(name: str, dest: Path, url: str | None = None, timeout: float = 20.
     """Fetch and unzip a GroupLens archive into ``dest``; returns the data folder."""
     url = url or GROUPLENS_URLS.get(name)
     if url is None:
-        raise ValueError(f"unknown MovieLens name {name!r} for --download; known: {', '.join(GROUPLENS_URLS)}")
+        raise ValueError(f"unknown MovieLens name {name!r} for --download; "
+                         f"known: {', '.join(GROUPLENS_URLS)}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (https URL from a fixed table or the user)
             blob = resp.read()

@@ -17,8 +17,8 @@ The stream of one (epoch, rank):
    all its remaining rows (usually fewer than ``batch_size``; ``batch_size + 1`` in the
    rare case that a remainder row would otherwise need a batch of its own), so every row
    is read exactly once. With fewer rows than ranks, ``K = 1`` and the ranks without a
-   row yield nothing (evaluation pads for them). ``drop_last=True``: ``K = (N // W) // batch_size`` full batches
-   per rank; the other rows are skipped this epoch.
+   row yield nothing (evaluation pads for them). ``drop_last=True``:
+   ``K = (N // W) // batch_size`` full batches per rank; the other rows are skipped this epoch.
 
 Memory: one window (``shuffle_buffer`` rows) plus one cached row group, plus
 ``prefetch`` ready batches. Array operations only (pyarrow -> numpy -> torch).
@@ -51,7 +51,8 @@ class _RowGroup:
     rows: int
 
 
-def _row_groups(root: Path, schema: DatasetSchema, split: str, files: list[Path] | None = None) -> list[_RowGroup]:
+def _row_groups(root: Path, schema: DatasetSchema, split: str,
+                files: list[Path] | None = None) -> list[_RowGroup]:
     out = []
     for f in files if files is not None else schema.files(root, split):
         md = pq.ParquetFile(f).metadata
@@ -117,10 +118,10 @@ class BatchReader:
     selects the epoch (and where to start); iterating again replays the same stream.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", batch_size: int = 1024, *, shuffle: bool = False,
-                 seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, prefetch: int = 2, start_batch: int = 0, epoch: int = 0,
-                 files: list[Path] | None = None):
+    def __init__(self, root: str | Path, split: str = "train", batch_size: int = 1024, *,
+                 shuffle: bool = False, seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, prefetch: int = 2,
+                 start_batch: int = 0, epoch: int = 0, files: list[Path] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -220,7 +221,8 @@ class BatchReader:
         return win
 
     def _make_batch(self, wins: list[tuple[_Window, int, int]]) -> Batch:
-        parts = [(w.dense[a:b], w.cats[:, a:b], w.labels[a:b], [s.slice(a, b - a) for s in w.seqs]) for w, a, b in wins]
+        parts = [(w.dense[a:b], w.cats[:, a:b], w.labels[a:b], [s.slice(a, b - a) for s in w.seqs])
+                 for w, a, b in wins]
         if len(parts) == 1:
             dense, cats, labels, seqs = parts[0]
         else:
@@ -234,7 +236,8 @@ class BatchReader:
         for s in seqs:
             offs = s.offsets.to_numpy()
             lengths.append(torch.from_numpy(np.diff(offs).astype(np.int32)))
-            values.append(torch.from_numpy(s.values.slice(offs[0], offs[-1] - offs[0]).to_numpy().astype(np.int64)))
+            ids = s.values.slice(offs[0], offs[-1] - offs[0]).to_numpy().astype(np.int64)
+            values.append(torch.from_numpy(ids))
         kjt = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values) if len(values) > 1 else values[0],
                                 lengths=torch.cat(lengths) if len(lengths) > 1 else lengths[0])
         return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense)), sparse_features=kjt,

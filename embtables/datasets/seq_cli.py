@@ -19,7 +19,8 @@ def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
                    help="sampled: every event a positive + sampled negatives (RecBole protocol); "
                         "threshold: every event a sample labelled by --threshold / the label column")
     g.add_argument("--split", choices=["loo", "time"], default="loo",
-                   help="loo: per user last event -> test, previous -> valid (default); time: global time cut")
+                   help="loo: per user last event -> test, previous -> valid (default); "
+                        "time: global time cut")
     g.add_argument("--valid-frac", type=fraction_below_one, default=0.1,
                    help="time split: share of the latest events for valid")
     g.add_argument("--test-frac", type=fraction_below_one, default=0.1,
@@ -27,15 +28,15 @@ def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
     g.add_argument("--max-len", type=positive_int, default=50,
                    help="keep the most recent N history events (default 50)")
     g.add_argument("--ties", choices=["strict", "order"], default="strict",
-                   help="strict: history = events with a smaller timestamp (default); order: every event earlier "
-                        "in (timestamp, file row) order, RecBole's convention")
+                   help="strict: history = events with a smaller timestamp (default); "
+                        "order: every event earlier in (timestamp, file row) order, RecBole's convention")
     g.add_argument("--neg-ratio", type=nonnegative_int, default=1,
                    help="sampled: negatives per training positive (default 1)")
     g.add_argument("--eval-negatives", type=positive_int, default=100,
                    help="sampled: negatives ranked with each valid/test positive (default 100)")
     g.add_argument("--history-from", choices=["all", "positive"], default=None,
-                   help="threshold mode: history of all events or only clicks (default: positive for behavior "
-                        "logs with labels, all for MovieLens)")
+                   help="threshold mode: history of all events or only clicks "
+                        "(default: positive for behavior logs with labels, all for MovieLens)")
     g.add_argument("--min-history", type=nonnegative_int, default=0,
                    help="drop samples with a shorter history")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sampled negatives")
@@ -47,9 +48,11 @@ def _sample_args(p: argparse.ArgumentParser, default_mode: str | None) -> None:
 def _sample_config(args: argparse.Namespace, mode: str, history_from: str):
     from embtables.datasets.sequences import SampleConfig
 
-    return SampleConfig(mode=mode, split=args.split, max_len=args.max_len, ties=args.ties, neg_ratio=args.neg_ratio,
-                        eval_negatives=args.eval_negatives, valid_frac=args.valid_frac, test_frac=args.test_frac,
-                        history_from=args.history_from or history_from, min_history=args.min_history, seed=args.seed)
+    return SampleConfig(mode=mode, split=args.split, max_len=args.max_len, ties=args.ties,
+                        neg_ratio=args.neg_ratio, eval_negatives=args.eval_negatives,
+                        valid_frac=args.valid_frac, test_frac=args.test_frac,
+                        history_from=args.history_from or history_from, min_history=args.min_history,
+                        seed=args.seed)
 
 
 def _summary(out: Path) -> str:
@@ -59,7 +62,8 @@ def _summary(out: Path) -> str:
     rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
     feats = ", ".join(f"{c.name} ({c.cardinality:,})" for c in s.categorical)
     seqs = ", ".join(f"{q.name} -> {q.shares_with}" for q in s.sequences)
-    return f"wrote {out}: {rows} rows\ncategorical: {feats}\nsequences (max_len {s.sequences[0].max_len}): {seqs}"
+    return (f"wrote {out}: {rows} rows\ncategorical: {feats}\n"
+            f"sequences (max_len {s.sequences[0].max_len}): {seqs}")
 
 
 def _run_movielens(args: argparse.Namespace) -> int:
@@ -109,7 +113,8 @@ def _run_behavior(args: argparse.Namespace) -> int:
             cols.header = False
         mode = args.mode or ("threshold" if cols.label else "sampled")
         cfg = _sample_config(args, mode, "positive" if cols.label else "all")
-        out = convert_behavior(args.src, args.out, cols=cols, cfg=cfg, name=args.name, overwrite=args.overwrite)
+        out = convert_behavior(args.src, args.out, cols=cols, cfg=cfg, name=args.name,
+                               overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -120,8 +125,8 @@ def _run_behavior(args: argparse.Namespace) -> int:
 def _run_synth_seq(args: argparse.Namespace) -> int:
     from embtables.datasets.synth_seq import SynthSeqConfig, write_synth_seq
 
-    cfg = SynthSeqConfig(rows=args.rows, num_users=args.users, num_items=args.items, num_categories=args.categories,
-                         max_len=args.max_len, seed=args.seed)
+    cfg = SynthSeqConfig(rows=args.rows, num_users=args.users, num_items=args.items,
+                         num_categories=args.categories, max_len=args.max_len, seed=args.seed)
     out = write_synth_seq(cfg, args.out, overwrite=args.overwrite)
     print(_summary(out))
     return 0
@@ -129,13 +134,15 @@ def _run_synth_seq(args: argparse.Namespace) -> int:
 
 def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> None:
     p = data_subparsers.add_parser(
-        "movielens", help="MovieLens (RecBole atomic or GroupLens ml-100k/ml-1m files) -> behaviour sequences",
+        "movielens",
+        help="MovieLens (RecBole atomic or GroupLens ml-100k/ml-1m files) -> behaviour sequences",
         description="Defaults follow RecBole's protocol: every rating a positive, leave-one-out by time, "
                     "histories of 50, 1 training negative per positive (redrawn per epoch by the trainer), "
                     "100 negatives per valid/test positive.")
     p.add_argument("src", nargs="?", type=Path, default=None,
                    help="folder with ml-100k.inter (+.user/.item), u.data (+u.user/u.item) or ratings.dat")
-    p.add_argument("--download", choices=["ml-100k", "ml-1m"], default=None, help="fetch from GroupLens first")
+    p.add_argument("--download", choices=["ml-100k", "ml-1m"], default=None,
+                   help="fetch from GroupLens first")
     p.add_argument("--url", default=None, help="archive URL for --download (default: GroupLens)")
     p.add_argument("--download-dir", type=Path, default=None, help="where to unzip (default: OUT/../raw)")
     p.add_argument("--timeout", type=positive_float, default=20.0,
@@ -153,17 +160,20 @@ def add_sequence_data_commands(data_subparsers: argparse._SubParsersAction) -> N
     p.add_argument("--user-col", default=None, help="user column (default 'user')")
     p.add_argument("--item-col", default=None, help="item column (default 'item')")
     p.add_argument("--category-col", default=None, help="category column (default 'category'; '' = none)")
-    p.add_argument("--time-col", default=None, help="timestamp column: numbers or dates (default 'timestamp')")
+    p.add_argument("--time-col", default=None,
+                   help="timestamp column: numbers or dates (default 'timestamp')")
     p.add_argument("--label-col", default=None, help="0/1 click column (default: none -> sampled mode)")
     p.add_argument("--label-threshold", type=finite_float, default=None, metavar="T",
                    help="labels other than 0/1 (ratings, {1, 2}): label >= T is a click "
                         "(default: labels must be 0/1)")
     p.add_argument("--sep", default=None, help="field separator (default: tab for .tsv/.txt, else comma)")
-    p.add_argument("--no-header", action="store_true", help="no header line: name columns by position 0, 1, ...")
+    p.add_argument("--no-header", action="store_true",
+                   help="no header line: name columns by position 0, 1, ...")
     _sample_args(p, None)
     p.set_defaults(func=_run_behavior)
 
-    p = data_subparsers.add_parser("synth-seq", help="synthetic Criteo-style rows with behaviour sequences (stores prob)")
+    p = data_subparsers.add_parser(
+        "synth-seq", help="synthetic Criteo-style rows with behaviour sequences (stores prob)")
     p.add_argument("--rows", type=positive_int, default=150_000)
     p.add_argument("--users", type=positive_int, default=50_000)
     p.add_argument("--items", type=positive_int, default=5_000)

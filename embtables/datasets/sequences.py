@@ -46,6 +46,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embtables import faults
+from embtables.datasets.parquet_out import ROW_GROUP_ROWS, PartWriter, atomic_output_dir
 from embtables.datasets.schema import CategoricalFeature, DatasetSchema, SequenceFeature
 
 PAD_ID = 0
@@ -263,7 +264,8 @@ def build_samples(log: EventLog, cfg: SampleConfig, name: str, source: str = "")
             lab = np.tile(np.r_[1.0, np.zeros(k)].astype(np.float32), len(idx))
         else:
             rows, tgt, lab = idx, item[idx], label[idx]
-        tables[sname] = _sample_table(rows, tgt, lab, user, ts, src, hstart, hlen, item, item_side, user_side, cfg)
+        tables[sname] = _sample_table(rows, tgt, lab, user, ts, src, hstart, hlen, item, item_side,
+                                      user_side, cfg)
 
     _check_splits(tables, cfg, n)
     # catalogue for per-epoch negatives and frequencies for the DIN regulariser
@@ -343,7 +345,8 @@ def _user_item_lists(user: np.ndarray, item: np.ndarray, num_users: int) -> pa.L
     return list_array(it, lengths)
 
 
-def _id_counts(train: pa.Table, cfg: SampleConfig, item_side: SideFeatures, log: EventLog) -> dict[str, np.ndarray]:
+def _id_counts(train: pa.Table, cfg: SampleConfig, item_side: SideFeatures,
+               log: EventLog) -> dict[str, np.ndarray]:
     """n_j of the DIN paper: occurrences of id j in the training samples (as target or in
     a history), counted with ``bincount`` over all of them; user features: rows."""
     out: dict[str, np.ndarray] = {}
@@ -377,8 +380,9 @@ def _make_schema(name, log, item_side, user_side, cfg, tables, source) -> Datase
     extra = {
         "source": source,
         "kind": "sequence",
-        "sample": {k: getattr(cfg, k) for k in ("mode", "split", "max_len", "ties", "neg_ratio", "eval_negatives",
-                                                 "valid_frac", "test_frac", "history_from", "min_history", "seed")},
+        "sample": {k: getattr(cfg, k) for k in ("mode", "split", "max_len", "ties", "neg_ratio",
+                                                 "eval_negatives", "valid_frac", "test_frac", "history_from",
+                                                 "min_history", "seed")},
         "user_feature": cfg.user_feature,  # GAUC groups rows by this categorical
         "item_feature": cfg.item_feature,
         "id_counts": ID_COUNTS_FILE,
@@ -401,10 +405,9 @@ def _make_schema(name, log, item_side, user_side, cfg, tables, source) -> Datase
 # ---- writing --------------------------------------------------------------------------
 
 
-def write_samples(samples: Samples, out: str | Path, overwrite: bool = False, row_group_rows: int | None = None) -> Path:
+def write_samples(samples: Samples, out: str | Path, overwrite: bool = False,
+                  row_group_rows: int | None = None) -> Path:
     """Parquet parts per split + meta/ files + schema.json (last, atomically)."""
-    from embtables.datasets.parquet_out import ROW_GROUP_ROWS, PartWriter, atomic_output_dir
-
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         splits: dict[str, list[str]] = {}
         for sname, table in samples.tables.items():

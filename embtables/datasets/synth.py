@@ -290,7 +290,8 @@ def generate_synth(out: str | Path, rows: int = DEFAULT_ROWS, *, seed: int = 0, 
             extra={"source": "synth", "seed": seed, "scale": scale, "split": list(split),
                    "cat_mode": "raw", "missing_id": RAW_MISSING_ID, "dense_transform": "log1p",
                    "oracle_auc": oracle, "ctr": ctr, "vocab_sizes": m.vocab, "id_counts": ID_COUNTS_FILE,
-                   "model": {"alpha": m.alpha, "bias": m.bias, "pairs": [[CAT_NAMES[f], CAT_NAMES[g]] for f, g in _PAIRS]}},
+                   "model": {"alpha": m.alpha, "bias": m.bias,
+                             "pairs": [[CAT_NAMES[f], CAT_NAMES[g]] for f, g in _PAIRS]}},
         )
         np.savez(Path(tmp) / ID_COUNTS_FILE, **{name: id_counts[k] for k, name in enumerate(CAT_NAMES)})
         schema.save(tmp)

@@ -73,7 +73,8 @@ def _simulate(cfg: SynthSeqConfig, rng: np.random.Generator) -> dict[str, np.nda
     length = rng.integers(cfg.min_len, cfg.max_len + 1, n)
     row = np.repeat(np.arange(n), length)
     from_interest = rng.random(len(row)) < cfg.interest_share
-    hist_cat = np.where(from_interest, interests[user[row], rng.integers(0, cfg.interests_per_user, len(row))],
+    hist_cat = np.where(from_interest,
+                        interests[user[row], rng.integers(0, cfg.interests_per_user, len(row))],
                         rng.integers(1, k + 1, len(row)))
     hist_item = item_of(hist_cat)
     hist_cat = item_cat[hist_item]
@@ -133,11 +134,14 @@ def generate_synth_seq(cfg: SynthSeqConfig) -> Samples:
     cats = [CategoricalFeature("user_id", cfg.num_users, "vocab", cfg.num_users + 1),
             CategoricalFeature("item_id", cfg.num_items, "vocab", cfg.num_items + 1),
             CategoricalFeature("category", cfg.num_categories, "vocab", cfg.num_categories + 1)]
-    cats += [CategoricalFeature(c, cfg.context_cardinality, "vocab", cfg.context_cardinality + 1) for c in ctx_names]
+    cats += [CategoricalFeature(c, cfg.context_cardinality, "vocab", cfg.context_cardinality + 1)
+             for c in ctx_names]
     seqs = [SequenceFeature("hist_item_id", cfg.num_items, cfg.max_len, "item_id", cfg.num_items + 1),
-            SequenceFeature("hist_category", cfg.num_categories, cfg.max_len, "category", cfg.num_categories + 1)]
+            SequenceFeature("hist_category", cfg.num_categories, cfg.max_len, "category",
+                            cfg.num_categories + 1)]
     schema = DatasetSchema(
-        name="synth-seq", dense=dense_names, categorical=cats, sequences=seqs, label="label", prob_column="prob",
+        name="synth-seq", dense=dense_names, categorical=cats, sequences=seqs, label="label",
+        prob_column="prob",
         rows={k: t.num_rows for k, t in tables.items()},
         extra={"source": "synth-seq", "kind": "sequence", "synth_seq": asdict(cfg), "user_feature": "user_id",
                "item_feature": "item_id", "id_counts": ID_COUNTS_FILE},

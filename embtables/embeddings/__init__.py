@@ -12,12 +12,13 @@ import importlib
 BUILTIN_METHODS = ("full", "hash", "mch", "qr", "unified", "optembed", "dhe", "mde", "tt", "hybrid")
 
 _EXPORTS = {
-    "EmbeddingMethod": "base",
+    "EmbeddingMethod": "base", "TableSpec": "base",
     "BudgetTooSmall": "budget", "format_bytes": "budget", "full_bytes": "budget", "parse_bytes": "budget",
     "resolve_budget": "budget", "split_budget": "budget",
     "plan_full": "full", "plan_hash": "hash", "plan_mch": "mch", "plan_qr": "qr", "plan_unified": "unified",
-    "build": "registry", "get_method": "registry", "knob_defaults": "registry", "list_methods": "registry",
-    "method_knobs": "registry", "plan": "registry", "register": "registry",
+    "Knobs": "registry", "build": "registry", "get_method": "registry", "knob_defaults": "registry",
+    "knobs_model": "registry", "list_methods": "registry", "method_knobs": "registry", "plan": "registry",
+    "register": "registry",
     "FeatureSpec": "spec", "features_from_configs": "spec", "features_from_schema": "spec",
 }
 
@@ -32,7 +33,8 @@ def load_methods() -> None:
 
 def __getattr__(name: str):
     if name in BUILTIN_METHODS:
-        return importlib.import_module(f"{__name__}.{name}")  # `embtables.embeddings.qr` as an attribute
+        # `embtables.embeddings.qr` as an attribute
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,13 +9,14 @@ lookups back into ``dim`` per logical feature.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torchrec.distributed.types import LazyAwaitable
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import (
     JaggedTensor,
@@ -24,7 +25,7 @@ from torchrec.sparse.jagged_tensor import (
     permute_multi_embedding,
 )
 
-from embtables.embeddings.budget import DTYPE_BYTES, format_bytes
+from embtables.embeddings.budget import DTYPE_BYTES, DType, format_bytes
 from embtables.embeddings.quantize import is_quantized, storage_bytes
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import ReshapedFeatureInit, SeededInit, feature_init, module_seed
@@ -56,8 +57,25 @@ class IdOutOfRange(ValueError):
 TORCHREC_DTYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
-# (table name, rows, width, physical feature names[, init_fn[, pooling]])
-TableSpec = tuple
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One physical TorchRec table a method asks ``_make_tables`` for."""
+
+    name: str
+    rows: int
+    width: int
+    #: The physical features looked up in it (``f``, ``f@j``, ``f#p``).
+    features: tuple[str, ...]
+    #: A seeded init (``table_init.SeededInit`` / ``ReshapedFeatureInit``, bound to the
+    #: module's seed) or a plain ``init_fn``; None: U(+-sqrt(1/rows)) seeded by the table's
+    #: one feature (by the table's name when it has several), see table_init.
+    init: SeededInit | ReshapedFeatureInit | Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: None: TorchRec's default (SUM).
+    pooling: PoolingType | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
 
 
 def select_features(kjt: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
@@ -136,7 +154,11 @@ SEQUENCE_SHARDING_TYPES = {"cpu": ("table_wise", "row_wise", "column_wise"),
                            "cuda": ("table_wise", "row_wise", "column_wise", "data_parallel")}
 
 
-def sharding_types_for(kind: str, device_type: str) -> tuple[str, ...]:
+#: The TorchRec module kind holding a method's tables: EmbeddingBagCollection or EmbeddingCollection.
+TableKind = Literal["ebc", "ec"]
+
+
+def sharding_types_for(kind: TableKind, device_type: str) -> tuple[str, ...]:
     """Sharding types for a table kind: ``"ebc"`` (EmbeddingBagCollection) or ``"ec"``
     (EmbeddingCollection: no table_row_wise; data_parallel pools wrongly on CPU)."""
     if kind == "ebc":
@@ -148,9 +170,10 @@ class EmbeddingMethod(nn.Module):
     """Base class. A subclass sets ``self.remap`` and calls ``self._make_tables``.
 
     Constructor contract (``registry.build`` calls it): ``cls(features, *, dim,
-    budget_bytes, dtype, sequence, device, [weighted], **knobs)``; method knobs are
-    keyword-only. ``weighted`` (like ``EmbeddingBagCollection(is_weighted=...)``) is
-    passed only to methods whose constructor accepts it.
+    budget_bytes, dtype, sequence, device, weighted, **knobs)``; the knobs are keyword-only,
+    validated by the method's registered knobs model (``@register(name, knobs=...)``),
+    with every default filled in. ``weighted`` is
+    ``EmbeddingBagCollection(is_weighted=...)``.
 
     **Capabilities.** A method class declares what it supports with the class attributes
     below (defaults: everything a remap -> TorchRec tables -> combine method gets for
@@ -210,7 +233,7 @@ class EmbeddingMethod(nn.Module):
             bounded_ids=cls.bounded_ids, fx_traceable=cls.fx_traceable, exportable=cls.exportable,
             pipelineable=cls.pipelineable)
 
-    def table_kind(self) -> str | None:
+    def table_kind(self) -> TableKind | None:
         """``"ebc"`` or ``"ec"``: the TorchRec module kind holding the tables (QR ``mult``
         looks pooled features up unpooled, so it is ``"ec"``); None for a table-free method.
         Decides the sharder DMP needs and the sharding types (``sharding_types()``)."""
@@ -222,16 +245,13 @@ class EmbeddingMethod(nn.Module):
         """Sharding types the tables support on ``device_type`` (empty: table-free)."""
         kind = self.table_kind()
         return () if kind is None else sharding_types_for(kind, device_type)
-    # Constructor arguments every method takes; they are not method knobs.
-    BASE_ARGS = ("dim", "budget_bytes", "dtype", "sequence", "device", "weighted")
-
     def __init__(
         self,
         features: list[FeatureSpec],
         *,
         dim: int,
         budget_bytes: int | None,
-        dtype: str,
+        dtype: DType,
         sequence: bool,
         device: torch.device | None,
         weighted: bool = False,
@@ -257,9 +277,9 @@ class EmbeddingMethod(nn.Module):
 
     # ---- construction helpers -------------------------------------------------------
     def _make_tables(
-        self, configs: list[TableSpec], device: torch.device | None, *, unpooled: bool | None = None
+        self, specs: Sequence[TableSpec], device: torch.device | None, *, unpooled: bool | None = None
     ) -> None:
-        """``configs``: (table name, rows, width, physical feature names[, init_fn[, pooling]]).
+        """The module's TorchRec tables, one per :class:`TableSpec`.
 
         ``unpooled`` (default: ``self.sequence``) picks an EmbeddingCollection: methods
         whose combine is not linear (QR ``mult``) look ids up unpooled, combine per id,
@@ -270,26 +290,23 @@ class EmbeddingMethod(nn.Module):
         self._unpooled = unpooled
         seed = module_seed()  # registry.build forks the caller's RNG around the whole module
 
-        def init_kw(c: TableSpec) -> dict:
-            # No init given: U(+-sqrt(1/rows)) keyed by the table's one feature (see table_init).
-            spec = c[4] if len(c) > 4 and c[4] is not None else feature_init(
-                c[3][0] if len(c[3]) == 1 else c[0], c[1], c[2])
-            seeded = isinstance(spec, (SeededInit, ReshapedFeatureInit))
-            return {"init_fn": spec.bind(seed) if seeded else spec}
+        def init_fn(t: TableSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+            init = t.init if t.init is not None else feature_init(
+                t.features[0] if len(t.features) == 1 else t.name, t.rows, t.width)
+            return init.bind(seed) if isinstance(init, (SeededInit, ReshapedFeatureInit)) else init
 
-        def pool_kw(c: TableSpec) -> dict:
-            return {"pooling": c[5]} if len(c) > 5 and c[5] is not None else {}
+        def common(t: TableSpec) -> dict:
+            return {"name": t.name, "num_embeddings": t.rows, "embedding_dim": t.width,
+                    "feature_names": list(t.features), "data_type": dt, "init_fn": init_fn(t)}
 
         if unpooled:
-            ec = [EmbeddingConfig(name=c[0], num_embeddings=c[1], embedding_dim=c[2], feature_names=list(c[3]),
-                                  data_type=dt, **init_kw(c)) for c in configs]
+            ec = [EmbeddingConfig(**common(t)) for t in specs]
             self.tables = EmbeddingCollection(tables=ec, device=device)
         else:
-            ebc = [EmbeddingBagConfig(name=c[0], num_embeddings=c[1], embedding_dim=c[2],
-                                      feature_names=list(c[3]), data_type=dt, **init_kw(c), **pool_kw(c))
-                   for c in configs]
+            ebc = [EmbeddingBagConfig(**common(t), **({} if t.pooling is None else {"pooling": t.pooling}))
+                   for t in specs]
             self.tables = EmbeddingBagCollection(tables=ebc, is_weighted=self.weighted, device=device)
-        self._shared = any(len(c[3]) > 1 for c in configs)  # see lookup()
+        self._shared = any(len(t.features) > 1 for t in specs)  # see lookup()
         # The physical plan, kept here: after DMP ``self.tables`` is a sharded module without
         # the unsharded configs (repr, sizes and table_configs() read these).
         self._table_configs = list(
@@ -395,9 +412,9 @@ class EmbeddingMethod(nn.Module):
             has_w = features.weights_or_none() is not None
             if has_w != self.weighted:
                 raise ValueError(
-                    f"{self.method_name}: input KeyedJaggedTensor {'has' if has_w else 'has no'} per-id weights "
-                    f"but the module was built with weighted={self.weighted} (build(..., weighted=True) to "
-                    "use kjt.weights(), like EmbeddingBagCollection(is_weighted=True))"
+                    f"{self.method_name}: input KeyedJaggedTensor {'has' if has_w else 'has no'} per-id "
+                    f"weights but the module was built with weighted={self.weighted} (build(..., "
+                    "weighted=True) to use kjt.weights(), like EmbeddingBagCollection(is_weighted=True))"
                 )
         self.check_ids(features)
 
@@ -415,7 +432,8 @@ class EmbeddingMethod(nn.Module):
         bounds = getattr(self, "_bounds_t", None)
         if bounds is None or bounds.device != values.device:
             bounds = self._bounds_t = torch.tensor(self.id_bounds(), dtype=torch.int64, device=values.device)
-        upper = torch.repeat_interleave(bounds, torch.tensor(lpk, device=values.device), output_size=values.numel())
+        upper = torch.repeat_interleave(bounds, torch.tensor(lpk, device=values.device),
+                                        output_size=values.numel())
         bad = (values < 0) | (values >= upper)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -443,18 +461,18 @@ class EmbeddingMethod(nn.Module):
                 # backward (on CPU: "Cannot access accelerator device").
                 kind = type(t).__name__
                 raise RuntimeError(
-                    f"{self.method_name}: its tables are a TorchRec {kind} that DistributedModelParallel left "
-                    f"unsharded: the sharders passed to DMP have no {kind}Sharder. Pass "
-                    "sharders=[EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()] (TorchRec's default "
-                    "when sharders=None), or embtables.sharding.dmp.sharders()")
+                    f"{self.method_name}: its tables are a TorchRec {kind} that DistributedModelParallel "
+                    f"left unsharded: the sharders passed to DMP have no {kind}Sharder. Pass "
+                    "sharders=[EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()] (TorchRec's "
+                    "default when sharders=None), or embtables.sharding.dmp.sharders()")
             return
         # The sharded module's own group (DMP may run on a subgroup), else the default one.
         world = getattr(getattr(t, "_env", None), "world_size", None) or dist.get_world_size()
         if not self.supports_multi_rank and world > 1:
             raise RuntimeError(
                 f"{self.method_name} cannot run on {world} ranks: its remap keeps per-process state "
-                "(admitted ids) outside the TorchRec tables, so the ranks' id maps would diverge; run it on one "
-                "rank (DistributedModelParallel on a 1-process group works)")
+                "(admitted ids) outside the TorchRec tables, so the ranks' id maps would diverge; run it on "
+                "one rank (DistributedModelParallel on a 1-process group works)")
 
     def lookup(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         """``self.tables(kjt)``, except for *unsharded* tables shared by several features.
@@ -501,13 +519,14 @@ class EmbeddingMethod(nn.Module):
             else:
                 emb = nn.functional.embedding(v, m.weight).float()
                 lens = kjt.lengths()[key0 * stride:(key0 + nf) * stride]
-                for j, (n, e) in enumerate(zip(c.feature_names, torch.split(emb, lpk[key0:key0 + nf]), strict=True)):
+                parts = torch.split(emb, lpk[key0:key0 + nf])
+                for j, (n, e) in enumerate(zip(c.feature_names, parts, strict=True)):
                     seq[n] = JaggedTensor(values=e, lengths=lens[j * stride:(j + 1) * stride])
             key0, val0 = key0 + nf, val1
         if type(t) is EmbeddingCollection:
             return seq
-        return KeyedTensor(keys=names, length_per_key=[c.embedding_dim for c in cfgs for _ in c.feature_names],
-                           values=torch.cat(pooled, dim=1))
+        widths = [c.embedding_dim for c in cfgs for _ in c.feature_names]
+        return KeyedTensor(keys=names, length_per_key=widths, values=torch.cat(pooled, dim=1))
 
     def before_lookup(self) -> None:
         """Hook between remap and lookup (``mch`` re-initialises evicted rows here: after
@@ -560,12 +579,14 @@ class EmbeddingMethod(nn.Module):
         """Small parameters outside the TorchRec tables (data-parallel)."""
         tables = getattr(self, "tables", None)
         table_params = {id(p) for p in tables.parameters()} if tables is not None else set()
-        return [p for n, p in self.named_parameters() if id(p) not in table_params and not n.startswith("tables.")]
+        return [p for n, p in self.named_parameters()
+                if id(p) not in table_params and not n.startswith("tables.")]
 
     def buffer_bytes(self) -> int:
         """Remap buffers (e.g. an id->row map) count in memory_bytes(); the tables'
         own (sharded modules hold some) do not."""
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.startswith("tables."))
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers()
+                   if not n.startswith("tables."))
 
     def num_parameters(self) -> int:
         return sum(c.num_embeddings * c.embedding_dim for c in self.table_configs()) + sum(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from embtables.embeddings.spec import FeatureSpec
@@ -24,7 +24,9 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+#: Table weight dtypes (``embedding.dtype``) and their bytes per value.
+DType = Literal["fp32", "fp16"]
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2}
 BUDGET_RULE = ("a budget is a fraction of the full size -- a number in (0, 1] such as 1, 0.25 or 1/16 "
                "(1 is the whole size) -- or bytes: an integer above 1 or a size with a unit such as 4MiB")
 

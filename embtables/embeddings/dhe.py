@@ -25,19 +25,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embtables.embeddings.base import EmbeddingMethod, split_features
 from embtables.embeddings.budget import BudgetTooSmall
 from embtables.embeddings.hashing import MASK64, hash_ids, mix64, mix64_int, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.tt import pool_per_id
 
 SHIFT = 40  # keep the top 64 - 40 = 24 bits of a_j x + b_j
 M = 2**24  # values per hash
 PARAM_BYTES = 4  # the MLP is fp32
+
+
+class DHEKnobs(Knobs):
+    """``embedding.dhe``."""
+
+    hashes: int = Field(1024, ge=1, description="k, the width of the dense hash encoding")
+    hidden: int | None = Field(None, ge=1, description="width of the hidden layers; null: the widest that "
+                               "fits the budget, at most max_hidden")
+    layers: int = Field(2, ge=1, description="hidden layers of the decoder MLP")
+    max_hidden: int = Field(256, ge=1, description="the widest MLP the budget may buy (compute per id grows "
+                            "as hashes*hidden + hidden^2)")
 
 
 def _int64(u: int) -> int:
@@ -134,9 +146,8 @@ class DHEEncoder(nn.Module):
         return h.float().mul_(2.0 / (M - 1)).sub_(1.0)
 
 
-@register("dhe")
+@register("dhe", knobs=DHEKnobs, plan=plan_dhe)
 class DHEEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_dhe)  # pure sizing: registry.plan(...)
     has_tables = False  # dense and data-parallel only: nothing for TorchRec's planner to shard
 
     def __init__(
@@ -154,15 +165,8 @@ class DHEEmbedding(EmbeddingMethod):
         layers: int = 2,
         max_hidden: int = 256,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_dhe(
             self.features,
             dim,

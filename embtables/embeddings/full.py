@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from embtables.embeddings.base import EmbeddingMethod
+from embtables.embeddings.base import EmbeddingMethod, TableSpec
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
 from embtables.embeddings.registry import register
 from embtables.embeddings.spec import FeatureSpec
@@ -23,7 +23,8 @@ class FullPlan:
         return sum(self.rows) * self.dim
 
 
-def plan_full(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32") -> FullPlan:
+def plan_full(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None,
+              dtype: str = "fp32") -> FullPlan:
     """Pure sizing: cardinality rows x dim per feature; errors if over the budget."""
     rows = tuple(f.cardinality for f in features)
     nbytes = sum(rows) * dim * DTYPE_BYTES[dtype]
@@ -33,10 +34,8 @@ def plan_full(features: list[FeatureSpec], dim: int, budget_bytes: int | None = 
     return FullPlan(rows, dim, nbytes)
 
 
-@register("full")
+@register("full", plan=plan_full)  # no knobs
 class FullEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_full)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -52,14 +51,15 @@ class FullEmbedding(EmbeddingMethod):
                          device=device, weighted=weighted)
         unbounded = [f.name for f in self.features if not f.bounded]
         if unbounded:
-            raise ValueError(f"full: features {unbounded} have unbounded ids (bounded=False, raw-mode data); a "
-                             "one-row-per-id table needs ids in [0, cardinality): use a hashing method")
+            raise ValueError(f"full: features {unbounded} have unbounded ids (bounded=False, raw-mode data); "
+                             "a one-row-per-id table needs ids in [0, cardinality): use a hashing method")
         self.plan = plan_full(self.features, dim, budget_bytes, dtype)
         names = [f.table or f"t_{f.name}" for f in self.features]
         if len(set(names)) != len(names):
             names = [f"t_{f.name}" for f in self.features]
         self._make_tables(
-            [(t, f.cardinality, dim, [f.name], None, f.pooling) for t, f in zip(names, self.features, strict=True)],
+            [TableSpec(t, f.cardinality, dim, (f.name,), pooling=f.pooling)
+             for t, f in zip(names, self.features, strict=True)],
             device)
         # Checkpoints interchange with a plain EmbeddingBagCollection / EmbeddingCollection:
         # state_dict() has its keys (``embedding_bags.<table>.weight``, no ``tables.``), and
@@ -78,7 +78,8 @@ def _as_torchrec_keys(module, state_dict, prefix, local_metadata):
     return state_dict
 
 
-def _from_torchrec_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _from_torchrec_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
     for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(_TORCHREC_PARTS)]:
         state_dict[prefix + "tables." + k[len(prefix):]] = state_dict.pop(k)
 

@@ -8,14 +8,22 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
+
+
+class HashKnobs(Knobs):
+    """``embedding.hash``."""
+
+    rows: int | None = Field(None, ge=1, description="rows of every table; null: from the budget, and one "
+                             "row per id without a budget")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ def plan_hash(
     nbytes = sum(r) * row_bytes
     if budget_bytes is not None and nbytes > budget_bytes:
         raise BudgetTooSmall("hash", len(features) * row_bytes, budget_bytes,
-                             f"rows={rows} needs {nbytes} bytes; lower `rows` or drop it to size from the budget")
+                             f"rows={rows} needs {nbytes} bytes; lower `rows` "
+                             "or drop it to size from the budget")
     return HashPlan(tuple(r), tuple(x >= n for x, n in zip(r, card, strict=True)), dim, nbytes)
 
 
@@ -63,7 +72,8 @@ class HashRemap(nn.Module):
     """Raw ids -> rows of each feature's own table. Parameter-free, no buffers: salts
     and row counts are Python ints (one vectorised pass per feature, never per id)."""
 
-    def __init__(self, names: list[str], rows: list[int], identity: list[bool], weighted: bool = False) -> None:
+    def __init__(self, names: list[str], rows: list[int], identity: list[bool],
+                 weighted: bool = False) -> None:
         super().__init__()
         self.names, self.rows, self.identity = list(names), list(rows), list(identity)
         self.salts = [salt(n, 0) for n in names]
@@ -80,10 +90,8 @@ class HashRemap(nn.Module):
         )
 
 
-@register("hash")
+@register("hash", knobs=HashKnobs, plan=plan_hash)
 class HashEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_hash)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -100,5 +108,5 @@ class HashEmbedding(EmbeddingMethod):
                          device=device, weighted=weighted)
         self.plan = plan_hash(self.features, dim, budget_bytes, dtype, rows=rows)
         self.remap = HashRemap(self.feature_names, list(self.plan.rows), list(self.plan.identity), weighted)
-        self._make_tables([(f"t_{f.name}", r, dim, [f.name], None, f.pooling)
+        self._make_tables([TableSpec(f"t_{f.name}", r, dim, (f.name,), pooling=f.pooling)
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)

@@ -25,14 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
 from embtables.embeddings.hashing import hash_to_rows, salt
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
+
+
+class HybridKnobs(Knobs):
+    """``embedding.hybrid``: the hot ids come from ``frequency_ranked`` or ``counts`` (one of them)."""
+
+    hot_fraction: float = Field(0.5, gt=0, lt=1, description="share of a feature's rows that are hot "
+                                "(one exact row per hot id)")
+    frequency_ranked: bool = Field(False, description="ids are numbered by descending frequency (the hot "
+                                   "ids are the smallest)")
+    counts: str | None = Field(None, description="path to per-id counts (.npz, one array per feature; "
+                               "relative to the working directory)")
 
 ID_BYTES = 8  # one int64 per hot id in the counts mode's id map
 
@@ -175,10 +187,8 @@ class HybridRemap(nn.Module):
         )
 
 
-@register("hybrid")
+@register("hybrid", knobs=HybridKnobs, plan=plan_hybrid)
 class HybridEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_hybrid)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -193,15 +203,8 @@ class HybridEmbedding(EmbeddingMethod):
         frequency_ranked: bool = False,
         counts: str | None = None,
     ) -> None:
-        super().__init__(
-            features,
-            dim=dim,
-            budget_bytes=budget_bytes,
-            dtype=dtype,
-            sequence=sequence,
-            device=device,
-            weighted=weighted,
-        )
+        super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted)
         self.plan = p = plan_hybrid(
             self.features,
             dim,
@@ -218,7 +221,7 @@ class HybridEmbedding(EmbeddingMethod):
         self.remap = HybridRemap(self.feature_names, p, hot_sets, weighted)
         self._make_tables(
             [
-                (f"t_{f.name}", k + c, dim, [f.name], None, f.pooling)
+                TableSpec(f"t_{f.name}", k + c, dim, (f.name,), pooling=f.pooling)
                 for f, k, c in zip(self.features, p.hot, p.cold, strict=True)
             ],
             device,

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.modules.mc_modules import (
     LFU_EvictionPolicy,
@@ -32,12 +34,25 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, select_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 
 POLICIES = {"lfu": LFU_EvictionPolicy, "lru": LRU_EvictionPolicy}
+EvictionPolicy = Literal["lfu", "lru"]
+
+
+class MCHKnobs(Knobs):
+    """``embedding.mch``."""
+
+    SIZING = ("rows",)
+
+    rows: int | None = Field(None, ge=1, description="zch_size per feature; null: from the budget, "
+                             "cardinality + 1 without a budget")
+    eviction_policy: EvictionPolicy = Field("lfu", description="lfu: the most frequent ids win; lru: the "
+                                            "most recent")
+    eviction_interval: int = Field(1, ge=1, description="forward calls between admissions/evictions")
 STATE_BYTES_PER_ROW = 3 * 8       # sorted raw id, slot mapping, one eviction-metadata int64
 FIXED_BYTES_PER_FEATURE = (1025 + 3) * 8  # output segments table, iteration counter, slots, delimiter
 MIN_ROWS = 2                      # one admitted id + the shared row for the rest
@@ -73,12 +88,14 @@ def plan_mch(
         mins = [MIN_ROWS * row_b + FIXED_BYTES_PER_FEATURE] * len(card)
         if sum(mins) > budget_bytes:
             raise BudgetTooSmall("mch", sum(mins), budget_bytes,
-                                 f"{MIN_ROWS} slots per feature plus {FIXED_BYTES_PER_FEATURE} bytes of MCH state")
+                                 f"{MIN_ROWS} slots per feature plus "
+                                 f"{FIXED_BYTES_PER_FEATURE} bytes of MCH state")
         # The fixed per-feature state comes off the top; slots are water-filled.
         slots = budget_bytes - len(card) * FIXED_BYTES_PER_FEATURE
         shares = split_budget(slots, feature_weights(card), [MIN_ROWS * row_b] * len(card),
                               [(n + 1) * row_b for n in card])
-        r = [max(MIN_ROWS, min(n + 1, math.floor(s / row_b + 1e-9))) for s, n in zip(shares, card, strict=True)]
+        r = [max(MIN_ROWS, min(n + 1, math.floor(s / row_b + 1e-9)))
+             for s, n in zip(shares, card, strict=True)]
     nbytes = sum(x * row_b + FIXED_BYTES_PER_FEATURE for x in r)
     if budget_bytes is not None and nbytes > budget_bytes:
         raise BudgetTooSmall("mch", len(card) * (MIN_ROWS * row_b + FIXED_BYTES_PER_FEATURE), budget_bytes,
@@ -119,14 +136,14 @@ class MCHRemap(nn.Module):
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             # (TorchRec's train pipeline traces the model with this remap as a leaf: not here.)
             raise NotImplementedError(
-                "mch cannot be fx-symbolically traced: TorchRec's managed-collision remap admits and evicts ids "
-                "with data-dependent Python control flow; torch.export (eval mode) works")
+                "mch cannot be fx-symbolically traced: TorchRec's managed-collision remap "
+                "admits and evicts ids with data-dependent Python control flow; "
+                "torch.export (eval mode) works")
         return self.mcc(select_features(kjt, self.names))
 
 
-@register("mch")
+@register("mch", knobs=MCHKnobs, plan=plan_mch)
 class MCHEmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_mch)  # pure sizing: registry.plan(...)
     # Admission/eviction mutate the remap's state in forward: not pipelineable (it must not
     # run a batch ahead), and the state is per process, so more than one rank is refused.
     stateful_remap = True
@@ -145,17 +162,18 @@ class MCHEmbedding(EmbeddingMethod):
         device: torch.device | None = None,
         weighted: bool = False,
         rows: int | None = None,
-        eviction_policy: str = "lfu",
+        eviction_policy: EvictionPolicy = "lfu",
         eviction_interval: int = 1,
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
         if eviction_policy not in POLICIES:
-            raise ValueError(f"mch: knob eviction_policy must be one of {sorted(POLICIES)}, got {eviction_policy!r}")
+            raise ValueError(f"mch: knob eviction_policy must be one of {sorted(POLICIES)}, "
+                             f"got {eviction_policy!r}")
         if eviction_interval < 1:
             raise ValueError(f"mch: knob eviction_interval must be >= 1, got {eviction_interval}")
         self.plan = plan_mch(self.features, dim, budget_bytes, dtype, rows=rows)
-        self._make_tables([(f"t_{f.name}", r, dim, [f.name], None, f.pooling)
+        self._make_tables([TableSpec(f"t_{f.name}", r, dim, (f.name,), pooling=f.pooling)
                            for f, r in zip(self.features, self.plan.rows, strict=True)], device)
         dev = device or torch.device("cpu")
         modules = {
@@ -168,7 +186,8 @@ class MCHEmbedding(EmbeddingMethod):
 
     def buffer_bytes(self) -> int:
         # The LFU history accumulator is a plain attribute, not a registered buffer.
-        extra = sum(m._history_accumulator.numel() * 8 for m in self.remap.mcc._managed_collision_modules.values()
+        extra = sum(m._history_accumulator.numel() * 8
+                    for m in self.remap.mcc._managed_collision_modules.values()
                     if hasattr(m, "_history_accumulator"))
         return super().buffer_bytes() + extra
 

@@ -28,21 +28,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, select_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, is_tracing, select_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 
 ARTEFACT_FORMAT = "embtables.optembed/1"
 OOV_ROW = 0  # every field's table starts with the shared OOV row
 INT32_MAX = 2**31 - 1
+
+
+class OptEmbedKnobs(Knobs):
+    """``embedding.optembed``: the module's knobs. The three-stage experiment reads its
+    search and retrain settings from the same section (``experiments.stages``)."""
+
+    SIZING = ("artefact",)
+
+    artefact: str | Path | dict[str, Any] | None = Field(
+        None, description="set: build the exported table from this file (RUN_DIR/optembed/export.pt), "
+        "no supernet")
+    alpha: float = Field(1e-4, gt=0, description="weight of the threshold regulariser sum_f exp(-t_f) "
+                         "(larger: more rows pruned)")
+    dim_step: int = Field(4, description="candidate widths are its multiples: a multiple of 4 (FBGEMM) "
+                          "that divides embedding.dim")
+
+    @field_validator("dim_step")
+    @classmethod
+    def _multiple_of_4(cls, v: int) -> int:
+        if v < 4 or v % 4:
+            raise ValueError(f"must be a multiple of 4 (FBGEMM table widths), got {v}")
+        return v
 
 
 # ---- the row mask ---------------------------------------------------------------------
@@ -52,7 +75,8 @@ def surrogate_grad(x: torch.Tensor) -> torch.Tensor:
     """d step(x)/dx as OptEmbed trains it: 2 - 4|x| for |x| <= 0.4, 0.4 for
     0.4 < |x| <= 1, else 0 (a piecewise-linear bump around the threshold)."""
     a = x.abs()
-    return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1.0, torch.full_like(a, 0.4), torch.zeros_like(a)))
+    return torch.where(a <= 0.4, 2 - 4 * a,
+                       torch.where(a <= 1.0, torch.full_like(a, 0.4), torch.zeros_like(a)))
 
 
 class BinaryStep(torch.autograd.Function):
@@ -138,13 +162,14 @@ def plan_optembed(features: list[FeatureSpec], dim: int, dims: list[int] | None 
 
 
 def plan_optembed_method(features: list[FeatureSpec], dim: int, budget_bytes: int | None = None,
-                         dtype: str = "fp32", artefact: str | Path | dict[str, Any] | None = None) -> OptEmbedPlan:
+                         dtype: str = "fp32",
+                         artefact: str | Path | dict[str, Any] | None = None) -> OptEmbedPlan:
     """``registry.plan(..., method="optembed")``: the exported table an artefact
     describes, or without one the supernet (every row at ``dim``)."""
     if artefact is None:
         if budget_bytes is not None:
-            raise ValueError("optembed: a budget is met by the exported table after the search; size a searched "
-                             "table with artefact=RUN_DIR/optembed/export.pt")
+            raise ValueError("optembed: a budget is met by the exported table after the search; "
+                             "size a searched table with artefact=RUN_DIR/optembed/export.pt")
         return plan_optembed(features, dim, dtype=dtype)
     art = load_artefact(artefact)
     p = plan_optembed(features, dim, art["dims"], art["kept"], dtype)
@@ -172,7 +197,8 @@ class KeptRowRemap(nn.Module):
             self.register_buffer("key_offsets", offsets)
             keys = kept_keys.to(key_dtype(cards))
             self.register_buffer("kept_keys", keys)
-            self.register_buffer("field_start", torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
+            self.register_buffer("field_start",
+                                 torch.searchsorted(keys, offsets.to(keys.dtype)).to(torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if is_tracing():
@@ -200,13 +226,10 @@ class KeptRowRemap(nn.Module):
 # ---- the module -----------------------------------------------------------------------------
 
 
-@register("optembed")
+@register("optembed", knobs=OptEmbedKnobs, plan=plan_optembed_method)
 class OptEmbed(EmbeddingMethod):
-    """Knobs used by the module: ``artefact`` (exported form), ``alpha`` and
-    ``dim_step`` (supernet). The others configure the pipeline's stages
-    (docs/readme/optembed.md) and are ignored here."""
-
-    plan_fn = staticmethod(plan_optembed_method)  # pure sizing: registry.plan(...)
+    """Knobs: ``artefact`` (exported form), ``alpha`` and ``dim_step`` (supernet). The
+    search and retrain settings belong to the experiment's stages."""
     # Pooled only: the exported tables have one width per field, and an EmbeddingCollection
     # shards only tables of one width.
     supports_sequence = False
@@ -228,26 +251,12 @@ class OptEmbed(EmbeddingMethod):
         weighted: bool = False,
         artefact: str | Path | dict[str, Any] | None = None,
         alpha: float = 1e-4,
-        threshold_lr: float = 0.01,
         dim_step: int = 4,
-        supernet_epochs: int | None = None,
-        population: int = 20,
-        mutation_num: int = 10,
-        crossover_num: int = 10,
-        parents: int = 10,
-        mutation_prob: float = 0.1,
-        search_iterations: int = 30,
-        search_rows: int = 50_000,
-        search_seed: int | None = None,
-        retrain_epochs: int | None = None,
-        retrain_init: Literal["rewind", "random", "inherit"] = "rewind",
     ) -> None:
         super().__init__(features, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
                          device=device, weighted=weighted)
-        check_knobs(dim, alpha=alpha, threshold_lr=threshold_lr, dim_step=dim_step, population=population,
-                    mutation_num=mutation_num, crossover_num=crossover_num, parents=parents,
-                    mutation_prob=mutation_prob, search_iterations=search_iterations, search_rows=search_rows,
-                    retrain_init=retrain_init)
+        if dim % dim_step:
+            raise ValueError(f"embedding.optembed.dim_step: must divide embedding.dim={dim} (got {dim_step})")
         self.alpha, self.dim_step = alpha, dim_step
         self.artefact = artefact if not isinstance(artefact, dict) else "<artefact dict>"
         cards = [f.cardinality for f in self.features]
@@ -268,30 +277,33 @@ class OptEmbed(EmbeddingMethod):
         self.remap = KeptRowRemap(self.feature_names, cards, None)
         # Thresholds start at 0: a row with any non-zero entry is kept, nothing is pruned.
         self.thresholds = nn.Parameter(torch.zeros(len(cards), device=device))
-        self.register_buffer("_choices", torch.tensor(candidate_dims(self.dim, self.dim_step)), persistent=False)
+        self.register_buffer("_choices", torch.tensor(candidate_dims(self.dim, self.dim_step)),
+                             persistent=False)
         self.eval_dims: torch.Tensor | None = None
         self._lookup_cache: dict | None = None
         # Row 0 is the OOV row of ids outside [0, cardinality); the rest one per id.
-        self._make_tables([(f"t_{f.name}", f.cardinality + 1, self.dim, [f.name]) for f in self.features],
-                          device, unpooled=True)
+        self._make_tables([TableSpec(f"t_{f.name}", f.cardinality + 1, self.dim, (f.name,))
+                           for f in self.features], device, unpooled=True)
         with torch.no_grad():  # a zero OOV row is always masked, like a pruned row after export
             for f in self.features:
                 self.table_weight(f.name)[OOV_ROW].zero_()
 
     def _init_exported(self, art: dict[str, Any], device: torch.device | None) -> None:
         names = [n for n, _ in art["features"]]
-        if names != self.feature_names or [c for _, c in art["features"]] != [f.cardinality for f in self.features]:
-            raise ValueError(f"optembed: artefact {self.artefact} was searched for features {art['features']}, "
-                             f"not {[(f.name, f.cardinality) for f in self.features]}")
+        if (names != self.feature_names
+                or [c for _, c in art["features"]] != [f.cardinality for f in self.features]):
+            raise ValueError(f"optembed: artefact {self.artefact} was searched for features "
+                             f"{art['features']}, not {[(f.name, f.cardinality) for f in self.features]}")
         if art["dim"] != self.dim:
-            raise ValueError(f"optembed: artefact {self.artefact} pads to dim {art['dim']}, but embedding.dim is "
-                             f"{self.dim}")
+            raise ValueError(f"optembed: artefact {self.artefact} pads to dim {art['dim']}, "
+                             f"but embedding.dim is {self.dim}")
         self.searching = False
         self._lookup_cache = None
         self.plan = plan_optembed(self.features, self.dim, art["dims"], art["kept"], self.dtype)
         self.remap = KeptRowRemap(self.feature_names, list(self.plan.cardinalities), art["kept_keys"])
-        self._make_tables([(f"t_{f.name}", k + 1, d, [f.name], None, f.pooling)
-                           for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)], device)
+        self._make_tables([TableSpec(f"t_{f.name}", k + 1, d, (f.name,), pooling=f.pooling)
+                           for f, k, d in zip(self.features, self.plan.kept, self.plan.dims, strict=True)],
+                          device)
         if art.get("tables") is not None:
             with torch.no_grad():
                 for f, w in zip(self.features, art["tables"], strict=True):
@@ -339,7 +351,8 @@ class OptEmbed(EmbeddingMethod):
             full = cache[key] = super().forward(features).values().detach()
             self.eval_dims = dims
         nf, stride = len(self.features), features.stride()
-        keep = torch.arange(self.dim, device=full.device).unsqueeze(0) < self.eval_dims.to(full.device).unsqueeze(1)
+        keep = (torch.arange(self.dim, device=full.device).unsqueeze(0)
+                < self.eval_dims.to(full.device).unsqueeze(1))
         return self._keyed(full * keep.to(full.dtype).reshape(1, nf * self.dim).expand(stride, -1))
 
     def enable_lookup_cache(self, on: bool = True) -> None:
@@ -414,7 +427,8 @@ class OptEmbed(EmbeddingMethod):
                 out.append(torch.nonzero(norms > self.thresholds[i]).flatten())
         return out
 
-    def export(self, dims: list[int], path: str | Path | None = None, *, with_weights: bool = True) -> OptEmbed:
+    def export(self, dims: list[int], path: str | Path | None = None, *,
+               with_weights: bool = True) -> OptEmbed:
         """The exported table of this (unsharded) supernet at ``dims``: kept rows, their
         first ``dims_f`` columns, a zero OOV row. Saved to ``path`` if given."""
         kept = self.kept_rows()
@@ -431,8 +445,8 @@ class OptEmbed(EmbeddingMethod):
 
     # ---- artefacts -----------------------------------------------------------------------
     @classmethod
-    def from_artefact(cls, artefact: str | Path | dict[str, Any], *, dtype: str = "fp32", weighted: bool = False,
-                      device: torch.device | None = None) -> OptEmbed:
+    def from_artefact(cls, artefact: str | Path | dict[str, Any], *, dtype: str = "fp32",
+                      weighted: bool = False, device: torch.device | None = None) -> OptEmbed:
         """The exported module saved at ``artefact`` (or from an artefact dict)."""
         art = load_artefact(artefact)
         feats = [FeatureSpec(n, int(c)) for n, c in art["features"]]
@@ -444,37 +458,14 @@ class OptEmbed(EmbeddingMethod):
             raise RuntimeError("save() is for the exported table; a supernet exports with export(dims, path)")
         kept, start = [], self.remap.field_start.tolist() + [self.remap.kept_keys.numel()]
         for i in range(len(self.features)):
-            kept.append(self.remap.kept_keys[start[i]:start[i + 1]].to(torch.int64) - self.remap.key_offsets[i])
+            kept.append(self.remap.kept_keys[start[i]:start[i + 1]].to(torch.int64)
+                        - self.remap.key_offsets[i])
         tables = [self.table_weight(f.name).detach().clone() for f in self.features]
         save_artefact(make_artefact(self.features, self.dim, list(self.plan.dims), kept, tables), Path(path))
 
     def extra_repr(self) -> str:
         form = "supernet" if self.searching else f"exported, rows pruned {self.plan.rows_pruned_share:.1%}"
         return f"{super().extra_repr()}, {form}"
-
-
-def check_knobs(dim: int, **k: Any) -> None:
-    """Knob checks; the message names the config key."""
-    def bad(name: str, why: str) -> ValueError:
-        return ValueError(f"embedding.optembed.{name}: {why} (got {k[name]!r})")
-
-    if k["dim_step"] < 4 or k["dim_step"] % 4 or dim % k["dim_step"]:
-        raise bad("dim_step", f"must be a multiple of 4 (FBGEMM table widths) that divides embedding.dim={dim}")
-    for name in ("alpha", "threshold_lr", "mutation_prob"):
-        if not k[name] > 0:
-            raise bad(name, "must be > 0")
-    if k["mutation_prob"] > 1:
-        raise bad("mutation_prob", "must be in (0, 1]")
-    for name in ("population", "search_iterations", "search_rows", "parents"):
-        if k[name] < 1:
-            raise bad(name, "must be >= 1")
-    for name in ("mutation_num", "crossover_num"):
-        if k[name] < 0:
-            raise bad(name, "must be >= 0")
-    if k["mutation_num"] + k["crossover_num"] < 1:
-        raise bad("mutation_num", "mutation_num + crossover_num must be >= 1 (the next generation's size)")
-    if k["retrain_init"] not in ("rewind", "random", "inherit"):
-        raise bad("retrain_init", "must be rewind, random or inherit")
 
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
@@ -516,8 +507,8 @@ def load_artefact(artefact: str | Path | dict[str, Any]) -> dict[str, Any]:
     else:
         p = Path(artefact)
         if not p.exists():
-            raise FileNotFoundError(f"embedding.optembed.artefact: {p} does not exist (an OptEmbed run writes "
-                                    "RUN_DIR/optembed/export.pt)")
+            raise FileNotFoundError(f"embedding.optembed.artefact: {p} does not exist "
+                                    "(an OptEmbed run writes RUN_DIR/optembed/export.pt)")
         art = torch.load(p, weights_only=True, map_location="cpu")
     if art.get("format") != ARTEFACT_FORMAT:
         raise ValueError(f"embedding.optembed.artefact: {artefact} is not an OptEmbed artefact "

@@ -17,19 +17,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
+from embtables.embeddings.base import EmbeddingMethod, TableSpec, is_tracing, split_features
 from embtables.embeddings.budget import DTYPE_BYTES, BudgetTooSmall, feature_weights, split_budget
-from embtables.embeddings.registry import register
+from embtables.embeddings.registry import Knobs, register
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import RowBlock, SeededInit, feature_init
 
-OPERATIONS = ("mult", "add", "concat")
+Operation = Literal["mult", "add", "concat"]
+OPERATIONS: tuple[str, ...] = get_args(Operation)
+
+
+class QRKnobs(Knobs):
+    """``embedding.qr``."""
+
+    operation: Operation = Field("mult", description="how the digit embeddings combine: element-wise "
+                                 "product, sum, or concatenation of dim/k-wide parts")
+    partitions: int = Field(2, ge=2, description="k, the number of digits (tables) per feature")
+    m: int | None = Field(None, ge=2, description="radix = rows of each remainder table; null: from the "
+                          "budget, 4 without a budget (DLRM's qr_collisions)")
+    threshold: int = Field(200, ge=0, description="features with at most this many ids stay plain tables")
 
 
 def qr_radices(n: int, k: int, m: int) -> tuple[int, ...]:
@@ -72,7 +86,7 @@ class QRPlan:
     cardinalities: tuple[int, ...]
     dim: int
     width: int                            # width of each partition table
-    operation: str
+    operation: Operation
     bytes: int
 
     @property
@@ -83,7 +97,7 @@ class QRPlan:
 
 def plan_qr(
     features: list[FeatureSpec], dim: int, budget_bytes: int | None = None, dtype: str = "fp32",
-    operation: str = "mult", partitions: int = 2, m: int | None = None, threshold: int = 200,
+    operation: Operation = "mult", partitions: int = 2, m: int | None = None, threshold: int = 200,
 ) -> QRPlan:
     """Pure sizing. Features with cardinality <= ``threshold`` (or where QR would not
     save memory) stay plain. ``m`` fixes the radix (rows of each remainder table);
@@ -97,8 +111,9 @@ def plan_qr(
         raise ValueError(f"qr: knob partitions must be >= 2, got {k}")
     width = dim // k if operation == "concat" else dim
     if operation == "concat" and (dim % k or width % 4):
-        raise ValueError(f"qr: concat splits dim={dim} into {k} tables of dim/{k}; that must be a multiple of 4 "
-                         f"(FBGEMM), so use dim a multiple of {4 * k} or operation='mult'/'add'")
+        raise ValueError(f"qr: concat splits dim={dim} into {k} tables of dim/{k}; "
+                         f"that must be a multiple of 4 (FBGEMM), "
+                         f"so use dim a multiple of {4 * k} or operation='mult'/'add'")
     b = DTYPE_BYTES[dtype]
     card = [f.cardinality for f in features]
     full_cost = [n * dim * b for n in card]
@@ -135,8 +150,10 @@ def plan_qr(
                                                                            zip(card, radices, strict=True)))
     nbytes = sum(cost(n, r) for n, r in zip(card, radices, strict=True))
     if budget_bytes is not None and nbytes > budget_bytes:
-        mins = sum(cost(n, qr_radices(n, k, best_radix(n, k))) if compressible(n) else n * dim * b for n in card)
-        raise BudgetTooSmall("qr", mins, budget_bytes, f"m={m} needs {nbytes} bytes; drop m to size from the budget")
+        mins = sum(cost(n, qr_radices(n, k, best_radix(n, k))) if compressible(n) else n * dim * b
+                   for n in card)
+        raise BudgetTooSmall("qr", mins, budget_bytes,
+                             f"m={m} needs {nbytes} bytes; drop m to size from the budget")
     return QRPlan(tuple(radices), tuple(card), dim, width, operation, nbytes)
 
 
@@ -198,14 +215,13 @@ class QRRemap(nn.Module):
                 olpk += [lpk[i]] * reps
         return KeyedJaggedTensor(
             keys=self.physical, values=torch.cat(ov), lengths=torch.cat(ol),
-            weights=torch.cat(ow) if ws is not None else None, length_per_key=olpk if lpk is not None else None,
+            weights=torch.cat(ow) if ws is not None else None,
+            length_per_key=olpk if lpk is not None else None,
         )
 
 
-@register("qr")
+@register("qr", knobs=QRKnobs, plan=plan_qr)
 class QREmbedding(EmbeddingMethod):
-    plan_fn = staticmethod(plan_qr)  # pure sizing: registry.plan(...)
-
     def __init__(
         self,
         features: list[FeatureSpec],
@@ -216,7 +232,7 @@ class QREmbedding(EmbeddingMethod):
         sequence: bool = False,
         device: torch.device | None = None,
         weighted: bool = False,
-        operation: str = "mult",
+        operation: Operation = "mult",
         partitions: int = 2,
         m: int | None = None,
         threshold: int = 200,
@@ -227,7 +243,8 @@ class QREmbedding(EmbeddingMethod):
                                 partitions=partitions, m=m, threshold=threshold)
         self.operation, self.k = operation, partitions
         concat = operation == "concat"
-        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions, concat, weighted)
+        self.remap = QRRemap(self.feature_names, list(p.cardinalities), list(p.radices), partitions,
+                             concat, weighted)
         k = partitions
         tables = []
         for f, rad in zip(self.features, p.radices, strict=True):
@@ -235,11 +252,13 @@ class QREmbedding(EmbeddingMethod):
             if operation == "mult" and f.pooling != PoolingType.SUM:
                 raise ValueError(f"qr: feature {f.name!r}: operation='mult' supports SUM pooling only")
             if not rad and not concat:  # plain: exactly `full`'s table and rows
-                tables.append((f"t_{f.name}", n, dim, [f.name], feature_init(f.name, n, dim), f.pooling))
+                tables.append(TableSpec(f"t_{f.name}", n, dim, (f.name,), feature_init(f.name, n, dim),
+                                        f.pooling))
             elif not rad:  # plain feature as k column slices of one table: every table is dim/k wide
-                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width) for j in range(k))
-                tables.append((f"t_{f.name}", k * n, p.width, [f"{f.name}@{j}" for j in range(k)],
-                               SeededInit(slices), f.pooling))
+                slices = tuple(RowBlock(f.name, j * n, n, dim, math.sqrt(1 / n), j * p.width)
+                               for j in range(k))
+                parts = tuple(f"{f.name}@{j}" for j in range(k))
+                tables.append(TableSpec(f"t_{f.name}", k * n, p.width, parts, SeededInit(slices), f.pooling))
             else:
                 # Symmetric init scaled so the combined vector has the variance of a
                 # plain table's default init U(+-sqrt(1/n)), i.e. var 1/(3n).
@@ -249,8 +268,8 @@ class QREmbedding(EmbeddingMethod):
                     bound = math.sqrt(1 / (k * n))
                 else:
                     bound = math.sqrt(1 / n)
-                tables += [(f"t_{f.name}@{j}", r, p.width, [f"{f.name}@{j}"],
-                            feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling)
+                tables += [TableSpec(f"t_{f.name}@{j}", r, p.width, (f"{f.name}@{j}",),
+                                     feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling)
                            for j, r in enumerate(rad)]
         self._make_tables(tables, device, unpooled=sequence or operation == "mult")
         self.weighted = weighted
@@ -274,7 +293,8 @@ class QREmbedding(EmbeddingMethod):
                 out = out * v
         return out, parts[0]
 
-    def combine_sequence(self, seq: dict[str, JaggedTensor], features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def combine_sequence(self, seq: dict[str, JaggedTensor],
+                         features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         out = {}
         for i, f in enumerate(self.features):
             v, jt = self._per_id(seq, i)

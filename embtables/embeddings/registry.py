@@ -1,57 +1,118 @@
-"""Method registry: one file per method registers a name; `build` makes one."""
+"""Method registry: one file per method registers its class, its knobs model and its pure
+sizing function; ``build`` makes one, ``plan`` sizes one without building it."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from embtables.embeddings import BUILTIN_METHODS
 from embtables.embeddings.budget import DTYPE_BYTES, resolve_budget
 from embtables.embeddings.spec import FeatureSpec, as_feature_specs
 from embtables.embeddings.table_init import module_seed
+from embtables.registry import Registry
 
-_METHODS: dict[str, type] = {}
+
+class Knobs(BaseModel):
+    """A method's knobs: what goes under ``embedding.<method>:`` in a config and into
+    ``build(..., **knobs)``. Unknown knobs and wrong values are refused here, once, with
+    the key path; choices are ``Literal`` types. The config reference is generated from
+    these models (defaults and descriptions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The knobs the method's sizing function takes (None: all of them).
+    SIZING: ClassVar[tuple[str, ...] | None] = None
+
+    def values(self) -> dict[str, Any]:
+        """Knob -> validated value, defaults filled in (the constructor's keywords)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def sizing(self) -> dict[str, Any]:
+        """The knobs the sizing function takes (``SIZING``)."""
+        names = type(self).model_fields if self.SIZING is None else self.SIZING
+        return {name: getattr(self, name) for name in names}
 
 
-def register(name: str):
-    """Class decorator: ``@register("qr")`` makes the method buildable by name."""
+class NoKnobs(Knobs):
+    """A method without knobs (``full``)."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its class, its knobs model and its pure sizing function
+    ``plan(features, dim, budget_bytes, dtype, **sizing knobs)`` (None: it has none)."""
+
+    name: str
+    cls: type
+    knobs: type[Knobs]
+    plan: Callable[..., Any] | None
+
+
+METHODS: Registry[MethodEntry] = Registry(
+    "embedding method", "methods", builtins=tuple(f"embtables.embeddings.{m}" for m in BUILTIN_METHODS))
+
+
+def register(name: str, knobs: type[Knobs] = NoKnobs, plan: Callable[..., Any] | None = None):
+    """Class decorator: ``@register("qr", knobs=QRKnobs, plan=plan_qr)`` makes the method
+    buildable by name, with those knobs and that sizing function."""
 
     def deco(cls: type) -> type:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"embedding method {name!r} registered twice")
+        METHODS.add(name, MethodEntry(name, cls, knobs, plan))
         cls.method_name = name
-        _METHODS[name] = cls
         return cls
 
     return deco
 
 
 def list_methods() -> list[str]:
-    _import_builtin_methods()
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type:
-    _import_builtin_methods()
-    if name not in _METHODS:
-        raise ValueError(f"unknown embedding method {name!r}; valid methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return METHODS.get(name).cls
+
+
+def knobs_model(name: str) -> type[Knobs]:
+    """The pydantic model of method ``name``'s knobs."""
+    return METHODS.get(name).knobs
 
 
 def method_knobs(name: str) -> list[str]:
-    """The method's own knobs: keyword-only arguments of its constructor."""
-    cls = get_method(name)
-    sig = inspect.signature(cls.__init__)
-    base = set(getattr(cls, "BASE_ARGS", ()))
-    return [p.name for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in base]
+    """The method's knobs, in the order its knobs model declares them."""
+    return list(knobs_model(name).model_fields)
 
 
 def knob_defaults(name: str) -> dict[str, Any]:
     """Knob -> default value (for docs and resolved configs)."""
-    sig = inspect.signature(get_method(name).__init__)
-    return {k: sig.parameters[k].default for k in method_knobs(name)}
+    return {k: f.get_default(call_default_factory=True) for k, f in knobs_model(name).model_fields.items()}
+
+
+def validate_knobs(model: type[BaseModel], knobs: Mapping[str, Any], key: str) -> BaseModel:
+    """``model`` validated from ``knobs``; a ValueError naming each wrong knob by its key
+    path (``embedding.qr.operation``) and listing the valid knobs for an unknown one."""
+    try:
+        return model.model_validate(dict(knobs))
+    except ValidationError as e:
+        raise ValueError(knob_error(e, key, list(model.model_fields))) from None
+
+
+def knob_error(err: ValidationError, key: str, valid: list[str]) -> str:
+    """One message for a knobs model's ValidationError under config key ``key``."""
+    unknown = sorted(str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown knob(s) {unknown} at {key}; valid knobs: {', '.join(valid) or '(none)'}"
+    parts = []
+    for e in err.errors():
+        loc = ".".join([key, *(str(p) for p in e["loc"])])
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("value_error", "missing") else f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
 
 
 def build(
@@ -74,54 +135,42 @@ def build(
     ``dim`` defaults to the width of the EBC/configs passed as ``features`` (else 16).
     ``weighted`` mirrors ``EmbeddingBagCollection(is_weighted=...)``: pool with
     ``kjt.weights()``; None takes it from an EBC passed as ``features``, else False.
+    ``knobs`` are the method's (its knobs model: ``knobs_model(method)``).
     """
-    cls = get_method(method)
+    entry = METHODS.get(method)
     specs = as_feature_specs(features)
     if dim is None:
         dim = _dim_of(features)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"embedding.dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if dim < 1 or dim % 4:
-        raise ValueError(f"embedding.dim must be a positive multiple of 4 (FBGEMM kernels need it), got {dim}")
-    valid = method_knobs(method)
-    unknown = sorted(set(knobs) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown knob(s) {unknown} for embedding method {method!r}; valid knobs: {', '.join(valid) or '(none)'}"
-        )
+        raise ValueError(f"embedding.dim must be a positive multiple of 4 (FBGEMM kernels need it), "
+                         f"got {dim}")
+    checked = validate_knobs(entry.knobs, knobs, f"embedding.{method}")
     if weighted is None:
         is_w = getattr(features, "is_weighted", None)
         weighted = bool(is_w()) if callable(is_w) else False
     budget_bytes = resolve_budget(budget, specs, dim)
-    if weighted:
-        if "weighted" not in inspect.signature(cls.__init__).parameters:
-            raise ValueError(f"embedding method {method!r} does not support per-id weights (weighted=True)")
-        knobs["weighted"] = True
     # One draw of the caller's RNG whatever the method builds (see table_init): the dense
     # layers a model builds next start from the same RNG state for every method.
     seed = module_seed()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence, device=device,
-                   **knobs)
+        return entry.cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                         device=device, weighted=weighted, **checked.values())
 
 
 def plan(features, method: str = "full", dim: int | None = None, budget: float | int | str | None = None,
          dtype: str = "fp32", **knobs: Any):
     """What ``build`` would allocate, without building anything: the method's pure sizing
     function (rows/radices per feature, ``.bytes``, ``.num_parameters``). Errors like build."""
-    cls = get_method(method)
+    entry = METHODS.get(method)
     specs = as_feature_specs(features)
     dim = _dim_of(features) if dim is None else dim
-    unknown = sorted(set(knobs) - set(method_knobs(method)))
-    if unknown:
-        raise ValueError(f"unknown knob(s) {unknown} for embedding method {method!r}; "
-                         f"valid knobs: {', '.join(method_knobs(method)) or '(none)'}")
-    fn = getattr(cls, "plan_fn", None)
-    if fn is None:
-        raise ValueError(f"embedding method {method!r} has no sizing function (plan_fn)")
-    sizing = {k: v for k, v in knobs.items() if k in inspect.signature(fn).parameters}
-    return fn(specs, dim, resolve_budget(budget, specs, dim), dtype, **sizing)
+    checked = validate_knobs(entry.knobs, knobs, f"embedding.{method}")
+    if entry.plan is None:
+        raise ValueError(f"embedding method {method!r} has no sizing function (register(..., plan=))")
+    return entry.plan(specs, dim, resolve_budget(budget, specs, dim), dtype, **checked.sizing())
 
 
 DEFAULT_DIM = 16
@@ -134,18 +183,13 @@ def _dim_of(features) -> int:
     elif hasattr(features, "embedding_configs"):
         configs = features.embedding_configs()
     else:
-        configs = [f for f in features if hasattr(f, "embedding_dim")] if isinstance(features, (list, tuple)) else []
+        configs = ([f for f in features if hasattr(f, "embedding_dim")]
+                   if isinstance(features, (list, tuple)) else [])
     dims = sorted({int(c.embedding_dim) for c in configs})
     if len(dims) > 1:
-        raise ValueError(f"the tables being replaced have several widths {dims}; every method outputs one `dim` "
-                         "per feature, so pass dim= explicitly")
+        raise ValueError(f"the tables being replaced have several widths {dims}; every method outputs one "
+                         "`dim` per feature, so pass dim= explicitly")
     return dims[0] if dims else DEFAULT_DIM
-
-
-def _import_builtin_methods() -> None:
-    from embtables.embeddings import load_methods
-
-    load_methods()
 
 
 def support_table() -> str:
@@ -172,7 +216,7 @@ def support_table() -> str:
             except ValueError:
                 types.append("see the method's docs (needs knobs to build)")
         ids = "`[0, cardinality)`" if c.bounded_ids else "any id >= 0"
-        rows.append(f"| `{name}` | {yes(c.pooled)} | {yes(c.sequence)} | {yes(c.weighted)} | {types[0]}; {types[1]} "
-                    f"| {yes(c.pipelined)} | {yes(c.multi_rank)} | {yes(c.fx_traceable)} | {yes(c.exportable)} "
-                    f"| {ids} |")
+        rows.append(f"| `{name}` | {yes(c.pooled)} | {yes(c.sequence)} | {yes(c.weighted)} "
+                    f"| {types[0]}; {types[1]} | {yes(c.pipelined)} | {yes(c.multi_rank)} "
+                    f"| {yes(c.fx_traceable)} | {yes(c.exportable)} | {ids} |")
     return "\n".join(rows) + "\n"

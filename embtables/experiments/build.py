@@ -1,16 +1,24 @@
-"""From config sections to modules: the embedding factory a model builder receives, and
-the model."""
+"""From config sections to modules: the embedding factory a model builder receives, the
+model, and a :class:`~embtables.experiments.trainer.Trainer` with everything it trains."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from embtables.embeddings import EmbeddingMethod, FeatureSpec, build
 from embtables.embeddings.factory import MakeEmbedding
 from embtables.experiments.config import EmbeddingSection, ExperimentConfig
+from embtables.experiments.evaluate import Evaluator
+from embtables.experiments.optim import attach_embedding_optimizer, build_optimizers
+from embtables.experiments.trainer import TrainData, Trainer, TrainStep, UsesDatasetStats, measure_sizes
 from embtables.models import get_model
+from embtables.sharding import DistContext, shard_model
 
 
 def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbedding:
@@ -28,7 +36,7 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
             dtype=embedding_cfg.dtype,
             sequence=sequence,
             device=device,
-            **embedding_cfg.knobs(method),
+            **embedding_cfg.module_knobs(method),
         )
 
     return make
@@ -37,3 +45,27 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
 def build_model(cfg: ExperimentConfig, schema, device=None) -> nn.Module:
     entry = get_model(cfg.model.name)
     return entry.builder(cfg.model.knobs(), schema, embedding_factory(cfg.embedding, device), device=device)
+
+
+def build_trainer(cfg: ExperimentConfig, schema, data_root: Path, ctx: DistContext, run_dir: Path | None, *,
+                  for_training: bool = True,
+                  extra_param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None) -> Trainer:
+    """Everything a :class:`Trainer` trains, built from the config: the model (seeded),
+    its dataset statistics, the fused embedding optimizer, the sharded model, the dense
+    optimizer (plus ``extra_param_groups(model)``, groups with their own settings), the
+    evaluator and, ``for_training``, the training stream."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg, schema)
+    if isinstance(model, UsesDatasetStats):
+        model.load_dataset_stats(data_root)  # e.g. id frequencies for DIN's mini-batch aware L2
+    sizes = measure_sizes(model)
+    attach_embedding_optimizer(model, cfg.train.embedding_optimizer, ctx.device.type)
+    dmp = shard_model(TrainStep(model), cfg.sharding, ctx)
+    inner = dmp.module.model  # the model object DMP wraps (its tables are now sharded)
+    groups = extra_param_groups(inner) if extra_param_groups is not None else None
+    optimizers = build_optimizers(dmp, inner, cfg.train.dense_optimizer, groups)
+    evaluator = Evaluator(dmp, cfg, schema, data_root, ctx)
+    data = TrainData(cfg, schema, data_root, ctx, run_dir) if for_training else None
+    return Trainer(cfg, schema, data_root, ctx, run_dir, model=dmp, inner=inner, optimizers=optimizers,
+                   sizes=sizes, evaluator=evaluator, data=data)

@@ -3,24 +3,43 @@
 One pydantic model per section; unknown keys, wrong types and missing values are
 errors naming the key path. Method knobs live under ``embedding.<method>`` and model
 knobs under ``model.<name>``, and are checked against the method's / model's own
-knobs.
+registered knobs model (plus, for a method whose experiment has stages of its own, the
+settings those stages read: ``STAGE_SETTINGS``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from embtables.embeddings.budget import parse_budget_value
+from embtables.embeddings.registry import knobs_model, list_methods, validate_knobs
+from embtables.models import get_model, list_models
+from embtables.registry import Registry
 from embtables.sharding.config import ShardingConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+#: Method -> the settings its experiment's stages read from ``embedding.<method>``, beside
+#: the module's own knobs (OptEmbed: search and retrain). ``stages.register_pipeline``
+#: fills it; the stage pipelines register on import of ``stages``.
+STAGE_SETTINGS: Registry[type[BaseModel]] = Registry(
+    "stage settings", builtins=("embtables.experiments.stages",))
 
 
 class ConfigError(ValueError):
@@ -34,12 +53,15 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     path: str = Field("data/synth-criteo", description="dataset directory (holds schema.json)")
     train_split: str = "train"
-    valid_split: str | None = Field("valid", description="evaluated every train.eval_every steps; null = none")
+    valid_split: str | None = Field("valid",
+                                    description="evaluated every train.eval_every steps; null = none")
     test_split: str | None = Field("test", description="evaluated at the end; null = report validation")
     shuffle: bool = Field(True, description="seeded per-epoch shuffle of row groups and a shuffle buffer")
-    shuffle_buffer: int = Field(65536, ge=0, description="rows in the shuffle buffer (0 = row-group order only)")
+    shuffle_buffer: int = Field(65536, ge=0,
+                                description="rows in the shuffle buffer (0 = row-group order only)")
     prefetch: int = Field(2, ge=0, description="batches read ahead in a background thread")
-    max_train_rows: int | None = Field(None, ge=1, description="train on N rows per epoch (the first N, or a fresh shuffled N each epoch)")
+    max_train_rows: int | None = Field(
+        None, ge=1, description="train on N rows per epoch (the first N, or a fresh shuffled N each epoch)")
     max_eval_rows: int | None = Field(None, ge=1, description="evaluate on the first N rows of a split")
 
 
@@ -49,7 +71,8 @@ class EmbeddingSection(Strict):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: str = Field("full", description="registered method: `embtables list` shows them")
     dim: int = Field(16, ge=4, description="output width per feature (multiple of 4)")
-    budget: float | int | str | None = Field(None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
+    budget: float | int | str | None = Field(
+        None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
 
     @field_validator("dim")
@@ -69,29 +92,51 @@ class EmbeddingSection(Strict):
 
     @model_validator(mode="after")
     def _check_method_and_knobs(self) -> EmbeddingSection:
-        from embtables.embeddings import list_methods, method_knobs
-
-        methods = list_methods()
-        if self.method not in methods:
-            raise ValueError(f"unknown method {self.method!r} at embedding.method; valid: {', '.join(methods)}")
+        sections = method_sections()
+        if self.method not in sections:
+            raise ValueError(f"unknown method {self.method!r} at embedding.method; "
+                             f"valid: {', '.join(sections)}")
         for key, val in (self.model_extra or {}).items():
-            if key not in methods:
+            if key not in sections:
                 raise ValueError(
                     f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, "
-                    f"or a method name holding its knobs ({', '.join(methods)})"
+                    f"or a method name holding its knobs ({', '.join(sections)})"
                 )
             if val is None:
                 continue
             if not isinstance(val, dict):
                 raise ValueError(f"embedding.{key} must be a mapping of knobs, got {type(val).__name__}")
-            valid = method_knobs(key)
-            bad = sorted(set(val) - set(valid))
-            if bad:
-                raise ValueError(f"unknown knob(s) {bad} at embedding.{key}; valid knobs: {', '.join(valid) or '(none)'}")
+            validate_knobs(sections[key], val, f"embedding.{key}")
         return self
 
     def knobs(self, method: str | None = None) -> dict[str, Any]:
+        """``embedding.<method>`` as written (the method's knobs and its stages' settings)."""
         return dict((self.model_extra or {}).get(method or self.method) or {})
+
+    def module_knobs(self, method: str | None = None) -> dict[str, Any]:
+        """The knobs of ``embedding.<method>`` that the module takes (``build(**knobs)``)."""
+        method = method or self.method
+        own = knobs_model(method).model_fields
+        return {k: v for k, v in self.knobs(method).items() if k in own}
+
+    def settings(self, method: str | None = None) -> BaseModel:
+        """``embedding.<method>`` validated, every default filled in: the module's knobs
+        and the settings of the method's stages."""
+        method = method or self.method
+        return validate_knobs(method_sections()[method], self.knobs(method), f"embedding.{method}")
+
+
+def method_sections() -> dict[str, type[BaseModel]]:
+    """Method -> the model of its ``embedding.<method>`` section: the method's knobs model,
+    merged with its stages' settings (``STAGE_SETTINGS``) when it has any."""
+    return {m: _section_model(knobs_model(m), STAGE_SETTINGS.find(m)) for m in list_methods()}
+
+
+@functools.cache
+def _section_model(knobs: type[BaseModel], settings: type[BaseModel] | None) -> type[BaseModel]:
+    if settings is None:
+        return knobs
+    return create_model(f"{knobs.__name__}Section", __base__=(settings, knobs))  # knobs first
 
 
 class ModelSection(Strict):
@@ -102,14 +147,13 @@ class ModelSection(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
-        from embtables.models import get_model, list_models
-
         names = list_models()
         if self.name not in names:
             raise ValueError(f"unknown model {self.name!r} at model.name; valid: {', '.join(names)}")
         for key, val in (self.model_extra or {}).items():
             if key not in names:
-                raise ValueError(f"unknown key model.{key}; valid: name, or a model name ({', '.join(names)})")
+                raise ValueError(f"unknown key model.{key}; valid: name, or a model name "
+                                 f"({', '.join(names)})")
             try:
                 get_model(key).config_cls.model_validate(val or {})
             except ValidationError as e:
@@ -117,7 +161,7 @@ class ModelSection(Strict):
         return self
 
     def knobs(self) -> BaseModel:
-        entry = __import__("embtables.models", fromlist=["get_model"]).get_model(self.name)
+        entry = get_model(self.name)
         return entry.config_cls.model_validate((self.model_extra or {}).get(self.name) or {})
 
 
@@ -145,7 +189,8 @@ class ScheduleConfig(Strict):
 
 
 class TrainConfig(Strict):
-    batch_size: int = Field(4096, ge=1, description="global batch; each process takes batch_size / world_size")
+    batch_size: int = Field(4096, ge=1,
+                            description="global batch; each process takes batch_size / world_size")
     epochs: int = Field(1, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
@@ -153,11 +198,16 @@ class TrainConfig(Strict):
     embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    threads: int | None = Field(None, ge=1, description="torch threads per process (default: cores / processes)")
+    threads: int | None = Field(None, ge=1,
+                                description="torch threads per process (default: cores / processes)")
     checkpoint: bool = Field(True, description="checkpoint at each evaluation (for --resume)")
-    tensorboard: bool = Field(False, description="write TensorBoard scalars to <run>/tensorboard (needs tensorboard)")
+    tensorboard: bool = Field(
+        False, description="write TensorBoard scalars to <run>/tensorboard (needs tensorboard)")
     log_every: int = Field(50, ge=1, description="steps between progress-bar loss updates")
     progress: bool = Field(True, description="show the progress bar")
+    pipeline: Literal["sparse_dist", "loop"] = Field(
+        "sparse_dist", description="how steps run: `sparse_dist` (TorchRec's TrainPipelineSparseDist; a "
+        "model fx cannot trace runs the loop) or `loop` (one batch at a time); the same numbers")
 
 
 class ExperimentConfig(Strict):
@@ -188,7 +238,8 @@ def _format_validation(err: ValidationError, prefix: str = "", source: str = "",
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not allowed here)"
         where = f"{loc}: " if loc else ""
-        got = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing", "value_error") else ""
+        quiet = ("extra_forbidden", "missing", "value_error")
+        got = f" (got {e['input']!r})" if e["type"] not in quiet else ""
         lines.append(f"  {where}{msg}{got}")
     if not head:
         return "; ".join(line.strip() for line in lines)
@@ -215,7 +266,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
-    raise ConfigError(f"no config file {name_or_path!r} and no shipped config of that name; shipped: {', '.join(shipped_configs())}")
+    raise ConfigError(f"no config file {name_or_path!r} and no shipped config of that name; "
+                      f"shipped: {', '.join(shipped_configs())}")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -231,7 +283,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """``["embedding.method=qr", "train.batch_size=1024"]``: values parsed as YAML scalars."""
     data = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    items = (overrides.items() if isinstance(overrides, dict)
+             else [_split_override(o) for o in overrides or []])
     for key, value in items:
         node = data
         parts = key.split(".")
@@ -256,7 +309,8 @@ def _split_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(
-    config: str | Path | dict[str, Any] | ExperimentConfig, overrides: list[str] | dict[str, Any] | None = None
+    config: str | Path | dict[str, Any] | ExperimentConfig,
+    overrides: list[str] | dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """A shipped name, a YAML path, a dict or an ExperimentConfig, plus overrides."""
     source = ""

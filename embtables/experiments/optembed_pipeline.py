@@ -34,16 +34,20 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from embtables.datasets.reader import BatchReader
-from embtables.embeddings import FeatureSpec, features_from_schema, knob_defaults, resolve_budget
+from embtables.embeddings import FeatureSpec, features_from_schema, resolve_budget
 from embtables.embeddings.optembed import OptEmbed, gather_rows, make_artefact, plan_optembed, save_artefact
-from embtables.experiments import metrics as M
-from embtables.experiments.build import build_model
+from embtables.experiments.build import build_model, build_trainer
 from embtables.experiments.config import ExperimentConfig
 from embtables.experiments.jsonfile import read_json, write_json
 from embtables.experiments.optembed_search import EvolutionarySearch
-from embtables.experiments.optim import dense_optimizer
 from embtables.experiments.rundir import RunDir
-from embtables.experiments.stages import Stage, StageContext, register_pipeline, train_with_resume
+from embtables.experiments.stages import (
+    OptEmbedStageSettings,
+    Stage,
+    StageContext,
+    register_pipeline,
+    train_with_resume,
+)
 from embtables.experiments.summary import make_summary
 from embtables.experiments.trainer import Trainer
 
@@ -51,29 +55,24 @@ STAGES = ("supernet", "search", "retrain")
 SUPERNET = "optembed/supernet"
 
 
-class SupernetTrainer(Trainer):
+def supernet_trainer(cfg: ExperimentConfig, schema, data_root: Path, ctx, run_dir: Path | None,
+                     threshold_lr: float, for_training: bool = True) -> Trainer:
     """The runner's Trainer; the thresholds get their own parameter group (own LR, no
     weight decay) in the dense optimizer, so they keep the checkpoint/LR-schedule path."""
 
-    def __init__(self, cfg: ExperimentConfig, schema, data_root: Path, ctx, run_dir: Path | None,
-                 threshold_lr: float, for_training: bool = True) -> None:
-        super().__init__(cfg, schema, data_root, ctx, run_dir, for_training=for_training)
-        self.supernet = optembed_module(self.inner)
-        thr = self.supernet.thresholds
-        params = [p for g in self.dense_opt.param_groups for p in g["params"]]
-        rest = [p for p in params if p is not thr]
-        if len(rest) != len(params) - 1:
-            raise RuntimeError("internal: the OptEmbed thresholds are not among the dense parameters")
-        self.dense_opt = dense_optimizer(rest, cfg.train.dense_optimizer)
-        self.dense_opt.add_param_group({"params": [thr], "lr": threshold_lr, "weight_decay": 0.0})
-        self.optimizers = [self.dense_opt, self.fused_opt]
-        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
+    def threshold_group(model: torch.nn.Module) -> list[dict[str, Any]]:
+        thr = optembed_module(model).thresholds
+        return [{"params": [thr], "lr": threshold_lr, "weight_decay": 0.0}]
+
+    return build_trainer(cfg, schema, data_root, ctx, run_dir, for_training=for_training,
+                         extra_param_groups=threshold_group)
 
 
 def optembed_module(model: torch.nn.Module) -> OptEmbed:
     mods = [m for m in model.embedding_modules().values() if isinstance(m, OptEmbed)]
     if len(mods) != 1:
-        raise ValueError(f"optembed: the model must hold exactly one OptEmbed embedding module, found {len(mods)}")
+        raise ValueError(
+            f"optembed: the model must hold exactly one OptEmbed embedding module, found {len(mods)}")
     return mods[0]
 
 
@@ -88,7 +87,7 @@ def module_prefix(model: torch.nn.Module, target: torch.nn.Module) -> str:
 
 
 def resolved_knobs(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {**knob_defaults("optembed"), **cfg.embedding.knobs("optembed")}
+    return dict(cfg.embedding.settings("optembed"))
 
 
 def stage_config(cfg: ExperimentConfig, stage: str, knobs: dict[str, Any], artefact: Path | None = None
@@ -175,11 +174,11 @@ class SupernetStage(Stage):
         if sc.ctx.is_main:
             s1.create()
             s1.write_config(s1_cfg.to_yaml())
-        trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, s1.path, knobs["threshold_lr"])
+        trainer = supernet_trainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, s1.path, knobs["threshold_lr"])
         # The stage's folder exists only for this run: a checkpoint there is ours to go on from.
         final = train_with_resume(sc, trainer, s1, resume=True, label="supernet")
         features = features_from_schema(sc.schema)
-        sup = trainer.supernet
+        sup = optembed_module(trainer.inner)
         tables = table_tensors(trainer, sup, "embeddings")
         thr = sup.thresholds.detach().float().cpu()
         kept = [int((tables[f.name][1:].abs().sum(1) > thr[i]).sum()) for i, f in enumerate(features)]
@@ -211,7 +210,11 @@ class SearchStage(Stage):
 
     def stage_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
         data = cfg.model_dump(mode="json")
-        (data["embedding"].get("optembed") or {}).pop("retrain_epochs", None)
+        own = data["embedding"].get("optembed") or {}
+        own.pop("retrain_epochs", None)
+        # A finished run's config.yaml names its own exported table (for `predict`); the search
+        # never reads it, so a run branched from it with --from must not count it as a change.
+        own.pop("artefact", None)
         return ExperimentConfig.model_validate(data)
 
     def run(self, sc: StageContext) -> None:
@@ -221,12 +224,12 @@ class SearchStage(Stage):
         t0 = time.perf_counter()
         trainer = sc.shared.pop("supernet_trainer", None)
         if trainer is None:
-            trainer = SupernetTrainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, None, knobs["threshold_lr"],
-                                      for_training=False)
+            trainer = supernet_trainer(s1_cfg, sc.schema, sc.data_root, sc.ctx, None, knobs["threshold_lr"],
+                                       for_training=False)
             ckpt = s1.latest_checkpoint()
             if ckpt is None:
-                raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search on "
-                                        "(train.checkpoint must stay true for OptEmbed)")
+                raise FileNotFoundError(f"{s1.path}: the supernet finished but left no checkpoint to search "
+                                        "on (train.checkpoint must stay true for OptEmbed)")
             trainer.load_checkpoint(ckpt)
         search_stage(sc.cfg, s1_cfg, knobs, trainer, features_from_schema(sc.schema), sc.schema, sc.data_root,
                      sc.ctx, sc.run.path / "optembed", sc.quiet, seconds_before=time.perf_counter() - t0)
@@ -253,7 +256,7 @@ class RetrainStage(Stage):
         sc.say(f"== optembed [3/3] retrain: {r_cfg.train.epochs} epoch(s), init={knobs['retrain_init']}, "
                f"widths {search['dims']}")
         t0 = time.perf_counter()
-        trainer = Trainer(r_cfg, sc.schema, sc.data_root, sc.ctx, run.path)
+        trainer = build_trainer(r_cfg, sc.schema, sc.data_root, sc.ctx, run.path)
         if not (sc.resume and run.checkpoints()) and (root / "retrain_dense.pt").exists():
             dense = torch.load(root / "retrain_dense.pt", weights_only=True)
             _, unexpected = trainer.model.load_state_dict(dense, strict=False)
@@ -276,7 +279,8 @@ class RetrainStage(Stage):
             "rows_pruned_share": round(plan.rows_pruned_share, 6),
             "dims": dict(zip([f.name for f in features], plan.dims, strict=True)),
             "kept": dict(zip([f.name for f in features], plan.kept, strict=True)),
-            "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"], "search_fitness": search["fitness"],
+            "thresholds": s1["thresholds"], "supernet_valid_auc": s1["valid_auc"],
+            "search_fitness": search["fitness"],
             "search_evaluations": search["evaluations"], "retrain_init": knobs["retrain_init"],
             "budget_bytes": search.get("budget_bytes"), "stage_seconds": seconds,
             "export": str(root / "export.pt"),
@@ -299,7 +303,8 @@ class RetrainStage(Stage):
         return summary
 
 
-register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()])
+register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()],
+                  settings=OptEmbedStageSettings)
 
 
 def _fmt(x: float | None) -> str:
@@ -330,14 +335,15 @@ def validation_batches(cfg: ExperimentConfig, data_root: Path, ctx, rows: int) -
     return out
 
 
-def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[str, Any], trainer: SupernetTrainer,
+def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[str, Any], trainer: Trainer,
                  features: list[FeatureSpec], schema, data_root: Path, ctx, root: Path, quiet: bool,
                  seconds_before: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter() - seconds_before
-    sup = trainer.supernet
+    sup = optembed_module(trainer.inner)
     tables = table_tensors(trainer, sup, "embeddings")
     thr = sup.thresholds.detach().float().cpu()
-    kept_ids = [torch.nonzero(tables[f.name][1:].abs().sum(1) > thr[i]).flatten() for i, f in enumerate(features)]
+    kept_ids = [torch.nonzero(tables[f.name][1:].abs().sum(1) > thr[i]).flatten()
+                for i, f in enumerate(features)]
     kept = [int(k.numel()) for k in kept_ids]
     dim, dtype = cfg.embedding.dim, cfg.embedding.dtype
     budget = resolve_budget(cfg.embedding.budget, features, dim)
@@ -347,28 +353,22 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
 
     seed = knobs["search_seed"] if knobs["search_seed"] is not None else cfg.seed
     search = EvolutionarySearch(
-        len(features), dim, knobs["dim_step"], population=knobs["population"], mutation_num=knobs["mutation_num"],
-        crossover_num=knobs["crossover_num"], parents=knobs["parents"], iterations=knobs["search_iterations"],
-        mutation_prob=knobs["mutation_prob"], seed=seed, cost=cost, budget=budget)
+        len(features), dim, knobs["dim_step"], population=knobs["population"],
+        mutation_num=knobs["mutation_num"], crossover_num=knobs["crossover_num"], parents=knobs["parents"],
+        iterations=knobs["search_iterations"], mutation_prob=knobs["mutation_prob"], seed=seed, cost=cost,
+        budget=budget)
     batches = validation_batches(cfg, data_root, ctx, knobs["search_rows"])
-    model = trainer.model
+    evaluator = trainer.evaluator
+    rows = sum(b.labels.numel() for b in batches) * ctx.world_size
     _say(ctx, quiet, f"== optembed [2/3] search: {knobs['search_iterations']} generations, population "
-                     f"{knobs['population']}, fitness = AUC on {sum(b.labels.numel() for b in batches) * ctx.world_size:,}"
-                     f" validation rows" + (f", budget {budget:,} bytes" if budget else ""))
+                     f"{knobs['population']}, fitness = AUC on {rows:,} validation rows"
+                     + (f", budget {budget:,} bytes" if budget else ""))
 
     @torch.no_grad()
     def fitness(dims: tuple[int, ...]) -> float:
         sup.set_eval_dims(dims)
-        model.eval()
-        probs = [torch.sigmoid(model(b.dense_features, b.sparse_features).float()).numpy() for b in batches]
-        model.train()
+        auc = evaluator.auc_of_batches(batches)
         sup.set_eval_dims(None)
-        p, y = np.concatenate(probs), np.concatenate([b.labels.numpy() for b in batches])
-        if ctx.world_size > 1:
-            gathered: list = [None] * ctx.world_size
-            dist.all_gather_object(gathered, (p, y))
-            p, y = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
-        auc = M.auc(y, p)
         return math.nan if auc is None else auc
 
     sup.enable_lookup_cache()
@@ -399,8 +399,9 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         dense_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()
                        if not k.startswith(prefix) and not isinstance(v, ShardedTensor)}
     out = {"dims": list(result.dims), "fitness": result.fitness, "evaluations": result.evaluations,
-           "kept": kept, "thresholds": thr.tolist(), "budget_bytes": budget, "num_parameters": plan.num_parameters,
-           "bytes": plan.bytes, "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history,
+           "kept": kept, "thresholds": thr.tolist(), "budget_bytes": budget,
+           "num_parameters": plan.num_parameters, "bytes": plan.bytes,
+           "rows_pruned_share": plan.rows_pruned_share, "seed": seed, "history": result.history,
            "seconds": round(time.perf_counter() - t0, 1)}
     if ctx.is_main:
         art = make_artefact(features, dim, list(result.dims), kept_ids, init_tables, thresholds=thr.tolist())
@@ -410,6 +411,6 @@ def search_stage(cfg: ExperimentConfig, s1_cfg: ExperimentConfig, knobs: dict[st
         write_json(root / "search.json", out)
     if ctx.world_size > 1:
         dist.barrier()
-    _say(ctx, quiet, f"== search: widths {list(result.dims)}, fitness auc={result.fitness:.4f}, exported table "
-                     f"{plan.bytes:,} bytes ({plan.num_parameters:,} parameters)")
+    _say(ctx, quiet, f"== search: widths {list(result.dims)}, fitness auc={result.fitness:.4f}, exported "
+                     f"table {plan.bytes:,} bytes ({plan.num_parameters:,} parameters)")
     return out

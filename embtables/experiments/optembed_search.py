@@ -76,9 +76,9 @@ class EvolutionarySearch:
             narrow = (step,) * num_fields
             if cost(narrow) > budget:
                 raise SearchInfeasible(
-                    f"even the narrowest candidate (every field {step} wide) costs {cost(narrow)} bytes, over the "
-                    f"budget {budget}: prune more rows (raise embedding.optembed.alpha or threshold_lr) or raise "
-                    "embedding.budget")
+                    f"even the narrowest candidate (every field {step} wide) costs {cost(narrow)} bytes, "
+                    f"over the budget {budget}: prune more rows "
+                    "(raise embedding.optembed.alpha or threshold_lr) or raise embedding.budget")
 
     # ---- operators (pure given the RNG; never modify their inputs) -----------------------
     def feasible(self, cand: Candidate) -> bool:
@@ -139,8 +139,8 @@ class EvolutionarySearch:
             rng = np.random.default_rng()
             rng.bit_generator.state = st["rng"]
         cache: dict[Candidate, float] = st["cache"]
-        bar = tqdm(total=self.iterations, initial=st["iteration"], desc="search", unit="gen", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.iterations, initial=st["iteration"], desc="search", unit="gen",
+                   disable=not progress, dynamic_ncols=True)
         while st["iteration"] < self.iterations:
             pop: list[Candidate] = st["population"]
             for c in pop:

@@ -4,12 +4,17 @@ for the dense parts, and a step -> LR factor schedule applied to both."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchrec.optim as trec_optim
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtables.experiments.config import DenseOptimizerConfig, EmbeddingOptimizerConfig, ScheduleConfig
 
@@ -36,8 +41,8 @@ def attach_embedding_optimizer(model: nn.Module, cfg: EmbeddingOptimizerConfig, 
         # FBGEMM's CPU kernels have no fused Adam: say so now, not from deep inside DMP.
         raise ValueError(
             "train.embedding_optimizer.name: adam is not available for embedding tables on CPU "
-            "(FBGEMM's CPU kernels fuse only sgd, adagrad and rowwise_adagrad); use rowwise_adagrad or adagrad, "
-            "or run with sharding.device: cuda"
+            "(FBGEMM's CPU kernels fuse only sgd, adagrad and rowwise_adagrad); use rowwise_adagrad or "
+            "adagrad, or run with sharding.device: cuda"
         )
     kwargs: dict = {"lr": cfg.lr}
     if cfg.name in ("rowwise_adagrad", "adagrad", "adam"):
@@ -72,3 +77,56 @@ def set_lr(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]],
     for opt, bases in zip(optimizers, base_lrs, strict=True):
         for group, base in zip(opt.param_groups, bases, strict=True):
             group["lr"] = base * factor
+
+
+@dataclass
+class Optimizers:
+    """The dense optimizer and the fused embedding optimizer of one model, stepped together
+    (also the optimizer TorchRec's train pipelines are given: ``zero_grad`` and ``step``)."""
+
+    dense: torch.optim.Optimizer
+    fused: KeyedOptimizer
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.dense, self.fused]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> None:
+        self.dense.step()
+        self.fused.step()  # applies the scheduled LR to FBGEMM's fused update
+
+
+def fused_optimizer(model: nn.Module) -> CombinedOptimizer:
+    """The fused optimizers of the sharded tables under ``model``, keyed by their paths from
+    ``model`` (what DMP's ``fused_optimizer`` holds when ``model`` is the module it wraps)."""
+    found: list[tuple[str, KeyedOptimizer]] = []
+
+    def walk(module: nn.Module, path: str) -> None:
+        if isinstance(module, FusedOptimizerModule):
+            found.append((path, module.fused_optimizer))
+            return
+        for name, child in module.named_children():
+            walk(child, f"{path}.{name}" if path else name)
+
+    walk(model, "")
+    return CombinedOptimizer(found)
+
+
+def build_optimizers(dmp: nn.Module, model: nn.Module, cfg: DenseOptimizerConfig,
+                     extra_groups: list[dict[str, Any]] | None = None) -> Optimizers:
+    """The dense optimizer over every parameter of ``dmp`` the fused optimizer does not
+    update, plus ``extra_groups`` (parameter groups with their own settings; their
+    parameters are taken out of the default group), and the fused optimizer of ``model``'s
+    sharded tables (``model``: the module inside ``dmp`` that checkpoints are keyed from)."""
+    extra_groups = extra_groups or []
+    own = {id(p) for g in extra_groups for p in g["params"]}
+    params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False)]
+    rest = [p for p in params if id(p) not in own]
+    if len(rest) != len(params) - len(own):
+        raise RuntimeError("internal: a parameter of an extra optimizer group is not a dense parameter")
+    dense = dense_optimizer(rest, cfg)
+    for group in extra_groups:
+        dense.add_param_group(dict(group))
+    return Optimizers(dense, fused_optimizer(model))

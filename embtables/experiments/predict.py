@@ -21,11 +21,11 @@ import torch.distributed as dist
 
 from embtables.datasets.schema import DatasetSchema, load_schema
 from embtables.experiments import metrics as M
+from embtables.experiments.build import build_trainer
 from embtables.experiments.config import load_config, read_yaml
 from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.export import SCHEMA_FILE, is_artefact, load_artefact, score
 from embtables.experiments.rundir import RunDir
-from embtables.experiments.trainer import Trainer
 from embtables.sharding import init_distributed
 
 
@@ -132,9 +132,9 @@ def predict(run_dir: str | Path, data: str | Path, out: str | Path, split: str |
         raise FileNotFoundError(f"{rd.path}: no checkpoint to predict with (was train.checkpoint false?)")
     ctx = init_distributed("cpu", cfg.sharding.timeout_s)
     try:
-        trainer = Trainer(cfg, train_schema, data, ctx, None, for_training=False)
+        trainer = build_trainer(cfg, train_schema, data, ctx, None, for_training=False)
         trainer.load_checkpoint(ckpt)
-        return _write(out, {s: trainer.predict_split(s, root=data) for s in splits})
+        return _write(out, {s: trainer.evaluator.predict_split(s, root=data) for s in splits})
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()

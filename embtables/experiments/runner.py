@@ -75,8 +75,8 @@ def peer_table(ctx) -> list[tuple[int, str, str]]:
     return table
 
 
-_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
-                 "Connection refused", "NCCL communicator was aborted")
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
+                 "timed out", "Connection refused", "NCCL communicator was aborted")
 
 
 def lost_peer(e: BaseException, ctx, peers: list[tuple[int, str, str]], run_dir: Path) -> PeerLost | None:
@@ -96,8 +96,10 @@ def resolve_data_root(path: str) -> Path:
     if not (root / "schema.json").exists():
         hint = ""
         if root.name == "synth-criteo" or str(path) == "data/synth-criteo":
-            hint = " Generate it with `make data` or `embtables data synth --rows 1000000 --out data/synth-criteo`."
-        raise FileNotFoundError(f"data.path: {root} holds no schema.json, so it is not a converted dataset.{hint}")
+            hint = (" Generate it with `make data` or `embtables data synth --rows 1000000 --out "
+                    "data/synth-criteo`.")
+        raise FileNotFoundError(
+            f"data.path: {root} holds no schema.json, so it is not a converted dataset.{hint}")
     return root
 
 
@@ -124,8 +126,9 @@ def claim_new_run_dir(run_dir: Path, overwrite: bool) -> Path | None:
         return None
     if not overwrite:
         what = "a run" if rd.is_run_dir() else "files"
-        raise RunDirError(f"--run-dir {run_dir} already holds {what}: continue it with `embtables run --resume "
-                          f"{run_dir}`, choose another --run-dir, or add --overwrite to move the old one aside")
+        raise RunDirError(f"--run-dir {run_dir} already holds {what}: continue it with `embtables run "
+                          f"--resume {run_dir}`, choose another --run-dir, or add --overwrite to move the "
+                          "old one aside")
     busy = rd.held_by_other()
     if busy:
         raise RunDirError(f"--overwrite {run_dir}: it is in use by {busy}")
@@ -147,8 +150,9 @@ def resume_config(run_dir: Path, overrides: list[str] | dict[str, Any] | None) -
             diff.remove("data.path")  # the same dataset, moved
         if diff:
             raise ConfigError(
-                f"--resume {run_dir}: --set would change {', '.join(diff)}, which change(s) the results of a run "
-                f"already under way; on --resume only {', '.join(sorted(RESULT_NEUTRAL - {'name'}))} may change. "
+                f"--resume {run_dir}: --set would change {', '.join(diff)}, which change(s) the results of a "
+                f"run already under way; on --resume only {', '.join(sorted(RESULT_NEUTRAL - {'name'}))} may "
+                "change. "
                 f"Start a new run instead (a new --run-dir, or `embtables run --from {run_dir} --stage STAGE "
                 "--set ...` to reuse its finished stages)")
     return cfg
@@ -259,8 +263,9 @@ def _run(cfg, ctx, run_dir, resuming, stop_after_step, quiet, overwrite, from_ru
         except StopRequested:
             step = sc.shared.get("stopped_at_step")
             if stop.signal_name is not None:
-                msg = (f"stopped by {stop.signal_name}" + (f" in stage {current.name}" if len(stages) > 1 else "")
-                       + f" after a checkpoint; continue with: embtables run --resume {rd.path}")
+                where = f" in stage {current.name}" if len(stages) > 1 else ""
+                msg = (f"stopped by {stop.signal_name}{where} after a checkpoint; continue with: "
+                       f"embtables run --resume {rd.path}")
                 if ctx.is_main:
                     _tell(f"== {msg}")
                 raise RunInterrupted(msg, rd.path, step, stop.signal_name) from None

@@ -5,7 +5,12 @@ it knows no method by name. Most experiments are one :class:`TrainStage`; a meth
 experiment has several steps registers its own list (OptEmbed: supernet, search, retrain;
 see ``optembed_pipeline.py``)::
 
-    register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()])
+    register_pipeline("optembed", lambda cfg: [SupernetStage(), SearchStage(), RetrainStage()],
+                      settings=OptEmbedStageSettings)
+
+A pipeline may declare ``settings``: a pydantic model of the keys its stages read from the
+method's config section (``embedding.optembed.population``), beside the module's own knobs.
+The config validates ``embedding.<method>`` against both, once, with the key path.
 
 A stage knows whether its artefacts exist (``done``: ``--resume`` skips it), writes only
 its own artefacts (``artefacts`` names them, relative to the run directory, so that
@@ -20,16 +25,24 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embtables.errors import CheckpointError
-from embtables.experiments.build import build_model
-from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
+from embtables.experiments.build import build_model, build_trainer
+from embtables.experiments.config import (
+    STAGE_SETTINGS,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    read_yaml,
+)
 from embtables.experiments.rundir import RunDir, checkpoint_step
 from embtables.experiments.summary import make_summary
 from embtables.experiments.trainer import StopRequested, Trainer
+from embtables.registry import Registry
 
 
 @dataclass
@@ -139,7 +152,7 @@ class TrainStage(Stage):
         return sc.run.is_finished()
 
     def run(self, sc: StageContext) -> dict[str, Any]:
-        trainer = Trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
+        trainer = build_trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
         final = train_with_resume(sc, trainer, sc.run, resume=sc.resume)
         summary = make_summary(sc.cfg, trainer, final, sc.data_root, sc.ctx.world_size, sc.threads)
         summary["run_dir"] = str(sc.run.path)
@@ -156,17 +169,63 @@ class TrainStage(Stage):
 
 # ---- the registry -----------------------------------------------------------------------------
 
-_PIPELINES: dict[str, Callable[[ExperimentConfig], list[Stage]]] = {}
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The stages of an experiment (``stages(cfg)``) and the settings they read from the
+    method's config section (None: they read none)."""
+
+    stages: Callable[[ExperimentConfig], list[Stage]]
+    settings: type[BaseModel] | None = None
 
 
-def register_pipeline(method: str, factory: Callable[[ExperimentConfig], list[Stage]]) -> None:
-    """The stages of every experiment whose ``embedding.method`` is ``method``."""
-    _PIPELINES[method] = factory
+PIPELINES: Registry[Pipeline] = Registry("pipeline")
+
+
+def register_pipeline(method: str, factory: Callable[[ExperimentConfig], list[Stage]],
+                      settings: type[BaseModel] | None = None) -> None:
+    """The stages of every experiment whose ``embedding.method`` is ``method``; ``settings``
+    validate (with the method's knobs) what the stages read from ``embedding.<method>``."""
+    PIPELINES.add(method, Pipeline(factory, settings))
+    if settings is not None:
+        STAGE_SETTINGS.add(method, settings)
 
 
 def pipeline_for(cfg: ExperimentConfig) -> list[Stage]:
-    factory = _PIPELINES.get(cfg.embedding.method)
-    return factory(cfg) if factory is not None else [TrainStage()]
+    pipeline = PIPELINES.find(cfg.embedding.method)
+    return pipeline.stages(cfg) if pipeline is not None else [TrainStage()]
+
+
+class OptEmbedStageSettings(BaseModel):
+    """What OptEmbed's supernet, search and retrain stages read from ``embedding.optembed``
+    (the module's own knobs: ``embeddings.optembed.OptEmbedKnobs``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold_lr: float = Field(0.01, gt=0, description="learning rate of the row-pruning thresholds "
+                                "(own parameter group, no weight decay)")
+    supernet_epochs: int | None = Field(None, ge=0, description="epochs of the supernet stage; null or 0: "
+                                        "train.epochs")
+    population: int = Field(20, ge=1, description="candidates per generation of the evolutionary search")
+    mutation_num: int = Field(10, ge=0, description="mutants per generation")
+    crossover_num: int = Field(10, ge=0, description="crossover children per generation")
+    parents: int = Field(10, ge=1, description="best candidates the next generation is bred from")
+    mutation_prob: float = Field(0.1, gt=0, le=1, description="probability that a mutant re-draws a "
+                                 "field's width")
+    search_iterations: int = Field(30, ge=1, description="generations of the search")
+    search_rows: int = Field(50_000, ge=1, description="validation rows the fitness (AUC) is measured on")
+    search_seed: int | None = Field(None, description="seed of the search; null: the experiment's seed")
+    retrain_epochs: int | None = Field(None, ge=0, description="epochs of the retrain stage; null or 0: "
+                                       "train.epochs")
+    retrain_init: Literal["rewind", "random", "inherit"] = Field(
+        "rewind", description="the retrain's initial weights: the supernet's initial ones (rewind), "
+        "fresh ones (random) or the trained supernet's (inherit)")
+
+    @model_validator(mode="after")
+    def _next_generation_not_empty(self) -> OptEmbedStageSettings:
+        if self.mutation_num + self.crossover_num < 1:
+            raise ValueError("mutation_num + crossover_num must be >= 1 (the next generation's size)")
+        return self
 
 
 def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str,
@@ -213,6 +272,9 @@ def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str,
 RESULT_NEUTRAL = frozenset({
     "name", "train.threads", "train.progress", "train.log_every", "train.tensorboard", "train.checkpoint",
     "data.prefetch", "sharding.timeout_s",
+    # Same numbers either way (tests/test_train_pipeline.py); run directories written before the
+    # key existed resume.
+    "train.pipeline",
 })
 
 

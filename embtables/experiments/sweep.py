@@ -24,33 +24,33 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from embtables.experiments import jsonfile
 from embtables.experiments.jsonfile import read_json
+from embtables.experiments.protocol import (
+    PROTOCOL_FILE,
+    choose_epochs,
+    choose_lr,
+    group_key,
+    protocol_record,
+)
+from embtables.experiments.report import build_report
 from embtables.experiments.rundir import RunDir, RunDirBusy
+from embtables.experiments.runner import run
 from embtables.experiments.sweep_config import Cell, SweepPlan
-
-PLAN_FILE = "sweep.json"
-CELL_FILE = "cell.json"
-STATUS_FILE = "status.json"
-SUMMARY_FILE = "summary.json"
-ERROR_FILE = "error.txt"
-# Sweep records (cell metadata, knobs, statuses) may hold values JSON has no type for: they
-# are written as their str().
-write_json = partial(jsonfile.write_json, default=str)
-
-
-def cell_state(cell_dir: Path) -> str:
-    """done | failed | skipped | running | pending (from the files alone)."""
-    if RunDir(cell_dir).is_finished():
-        return "done"
-    st = read_json(cell_dir / STATUS_FILE)
-    return st["status"] if st and st.get("status") in ("failed", "skipped", "running") else "pending"
+from embtables.experiments.sweep_dir import (
+    CELL_FILE,
+    ERROR_FILE,
+    PLAN_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    cell_state,
+    write_json,
+)
+from embtables.logs import quiet_libraries
 
 
 def default_sweep_dir(plan: SweepPlan) -> Path:
@@ -65,7 +65,9 @@ def default_threads(jobs: int) -> int:
 # ---- one cell (runs in the sweep's process or in a worker) ------------------------------
 
 
-def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], threads: int | None) -> dict[str, Any]:
+def execute_cell(
+    cell_dir: str, config: dict[str, Any], meta: dict[str, Any], threads: int | None
+) -> dict[str, Any]:
     """Run one cell to completion or to a recorded failure; returns its status record."""
 
     cdir = Path(cell_dir)
@@ -79,16 +81,20 @@ def execute_cell(cell_dir: str, config: dict[str, Any], meta: dict[str, Any], th
             os._exit(0)  # a worker of a sweep that died: its cell is recorded, nobody is left to report to
 
 
-def _execute_locked(cdir: Path, config: dict[str, Any], meta: dict[str, Any], threads: int | None) -> dict[str, Any]:
-    from embtables.experiments.runner import run
-
+def _execute_locked(
+    cdir: Path, config: dict[str, Any], meta: dict[str, Any], threads: int | None
+) -> dict[str, Any]:
     if RunDir(cdir).is_finished():  # finished by another process since the sweep looked
         return read_json(cdir / STATUS_FILE) or {"status": "done"}
     write_json(cdir / CELL_FILE, meta)
     prev = read_json(cdir / STATUS_FILE) or {}
     status: dict[str, Any] = {
-        "status": "running", "attempts": int(prev.get("attempts", 0)) + 1, "pid": os.getpid(),
-        "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_ts": time.time(),
+        "status": "running",
+        "attempts": int(prev.get("attempts", 0)) + 1,
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_ts": time.time(),
     }
     write_json(cdir / STATUS_FILE, status)
     (cdir / ERROR_FILE).unlink(missing_ok=True)
@@ -147,9 +153,7 @@ def _worker_init(threads: int, parent: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from embtables.cli import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(threads)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-sweep").start()
 
@@ -167,14 +171,26 @@ def _watch_parent(parent: int, grace_s: float = 120.0) -> None:
 # ---- the sweep ----------------------------------------------------------------------------
 
 
-def write_plan(plan: SweepPlan, sweep_dir: Path) -> None:
+def write_plan(plan: SweepPlan, sweep_dir: Path, tuning: list[Cell] | None = None) -> None:
+    """``sweep.json``: the reported cells (``cells``), the protocol's tuning cells
+    (``tuning``, each with its ``stage``) and the base config."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_dir / PLAN_FILE, {
-        "name": plan.name, "source": plan.source, "quick": plan.quick,
-        "methods": plan.method_labels, "budgets": [b.label for b in plan.budgets],
-        "cells": [c.meta() for c in plan.cells],
-        "base_config": plan.base.model_dump(mode="json"),
-    })
+    write_json(
+        sweep_dir / PLAN_FILE,
+        {
+            "name": plan.name,
+            "source": plan.source,
+            "quick": plan.quick,
+            "methods": plan.method_labels,
+            "budgets": [b.label for b in plan.budgets],
+            "seeds": plan.seeds,
+            "reference": plan.reference,
+            "protocol": plan.protocol.to_json() if plan.protocol else None,
+            "cells": [c.meta() for c in plan.cells],
+            "tuning": [{**c.meta(), "stage": c.stage} for c in tuning or []],
+            "base_config": plan.base.model_dump(mode="json"),
+        },
+    )
 
 
 def run_sweep(
@@ -190,15 +206,142 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``plan``; then write results and the report.
 
-    Returns ``{"sweep_dir", "ran", "skipped_done", "failed", "results", ...}``.
+    Under a protocol (``plan.protocol``) the tuning cells run first, stage by stage
+    (:mod:`embtables.experiments.protocol`), the choices go to ``protocol.json``, and
+    then the reported cells run with them. A stage that cannot finish (a cell held by
+    another process, or no candidate with a validation AUC) stops the sweep there: the
+    next invocation goes on from it.
+
+    Returns ``{"sweep_dir", "ran", "already_finished", "failed", "results", ...}``.
     """
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(plan)
-    write_plan(plan, sweep_dir)
     threads = threads or default_threads(jobs)
+    totals = {"done": 0, "failed": 0, "busy": 0, "already": 0}
+    seen: set[str] = set()
+
+    def stage(cells: list[Cell], desc: str) -> None:
+        c = _run_cells(
+            cells,
+            sweep_dir,
+            jobs=jobs,
+            threads=threads,
+            retry_failed=retry_failed,
+            progress=progress,
+            on_cell_done=on_cell_done,
+            desc=desc,
+        )
+        for k in totals:
+            totals[k] += c[k]
+        seen.update(x.cell_id for x in cells)
+
+    complete = True
+    try:
+        if plan.protocol is None:
+            write_plan(plan, sweep_dir)
+            stage(plan.cells, f"compare {plan.name}")
+        else:
+            complete = _run_protocol(plan, sweep_dir, stage, progress)
+    except KeyboardInterrupt:
+        print(
+            f"\n== compare interrupted; finished cells are kept and interrupted ones checkpointed: run the "
+            f"same command again to continue ({sweep_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+    out: dict[str, Any] = {
+        "sweep_dir": str(sweep_dir),
+        "cells": len(seen),
+        "ran": totals["done"] + totals["failed"],
+        "already_finished": totals["already"],
+        "done": totals["done"],
+        "failed": totals["failed"],
+        "busy": totals["busy"],
+        "protocol_complete": complete,
+    }
+    if report:
+        out.update(build_report(sweep_dir))
+    return out
+
+
+def _run_protocol(
+    plan: SweepPlan, sweep_dir: Path, stage: Callable[[list[Cell], str], None], progress: bool
+) -> bool:
+    """Stages 1-3 of the protocol; False if it stopped before the reported cells."""
+    assert plan.protocol is not None
+    ep_cells = plan.epoch_cells()
+    write_plan(plan, sweep_dir, ep_cells)
+    stage(ep_cells, f"compare {plan.name} [1/3 epochs]")
+    epochs, ep_rec, waiting = choose_epochs(
+        ep_cells, _summaries(sweep_dir, ep_cells), _failed(sweep_dir, ep_cells)
+    )
+    if waiting:
+        write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, None, complete=False))
+        _say_waiting(progress, "the epochs", [group_key(g) for g in waiting], sweep_dir)
+        return False
+    lr_cells = plan.lr_cells(epochs)
+    tuning = ep_cells + [c for c in lr_cells if c.cell_id not in {x.cell_id for x in ep_cells}]
+    write_plan(plan, sweep_dir, tuning)
+    stage(lr_cells, f"compare {plan.name} [2/3 learning rates]")
+    lrs, lr_rec, waiting_lr = choose_lr(
+        lr_cells, _summaries(sweep_dir, lr_cells), _failed(sweep_dir, lr_cells)
+    )
+    if waiting_lr:
+        write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=False))
+        _say_waiting(
+            progress, "the learning rates", [f"{k[2]} ({group_key(k[:2])})" for k in waiting_lr], sweep_dir
+        )
+        return False
+    write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=True))
+    plan.cells = plan.build_cells(epochs, lrs)
+    write_plan(plan, sweep_dir, tuning)
+    stage(plan.cells, f"compare {plan.name} [3/3 reported cells]")
+    return True
+
+
+def _say_waiting(progress: bool, what: str, items: list[str], sweep_dir: Path) -> None:
+    print(
+        f"== protocol: {what} cannot be chosen yet for {', '.join(items)} (a tuning cell is held by another "
+        f"process, or none finished with a validation AUC; see {sweep_dir / PROTOCOL_FILE}); the reported "
+        "cells wait: run the same command again to go on",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _summaries(sweep_dir: Path, cells: list[Cell]) -> dict[str, dict[str, Any] | None]:
+    return {
+        c.cell_id: read_json(sweep_dir / c.cell_id / SUMMARY_FILE)
+        if cell_state(sweep_dir / c.cell_id) == "done"
+        else None
+        for c in cells
+    }
+
+
+def _failed(sweep_dir: Path, cells: list[Cell]) -> set[str]:
+    return {c.cell_id for c in cells if cell_state(sweep_dir / c.cell_id) in ("failed", "skipped")}
+
+
+def _run_cells(
+    cells: list[Cell],
+    sweep_dir: Path,
+    *,
+    jobs: int,
+    threads: int,
+    retry_failed: bool,
+    progress: bool,
+    on_cell_done: Callable[[Cell, dict[str, Any]], None] | None,
+    desc: str,
+) -> dict[str, int]:
+    """Run the unfinished ones of ``cells`` (each once, even if listed twice)."""
     todo: list[Cell] = []
     already = 0
     busy: list[str] = []
-    for cell in plan.cells:
+    listed: set[str] = set()
+    for cell in cells:
+        if cell.cell_id in listed:
+            continue
+        listed.add(cell.cell_id)
         cdir = sweep_dir / cell.cell_id
         state = cell_state(cdir)
         holder = RunDir(cdir).held_by_other() if state != "done" else None
@@ -221,9 +364,16 @@ def run_sweep(
             already += 1
         else:
             todo.append(cell)
-    bar = tqdm(total=len(plan.cells), initial=already, unit="cell", desc=f"compare {plan.name}",
-               disable=not progress, dynamic_ncols=True, smoothing=0.0)
-    counts = {"done": 0, "failed": 0, "busy": len(busy)}
+    bar = tqdm(
+        total=len(listed),
+        initial=already,
+        unit="cell",
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.0,
+    )
+    counts = {"done": 0, "failed": 0, "busy": len(busy), "already": already}
 
     def finished(cell: Cell, st: dict[str, Any]) -> None:
         if st["status"] == "busy":  # taken by another process after the scan above
@@ -247,29 +397,27 @@ def run_sweep(
             if jobs <= 1:
                 for cell in todo:
                     bar.set_postfix(ok=counts["done"], failed=counts["failed"], now=cell.cell_id[:40])
-                    st = execute_cell(str(sweep_dir / cell.cell_id), cell.config.model_dump(mode="json"),
-                                      cell.meta(), threads)
+                    st = execute_cell(
+                        str(sweep_dir / cell.cell_id),
+                        cell.config.model_dump(mode="json"),
+                        cell.meta(),
+                        threads,
+                    )
                     finished(cell, st)
             else:
                 _run_parallel(todo, sweep_dir, jobs, threads, finished)
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\n== compare interrupted; finished cells are kept and interrupted ones checkpointed: run the "
-              f"same command again to continue ({sweep_dir})", file=sys.stderr, flush=True)
-        raise
     finally:
         bar.close()
-    out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "cells": len(plan.cells),
-                           "ran": counts["done"] + counts["failed"], "already_finished": already, **counts}
-    if report:
-        from embtables.experiments.report import build_report
-
-        out.update(build_report(sweep_dir))
-    return out
+    return counts
 
 
-def _run_parallel(todo: list[Cell], sweep_dir: Path, jobs: int, threads: int,
-                  finished: Callable[[Cell, dict[str, Any]], None]) -> None:
+def _run_parallel(
+    todo: list[Cell],
+    sweep_dir: Path,
+    jobs: int,
+    threads: int,
+    finished: Callable[[Cell, dict[str, Any]], None],
+) -> None:
     """A process pool whose death (OOM kill, segfault in a worker) fails only the
     cells that were running in it; the others go to a fresh pool."""
     import multiprocessing
@@ -278,14 +426,20 @@ def _run_parallel(todo: list[Cell], sweep_dir: Path, jobs: int, threads: int,
     pending = list(todo)
     while pending:
         pool_started = time.time()
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(threads, os.getpid()))
+        pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid())
+        )
         futures: dict[Future, Cell] = {}
         reported: set[str] = set()
         try:
             for cell in pending:
-                fut = pool.submit(execute_cell, str(sweep_dir / cell.cell_id), cell.config.model_dump(mode="json"),
-                                  cell.meta(), threads)
+                fut = pool.submit(
+                    execute_cell,
+                    str(sweep_dir / cell.cell_id),
+                    cell.config.model_dump(mode="json"),
+                    cell.meta(),
+                    threads,
+                )
                 futures[fut] = cell
             pending = []
             remaining = set(futures)
@@ -305,15 +459,19 @@ def _run_parallel(todo: list[Cell], sweep_dir: Path, jobs: int, threads: int,
                 if state in ("done", "failed") and st.get("started_ts", 0) >= pool_started:
                     finished(cell, st)  # finished in this pool before it broke
                 elif state == "running" and st.get("started_ts", 0) >= pool_started:
-                    st.update(status="failed", error="worker process died (killed, out of memory or crashed)",
-                              error_type="WorkerDied")
+                    st.update(
+                        status="failed",
+                        error="worker process died (killed, out of memory or crashed)",
+                        error_type="WorkerDied",
+                    )
                     write_json(cdir / STATUS_FILE, st)
                     finished(cell, st)
                 else:
                     pending.append(cell)  # never started: try again in a fresh pool
             if len(pending) == len(futures):
-                raise RuntimeError("the sweep's worker processes died before running any cell; "
-                                   "try --jobs 1 to see the error") from None
+                raise RuntimeError(
+                    "the sweep's worker processes died before running any cell; try --jobs 1 to see the error"
+                ) from None
         except KeyboardInterrupt:
             _stop_workers(pool)
             raise

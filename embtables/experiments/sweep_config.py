@@ -13,6 +13,10 @@ A comparison file holds the same sections as a run config (``name``, ``seed``, `
       seeds: [0, 1, 2]
       models: [dlrm, {name: dcn, dcn: {cross_layers: 2}}]       # optional
       datasets: [data/synth-criteo, {path: data/other, label: other}]  # optional
+      protocol:                    # optional: tune epochs and each method's LR on validation first
+        epochs: [1, 2, 3]
+        lr_grid: [0.5x, 1x, 2x]
+        budget: 1/16
       quick:                       # what --quick changes
         budgets: [1, 1/16]
         seeds: [0]
@@ -37,6 +41,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embtables.datasets.schema import load_schema
+from embtables.embeddings.budget import DTYPE_BYTES, format_bytes, full_bytes, parse_budget_value, parse_bytes
+from embtables.embeddings.spec import features_from_schema
 from embtables.experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -49,7 +56,10 @@ from embtables.experiments.config import (
 
 _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 # Config fields that never change a result: a rerun with another --jobs finds the same cells.
-_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"))
+# Settings that cannot change a result (stages.RESULT_NEUTRAL); `train.pipeline` gives the same
+# numbers either way, and cells written before it existed keep their ids.
+_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"),
+                 ("train", "pipeline"))
 
 
 class _Strict(BaseModel):
@@ -79,7 +89,9 @@ class MethodEntry(BaseModel):
     def _knobs_only_under_own_name(self) -> MethodEntry:
         for key, val in (self.model_extra or {}).items():
             if key != self.method:
-                raise ValueError(f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}")
+                raise ValueError(
+                    f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}"
+                )
             if val is not None and not isinstance(val, dict):
                 raise ValueError(f"{key} must be a mapping of knobs, got {type(val).__name__}")
         return self
@@ -104,7 +116,9 @@ class ModelEntry(BaseModel):
     def _knobs_only_under_own_name(self) -> ModelEntry:
         for key in self.model_extra or {}:
             if key != self.name:
-                raise ValueError(f"unknown key {key!r}: an entry holds name, label and {self.name}: {{knobs}}")
+                raise ValueError(
+                    f"unknown key {key!r}: an entry holds name, label and {self.name}: {{knobs}}"
+                )
         return self
 
 
@@ -131,7 +145,52 @@ class QuickSection(_Strict):
     models: list[ModelEntry | str] | None = None
     datasets: list[DatasetEntry | str] | None = None
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of the base config")
-    knobs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method -> knobs merged into its entries")
+    knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method -> knobs merged into its entries"
+    )
+    protocol: bool = Field(
+        False,
+        description="apply sweep.protocol's tuning to the quick variant too "
+        "(default: no tuning, the base config's epochs and LR)",
+    )
+
+
+_MULT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX]?\s*")
+
+
+def parse_multiplier(value: float | int | str, where: str) -> float:
+    """``0.5``, ``"0.5x"`` -> 0.5: a factor of the base config's embedding LR."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{where}: expected a factor such as 0.5 or "2x", got {value!r}')
+    m = _MULT.fullmatch(str(value))
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f'{where}: expected a positive factor such as 0.5 or "2x", got {value!r}')
+    return float(m.group(1))
+
+
+class ProtocolSection(_Strict):
+    """The tuning protocol (docs/compare.md, "The protocol")."""
+
+    epochs: list[int] = Field(
+        default_factory=lambda: [1, 2, 3],
+        min_length=1,
+        description="candidate epoch counts, chosen once for `full` on validation",
+    )
+    lr_grid: list[float | str] = Field(
+        default_factory=lambda: ["0.5x", "1x", "2x"],
+        min_length=1,
+        description="factors of train.embedding_optimizer.lr tried per method",
+    )
+    budget: Budget = Field("1/16", description="the budget the LR is chosen at (`full`: budget 1)")
+    seed: int = Field(0, description="the seed of the tuning cells")
+    reference: str = Field("hash", description="method label the paired differences are taken against")
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_ok(cls, v: list[int]) -> list[int]:
+        if any(e < 1 for e in v) or len(set(v)) != len(v):
+            raise ValueError(f"epoch candidates must be distinct integers >= 1, got {v}")
+        return v
 
 
 class SweepSection(_Strict):
@@ -140,6 +199,7 @@ class SweepSection(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: list[ModelEntry | str] | None = None
     datasets: list[DatasetEntry | str] | None = None
+    protocol: ProtocolSection | None = None
     quick: QuickSection | None = None
 
 
@@ -165,8 +225,6 @@ class BudgetSpec:
     def resolve(self, full_bytes: int) -> int:
         if self.fraction is not None:
             return int(float(self.fraction) * full_bytes)
-        from embtables.embeddings import parse_bytes
-
         return parse_bytes(self.nbytes_text or "")
 
     def sort_key(self, full_bytes: int | None) -> float:
@@ -178,8 +236,6 @@ class BudgetSpec:
 def parse_budget(value: Budget, where: str) -> BudgetSpec:
     """``1``, ``0.25``, ``"1/16"`` -> a fraction; ``4194304``, ``"4MiB"`` -> bytes: the rule
     of :mod:`embtables.embeddings.budget`, the same as ``embedding.budget``'s."""
-    from embtables.embeddings.budget import parse_budget_value
-
     try:
         frac, nbytes = parse_budget_value(value)
     except ValueError as e:
@@ -227,9 +283,20 @@ class Cell:
     config: ExperimentConfig
     full_bytes: int | None = None  # the full tables' size fractional budgets refer to (None: data absent)
     skip_reason: str | None = None  # set when the cell is not run by design
+    lr_factor: float | None = None  # the protocol's factor of the method's base embedding LR
+    stage: str = "report"  # the protocol's stage that made it: "epochs", "lr" or "report"
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """(model label, dataset label): the report's section, the protocol's tuning unit."""
+        return (
+            self.model.label if self.model else self.config.model.name,
+            self.dataset.label if self.dataset else Path(self.config.data.path).name,
+        )
 
     def meta(self) -> dict[str, Any]:
         """What cell.json holds: enough to rebuild the report without the comparison file."""
+        model_label, dataset_label = self.group
         return {
             "cell_id": self.cell_id,
             "method_label": self.method.label,
@@ -238,15 +305,54 @@ class Cell:
             "budget": self.budget.label,
             "budget_fraction": float(self.budget.fraction) if self.budget.fraction is not None else None,
             "seed": self.seed,
-            "model_label": self.model.label if self.model else self.config.model.name,
-            "dataset_label": self.dataset.label if self.dataset else Path(self.config.data.path).name,
+            "model_label": model_label,
+            "dataset_label": dataset_label,
             "data_path": self.config.data.path,
             "full_bytes": self.full_bytes,
-            "budget_bytes": self.budget.resolve(self.full_bytes) if self.full_bytes or self.budget.fraction is None
+            "budget_bytes": self.budget.resolve(self.full_bytes)
+            if self.full_bytes or self.budget.fraction is None
             else None,
+            "epochs": self.config.train.epochs,
+            "embedding_lr": self.config.train.embedding_optimizer.lr,
+            "lr_factor": self.lr_factor,
             "overrides": self.overrides,
             "config_hash": cell_hash(self.config),
         }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A validated ``sweep.protocol``: what is tuned, where, and the reference method."""
+
+    epochs: tuple[int, ...]
+    lr_factors: tuple[float, ...]
+    budget: BudgetSpec
+    seed: int
+    reference: str
+
+    @property
+    def lr_grid_text(self) -> list[str]:
+        return [f"{f:g}x" for f in self.lr_factors]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epochs": list(self.epochs),
+            "lr_grid": list(self.lr_factors),
+            "budget": self.budget.label,
+            "seed": self.seed,
+            "reference": self.reference,
+            "metric": "valid_auc",
+        }
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One (dataset, model, method) of the plan, with the method's index in sweep.methods."""
+
+    dataset: Variant | None
+    model: Variant | None
+    method: Variant
+    index: int
 
 
 @dataclass
@@ -258,6 +364,154 @@ class SweepPlan:
     budgets: list[BudgetSpec]
     method_labels: list[str]
     quick: bool
+    seeds: list[int] = field(default_factory=list)
+    protocol: Protocol | None = None
+    reference: str = "hash"  # method label of the paired differences (the protocol's, else hash)
+    axes: list[_Axis] = field(default_factory=list)
+    full_method: Variant | None = None  # the `full` entry the epochs are chosen with
+    _sizes: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[tuple[str, str]]:
+        out = [self._group(a.dataset, a.model) for a in self.axes]
+        return list(dict.fromkeys(out))
+
+    def _group(self, dvar: Variant | None, mod: Variant | None) -> tuple[str, str]:
+        return (
+            mod.label if mod else self.base.model.name,
+            dvar.label if dvar else Path(self.base.data.path).name,
+        )
+
+    def make_cell(
+        self,
+        axis: _Axis,
+        budget: BudgetSpec,
+        seed: int,
+        *,
+        method: Variant | None = None,
+        epochs: int | None = None,
+        lr_factor: float | None = None,
+    ) -> Cell:
+        """One cell: the base config plus the axis' overrides, the budget and the seed; under
+        the protocol also its epochs and its factor of the method's embedding LR (both in the
+        cell id, so a tuning cell and a reported cell with the same settings are one cell)."""
+        mvar = method or axis.method
+        ov: dict[str, Any] = {}
+        for v in (axis.dataset, axis.model):
+            if v is not None:
+                ov.update(v.overrides)
+        ov.update(mvar.overrides)
+        ov["embedding.budget"] = budget.override()
+        ov["seed"] = seed
+        ov["name"] = self.name
+        where = f"sweep.methods[{axis.index}] ({mvar.label}), budget {budget.label}, seed {seed}"
+        cfg = self._load(ov, where, mvar.label)
+        parts = [mvar.label, f"b{budget.slug}", f"s{seed}"]
+        if axis.model is not None:
+            parts.append(f"m{axis.model.label}")
+        if axis.dataset is not None:
+            parts.append(f"d{axis.dataset.label}")
+        if self.protocol is not None:
+            if epochs is not None:
+                ov["train.epochs"] = epochs
+            factor = 1.0 if lr_factor is None else lr_factor
+            ov["train.embedding_optimizer.lr"] = cfg.train.embedding_optimizer.lr * factor
+            cfg = self._load(ov, where, mvar.label)
+            parts += [f"e{cfg.train.epochs}", f"lr{cfg.train.embedding_optimizer.lr:g}"]
+        cell = Cell(
+            f"{'_'.join(parts)}-{cell_hash(cfg)}",
+            mvar,
+            budget,
+            seed,
+            axis.model,
+            axis.dataset,
+            ov,
+            cfg,
+            lr_factor=lr_factor if self.protocol is not None else None,
+        )
+        cell.full_bytes = _full_size_cached(cfg, self._sizes)
+        cell.skip_reason = _skip_reason(cell)
+        return cell
+
+    def _load(self, ov: dict[str, Any], where: str, label: str) -> ExperimentConfig:
+        try:
+            return load_config(self.base.model_dump(mode="json"), ov)
+        except ConfigError as e:
+            others = [a.method.label for a in self.axes if a.method.label != label]
+            hint = (
+                "\n  (leave a method out with --methods, e.g. --methods "
+                + ",".join(dict.fromkeys(others))
+                + ")"
+                if "at embedding.method" in str(e)
+                else ""
+            )
+            src = f" {self.source_text}" if self.source_text else ""
+            raise ConfigError(
+                f"invalid comparison file{src}, cell {where}:\n" + str(e).split("\n", 1)[-1] + hint
+            ) from None
+
+    @property
+    def source_text(self) -> str:
+        return f"({self.source})" if self.source else ""
+
+    def build_cells(
+        self,
+        epochs: dict[tuple[str, str], int] | None = None,
+        lr: dict[tuple[str, str, str], float] | None = None,
+    ) -> list[Cell]:
+        """Every (dataset, model, method, budget, seed) cell; under the protocol with the
+        chosen epochs per group and LR factor per (group, method label)."""
+        cells = []
+        for a in self.axes:
+            g = self._group(a.dataset, a.model)
+            for budget in self.budgets:
+                for seed in self.seeds:
+                    cells.append(
+                        self.make_cell(
+                            a,
+                            budget,
+                            seed,
+                            epochs=(epochs or {}).get(g),
+                            lr_factor=(lr or {}).get((*g, a.method.label)) if self.protocol else None,
+                        )
+                    )
+        return cells
+
+    # ---- the protocol's tuning cells ---------------------------------------------------
+    def epoch_cells(self) -> list[Cell]:
+        """`full` at budget 1, the tuning seed, each candidate epoch count (base LR)."""
+        assert self.protocol is not None and self.full_method is not None
+        one = parse_budget(1, "budget")
+        out, seen = [], set()
+        for a in self.axes:
+            g = self._group(a.dataset, a.model)
+            if g in seen:
+                continue
+            seen.add(g)
+            for e in self.protocol.epochs:
+                c = self.make_cell(
+                    a, one, self.protocol.seed, method=self.full_method, epochs=e, lr_factor=1.0
+                )
+                c.stage = "epochs"
+                out.append(c)
+        return out
+
+    def lr_cells(self, epochs: dict[tuple[str, str], int]) -> list[Cell]:
+        """Each method at the tuning budget (budget 1 where the method cannot run there by
+        design: `full`), the tuning seed, the chosen epochs, each LR factor."""
+        assert self.protocol is not None
+        out = []
+        for a in self.axes:
+            g = self._group(a.dataset, a.model)
+            for f in self.protocol.lr_factors:
+                c = self.make_cell(a, self.protocol.budget, self.protocol.seed, epochs=epochs[g], lr_factor=f)
+                if c.skip_reason is not None:
+                    c = self.make_cell(
+                        a, parse_budget(1, "budget"), self.protocol.seed, epochs=epochs[g], lr_factor=f
+                    )
+                c.stage = "lr"
+                out.append(c)
+        return out
 
 
 def cell_hash(cfg: ExperimentConfig) -> str:
@@ -273,7 +527,9 @@ def _slug(text: str) -> str:
     return s or "x"
 
 
-def _method_variant(entry: MethodEntry | str, base: ExperimentConfig, extra_knobs: dict[str, dict[str, Any]]) -> Variant:
+def _method_variant(
+    entry: MethodEntry | str, base: ExperimentConfig, extra_knobs: dict[str, dict[str, Any]]
+) -> Variant:
     if isinstance(entry, str):
         entry = MethodEntry(method=entry)
     knobs = {**base.embedding.knobs(entry.method), **extra_knobs.get(entry.method, {}), **entry.knobs()}
@@ -296,18 +552,25 @@ def _model_variant(entry: ModelEntry | str) -> Variant:
 def _dataset_variant(entry: DatasetEntry | str) -> Variant:
     if isinstance(entry, str):
         entry = DatasetEntry(path=entry)
-    return Variant(entry.label or _slug(Path(entry.path).name), {"data.path": entry.path, **entry.set}, entry.path)
+    return Variant(
+        entry.label or _slug(Path(entry.path).name), {"data.path": entry.path, **entry.set}, entry.path
+    )
 
 
 def _validate_sweep(raw: Any, source: str) -> SweepSection:
     if raw is None:
-        raise ConfigError(f"{source or 'comparison file'}: no `sweep:` section; a comparison file is a run config "
-                          "plus sweep: {methods: [...], budgets: [...], seeds: [...]}")
+        raise ConfigError(
+            f"{source or 'comparison file'}: no `sweep:` section; a comparison file is a run config "
+            "plus sweep: {methods: [...], budgets: [...], seeds: [...]}"
+        )
     try:
         return SweepSection.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, prefix="sweep", source=source).replace(
-            "invalid config", "invalid comparison file", 1)) from None
+        raise ConfigError(
+            _format_validation(e, prefix="sweep", source=source).replace(
+                "invalid config", "invalid comparison file", 1
+            )
+        ) from None
 
 
 def load_sweep(
@@ -316,13 +579,17 @@ def load_sweep(
     *,
     quick: bool = False,
     methods: list[str] | None = None,
-    data_root_for_sizes: bool = True,
 ) -> SweepPlan:
     """Read a comparison file (a path, a shipped name or a dict) into a plan of cells.
 
     Every cell's config is validated here, before anything trains, so a typo in a
     knob fails in a second with the cell and key named rather than an hour in.
     ``methods`` keeps only the entries whose label or method name is listed.
+
+    Without a protocol ``plan.cells`` are the cells. With one (``sweep.protocol``, and not
+    ``--quick`` unless ``sweep.quick.protocol``) the cells depend on what the tuning
+    chooses: ``plan.cells`` is empty, and :func:`embtables.experiments.protocol` runs
+    ``plan.epoch_cells()``, then ``plan.lr_cells(epochs)``, then ``plan.build_cells(...)``.
     """
     if isinstance(path_or_data, dict):
         data, source = copy.deepcopy(path_or_data), ""
@@ -344,23 +611,29 @@ def load_sweep(
     try:
         base = load_config(base_data)
     except ConfigError as e:
-        raise ConfigError(str(e).replace(
-            "invalid config:", f"invalid comparison file{' ' + source if source else ''}: base config:", 1)) from None
+        raise ConfigError(
+            str(e).replace(
+                "invalid config:", f"invalid comparison file{' ' + source if source else ''}: base config:", 1
+            )
+        ) from None
 
-    method_entries = (q.methods if quick and q.methods is not None else sweep.methods)
-    budget_values = (q.budgets if quick and q.budgets is not None else sweep.budgets)
-    seeds = (q.seeds if quick and q.seeds is not None else sweep.seeds)
-    model_entries = (q.models if quick and q.models is not None else sweep.models)
-    dataset_entries = (q.datasets if quick and q.datasets is not None else sweep.datasets)
+    method_entries = q.methods if quick and q.methods is not None else sweep.methods
+    budget_values = q.budgets if quick and q.budgets is not None else sweep.budgets
+    seeds = q.seeds if quick and q.seeds is not None else sweep.seeds
+    model_entries = q.models if quick and q.models is not None else sweep.models
+    dataset_entries = q.datasets if quick and q.datasets is not None else sweep.datasets
     extra_knobs = q.knobs if quick else {}
 
-    mvars = [_method_variant(m, base, extra_knobs) for m in method_entries]
-    _unique([v.label for v in mvars], "sweep.methods", "label")
+    all_mvars = [_method_variant(m, base, extra_knobs) for m in method_entries]
+    _unique([v.label for v in all_mvars], "sweep.methods", "label")
+    mvars = list(all_mvars)
     if methods:
         wanted = set(methods)
         unknown = wanted - {v.label for v in mvars} - {v.name for v in mvars}
         if unknown:
-            raise ConfigError(f"--methods: {sorted(unknown)} not in sweep.methods ({', '.join(v.label for v in mvars)})")
+            raise ConfigError(
+                f"--methods: {sorted(unknown)} not in sweep.methods ({', '.join(v.label for v in mvars)})"
+            )
         mvars = [v for v in mvars if v.label in wanted or v.name in wanted]
     budgets = [parse_budget(b, f"sweep.budgets[{i}]") for i, b in enumerate(budget_values)]
     _unique([b.slug for b in budgets], "sweep.budgets", "value")
@@ -372,41 +645,48 @@ def load_sweep(
     if dataset_entries:
         _unique([d.label for d in datasets if d], "sweep.datasets", "label")
 
-    cells: list[Cell] = []
-    full_sizes: dict[str, int | None] = {}
-    for dvar in datasets:
-        for mod in models:
-            for mi, mvar in enumerate(mvars):
-                for budget in budgets:
-                    for seed in seeds:
-                        ov: dict[str, Any] = {}
-                        for v in (dvar, mod):
-                            if v is not None:
-                                ov.update(v.overrides)
-                        ov.update(mvar.overrides)
-                        ov["embedding.budget"] = budget.override()
-                        ov["seed"] = seed
-                        ov["name"] = name
-                        where = f"sweep.methods[{mi}] ({mvar.label}), budget {budget.label}, seed {seed}"
-                        try:
-                            cfg = load_config(base.model_dump(mode="json"), ov)
-                        except ConfigError as e:
-                            hint = ("\n  (leave a method out with --methods, e.g. --methods "
-                                    + ",".join(v.label for v in mvars if v is not mvar) + ")"
-                                    if "at embedding.method" in str(e) else "")
-                            raise ConfigError(f"invalid comparison file{' ' + source if source else ''}, cell {where}:\n"
-                                              + str(e).split("\n", 1)[-1] + hint) from None
-                        parts = [mvar.label, f"b{budget.slug}", f"s{seed}"]
-                        if mod is not None:
-                            parts.append(f"m{mod.label}")
-                        if dvar is not None:
-                            parts.append(f"d{dvar.label}")
-                        cell = Cell(f"{'_'.join(parts)}-{cell_hash(cfg)}", mvar, budget, seed, mod, dvar, ov, cfg)
-                        if data_root_for_sizes:
-                            cell.full_bytes = _full_size_cached(cfg, full_sizes)
-                        cell.skip_reason = _skip_reason(cell)
-                        cells.append(cell)
-    return SweepPlan(name, source.strip("()"), base, cells, budgets, [v.label for v in mvars], quick)
+    protocol = None
+    if sweep.protocol is not None and (not quick or q.protocol):
+        protocol = _protocol(sweep.protocol, base, source)
+    reference = sweep.protocol.reference if sweep.protocol is not None else "hash"
+    index = {v.label: i for i, v in enumerate(all_mvars)}
+    axes = [_Axis(d, m, v, index[v.label]) for d in datasets for m in models for v in mvars]
+    full = next((v for v in all_mvars if v.name == "full"), None) or _method_variant(
+        "full", base, extra_knobs
+    )
+    plan = SweepPlan(
+        name,
+        source.strip("()"),
+        base,
+        [],
+        budgets,
+        [v.label for v in mvars],
+        quick,
+        list(seeds),
+        protocol,
+        reference,
+        axes,
+        full,
+    )
+    # Validate every cell now (their knobs, the budgets), before anything trains.
+    cells = plan.build_cells()
+    if protocol is None:
+        plan.cells = cells
+    return plan
+
+
+def _protocol(section: ProtocolSection, base: ExperimentConfig, source: str) -> Protocol:
+    where = f"{source + ' ' if source else ''}sweep.protocol"
+    if not base.data.valid_split:
+        raise ConfigError(
+            f"{where}: the protocol chooses epochs and learning rates on the validation split, "
+            "but data.valid_split is null"
+        )
+    factors = [parse_multiplier(v, f"{where}.lr_grid[{i}]") for i, v in enumerate(section.lr_grid)]
+    if len(set(factors)) != len(factors):
+        raise ConfigError(f"{where}.lr_grid: duplicate factors {section.lr_grid}")
+    budget = parse_budget(section.budget, f"{where}.budget")
+    return Protocol(tuple(section.epochs), tuple(factors), budget, section.seed, section.reference)
 
 
 def _unique(values: list[str], where: str, what: str) -> None:
@@ -419,9 +699,6 @@ def _unique(values: list[str], where: str, what: str) -> None:
 
 def full_size_of(cfg: ExperimentConfig) -> int | None:
     """Bytes of the full tables the fractional budgets refer to (None if the data is absent)."""
-    from embtables.datasets.schema import load_schema
-    from embtables.embeddings import features_from_schema, full_bytes
-
     root = Path(cfg.data.path).expanduser()
     if not (root / "schema.json").exists():
         return None
@@ -444,12 +721,13 @@ def _skip_reason(cell: Cell) -> str | None:
     if cell.method.name != "full":
         return None
     if cell.budget.fraction is not None:
-        return None if cell.budget.fraction >= 1 else "cannot compress: `full` needs the whole table size (budget 1)"
+        return (
+            None
+            if cell.budget.fraction >= 1
+            else "cannot compress: `full` needs the whole table size (budget 1)"
+        )
     if cell.full_bytes is None:
         return None  # data absent: the run itself will say so
-    from embtables.embeddings import format_bytes
-    from embtables.embeddings.budget import DTYPE_BYTES
-
     need = cell.full_bytes * DTYPE_BYTES[cell.config.embedding.dtype] // 4
     have = cell.budget.resolve(cell.full_bytes)
     if have < need:

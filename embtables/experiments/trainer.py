@@ -1,36 +1,133 @@
-"""The one training loop: optimizers, evaluation, checkpoints, NaN guard, progress."""
+"""The one training loop: steps (a plain loop or TorchRec's TrainPipelineSparseDist),
+LR schedule, evaluation points, checkpoints, NaN guard, progress.
+
+The trainer receives what it trains (``build.build_trainer`` makes it): the sharded
+model (a :class:`TrainStep` wrapped in DistributedModelParallel), its optimizers, its
+training stream (:class:`TrainData`) and its :class:`~embtables.experiments.evaluate.Evaluator`.
+What a model may offer the trainer is declared here as protocols
+(:class:`Regularizer`, :class:`UsesDatasetStats`), never probed by name.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.tracing import Tracer, _get_leaf_module_names
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from embtables import faults
 from embtables.datasets.reader import BatchReader
+from embtables.datasets.sequences import EpochNegatives
+from embtables.embeddings.base import EmbeddingMethod
 from embtables.errors import TrainingDiverged
-from embtables.experiments import metrics as M
-from embtables.experiments.build import build_model
 from embtables.experiments.config import ExperimentConfig
-from embtables.experiments.optim import attach_embedding_optimizer, dense_optimizer, lr_factor, set_lr
-from embtables.sharding import DistContext, shard_model
-from embtables.sharding.collectives_metrics import all_gather_1d, gather_predictions
+from embtables.experiments.evaluate import Evaluator
+from embtables.experiments.optim import Optimizers, lr_factor, set_lr
+from embtables.sharding import DistContext
+from embtables.sharding.checkpoint import load_checkpoint, save_checkpoint
 
 
 class StopRequested(Exception):
     """Raised after a checkpoint when the caller asked to stop there (tests of --resume)."""
+
+
+# ---- what a model may offer the trainer -------------------------------------------------------
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """A submodule whose penalty is added to the training loss (e.g. a mini-batch
+    aware L2 on the ids of the batch)."""
+
+    def regularization_loss(self, features: KeyedJaggedTensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class UsesDatasetStats(Protocol):
+    """A model that reads statistics of the training data before training (e.g. id
+    frequencies)."""
+
+    def load_dataset_stats(self, data_root: Path) -> None: ...
+
+
+# ---- the module DMP wraps -----------------------------------------------------------------------
+
+_INNER = "model."
+
+
+class TrainStep(nn.Module):
+    """A model and its loss as one module that takes a ``Batch``: what DMP wraps and what
+    TrainPipelineSparseDist traces (it pipelines the sharded tables it finds there).
+
+    Training mode returns ``(loss, (loss.detach(), rows))``, the pair TorchRec's train
+    pipelines expect; eval mode returns the logits. Its ``state_dict`` keys are the
+    model's own (no ``model.`` prefix), so checkpoints are those of the bare model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.regularizers = [name for name, m in model.named_modules()
+                             if m is not model and isinstance(m, Regularizer)]
+        self.register_state_dict_post_hook(_drop_inner_prefix)
+        self.register_load_state_dict_pre_hook(_add_inner_prefix)
+
+    def forward(self, batch):
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        if not self.training:
+            return logits
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        for name in self.regularizers:
+            loss = loss + self.model.get_submodule(name).regularization_loss(batch.sparse_features)
+        return loss, (loss.detach(), batch.labels.numel())
+
+
+def _drop_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = prefix + _INNER
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + _INNER + key[len(prefix):]] = state_dict.pop(key)
+
+
+log = logging.getLogger(__name__)
+
+
+def why_not_pipelineable(dmp: nn.Module) -> str | None:
+    """Why TrainPipelineSparseDist cannot run the DMP-wrapped :class:`TrainStep` (it traces
+    it with torch.fx), or None. An embedding module declares it
+    (``EmbeddingMethod.pipelineable``); a model that fx cannot trace shows it by failing
+    the same trace the pipeline does."""
+    root = dmp.module
+    refused = sorted({type(m).method_name for m in root.modules()
+                      if isinstance(m, EmbeddingMethod) and not type(m).pipelineable})
+    if refused:
+        return f"embedding method(s) {', '.join(refused)} declare(s) it cannot be traced by fx"
+    try:
+        Tracer(leaf_modules=_get_leaf_module_names(root)).trace(root)
+    except Exception as e:  # noqa: BLE001 - any failure to trace means: not pipelineable
+        return f"the model cannot be traced by fx ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+# ---- sizes ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -64,25 +161,124 @@ def state_bytes(obj: Any) -> int:
     return 0
 
 
+# ---- the training stream ----------------------------------------------------------------------------
+
+
+class TrainData:
+    """The training split as a stream of epochs; sampled-negative datasets draw fresh
+    negatives for each epoch (seeded by (seed, epoch), so resuming redraws the same ones)."""
+
+    def __init__(self, cfg: ExperimentConfig, schema, data_root: Path, ctx: DistContext,
+                 run_dir: Path | None) -> None:
+        self.cfg, self.data_root, self.ctx, self.run_dir = cfg, Path(data_root), ctx, run_dir
+        self.local_batch = max(1, cfg.train.batch_size // ctx.world_size)
+        neg = schema.extra.get("negatives") or {}
+        self.negatives = None
+        if neg.get("resample_per_epoch") and cfg.data.train_split == "train":
+            self.negatives = EpochNegatives(data_root, schema)
+        self.reader = self._reader(None)
+        self.num_batches = self.reader.num_batches
+
+    def _reader(self, files) -> BatchReader:
+        cfg, ctx = self.cfg, self.ctx
+        return BatchReader(
+            self.data_root, split=cfg.data.train_split, batch_size=self.local_batch, shuffle=cfg.data.shuffle,
+            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=ctx.rank, world_size=ctx.world_size,
+            drop_last=ctx.world_size > 1, prefetch=cfg.data.prefetch, files=files,
+        )
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> BatchReader:
+        """The reader of ``epoch``, positioned at its batch ``start_batch``."""
+        if self.negatives is not None:
+            cache = (self.run_dir or self.data_root) / "negatives"
+            files = self.negatives.files(epoch, self.cfg.seed, cache) if epoch > 0 else None
+            self.reader = self._reader(files)
+        self.reader.set_epoch(epoch, start_batch=start_batch)
+        return self.reader
+
+
+# ---- steps -------------------------------------------------------------------------------------------
+
+
+class _Steps(Protocol):
+    def run(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, int]]: ...
+
+    def pause(self) -> None: ...
+
+
+class LoopSteps:
+    """One batch at a time: forward, NaN guard, backward, optimizer steps."""
+
+    def __init__(self, model: nn.Module, optimizers: Optimizers, before_step: Callable[[], None],
+                 check: Callable[[torch.Tensor], None]) -> None:
+        self.model, self.opt, self.before_step, self.check = model, optimizers, before_step, check
+
+    def run(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, int]]:
+        for batch in batches:
+            self.before_step()
+            loss, (_, rows) = self.model(batch)
+            self.check(loss)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            yield loss, rows
+
+    def pause(self) -> None:
+        pass
+
+
+class PipelineSteps:
+    """TorchRec's TrainPipelineSparseDist (``pipeline_postproc=True``: stateless id remaps
+    run in its input stage). It reads two batches ahead; each segment of batches handed to
+    ``run`` is trained to its end, so nothing is in flight at an evaluation point."""
+
+    def __init__(self, model: nn.Module, optimizers: Optimizers, device: torch.device,
+                 before_step: Callable[[], None], check: Callable[[torch.Tensor], None]) -> None:
+        self.pipe = TrainPipelineSparseDist(model, optimizers, device, execute_all_batches=True,
+                                            pipeline_postproc=True)
+        self.before_step, self.check = before_step, check
+
+    def run(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, int]]:
+        while True:
+            self.before_step()
+            try:
+                loss, rows = self.pipe.progress(batches)
+            except StopIteration:
+                return
+            self.check(loss)
+            yield loss, rows
+
+    def pipelined(self, model: nn.Module) -> list[str]:
+        """Paths under ``model`` of the modules the pipeline runs in its input stage (sharded
+        tables, and ``postproc:`` id remaps)."""
+        mods = {id(m) for m in self.pipe._pipelined_modules}
+        names = [name for name, m in model.named_modules() if id(m) in mods]
+        return names + [f"postproc:{p._fqn}" for p in self.pipe._pipelined_postprocs]
+
+    def pause(self) -> None:
+        """Give the model its own forward back (evaluation, the end of training); the next
+        ``run`` pipelines it again."""
+        self.pipe.detach()
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+
+
 class Trainer:
+    """Trains a built model. ``model``: the DMP-wrapped :class:`TrainStep`; ``inner``: the
+    model object inside it (its tables are sharded); ``data`` is None for a trainer that
+    only evaluates or loads checkpoints."""
+
     def __init__(self, cfg: ExperimentConfig, schema, data_root: Path, ctx: DistContext, run_dir: Path | None,
-                 for_training: bool = True) -> None:
+                 *, model: nn.Module, inner: nn.Module, optimizers: Optimizers, sizes: ModelSizes,
+                 evaluator: Evaluator, data: TrainData | None = None) -> None:
         self.cfg, self.schema, self.data_root, self.ctx, self.run_dir = cfg, schema, data_root, ctx, run_dir
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        model = build_model(cfg, schema)
-        if hasattr(model, "load_dataset_stats"):
-            model.load_dataset_stats(data_root)  # e.g. id frequencies for DIN's mini-batch aware L2
-        self.sizes = measure_sizes(model)
-        attach_embedding_optimizer(model, cfg.train.embedding_optimizer, ctx.device.type)
-        self.model = shard_model(model, cfg.sharding, ctx)
-        dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters(), include=False)]
-        self.dense_opt = dense_optimizer(dense_params, cfg.train.dense_optimizer)
-        self.fused_opt = self.model.fused_optimizer
-        self.optimizers = [self.dense_opt, self.fused_opt]
+        self.model, self.inner, self.opt, self.sizes = model, inner, optimizers, sizes
+        self.dense_opt, self.fused_opt = optimizers.dense, optimizers.fused
+        self.optimizers = optimizers.all()
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
-        self.regularizers = [m for m in model.modules() if hasattr(m, "regularization_loss") and m is not model]
-        self.inner = model  # the unsharded-model object DMP wraps (its tables are now sharded)
+        self.evaluator = evaluator
+        self.data = data
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -94,21 +290,15 @@ class Trainer:
         # (True: checkpoint now and raise StopRequested; SIGTERM, Ctrl-C).
         self.after_checkpoint: Callable[[Path], None] | None = None
         self.should_stop: Callable[[], bool] | None = None
-        self.last_users: np.ndarray | None = None
         self.step_losses: list[float] | None = None  # set to [] to record every step's training loss
-        tc = cfg.train
-        self.local_batch = max(1, tc.batch_size // ctx.world_size)
+        self.steps: _Steps | None = None  # how the last train() ran its steps
+        self.pipeline = cfg.train.pipeline  # what train() ran: "loop" when the pipeline cannot
+        self.pipeline_note: str | None = None  # why it could not
         self.tb = None
-        if not for_training:
+        if data is None:
             return
-        neg = schema.extra.get("negatives") or {}
-        self.negatives = None
-        if neg.get("resample_per_epoch") and cfg.data.train_split == "train":
-            from embtables.datasets.sequences import EpochNegatives
-
-            self.negatives = EpochNegatives(data_root, schema)
-        self.reader = self._train_reader(0)
-        self.steps_per_epoch = self.reader.num_batches
+        tc = cfg.train
+        self.steps_per_epoch = data.num_batches
         if cfg.data.max_train_rows:
             # N rows per epoch: the first N in file order, or a fresh shuffled N each epoch.
             self.steps_per_epoch = min(self.steps_per_epoch, -(-cfg.data.max_train_rows // tc.batch_size))
@@ -119,35 +309,19 @@ class Trainer:
                 f"no training batches: split {cfg.data.train_split!r} of {data_root} has too few rows for "
                 f"train.batch_size={tc.batch_size} at world size {ctx.world_size}"
             )
-        self.tb = None
         if tc.tensorboard and ctx.is_main and run_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("train.tensorboard: true needs the tensorboard package: pip install tensorboard") from e
+                raise RuntimeError(
+                    "train.tensorboard: true needs the tensorboard package: pip install tensorboard") from e
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def _train_reader(self, epoch: int) -> BatchReader:
-        """The training stream of an epoch; sampled-negative datasets draw fresh negatives
-        for each epoch (seeded by (seed, epoch), so resuming redraws the same ones)."""
-        files = None
-        if self.negatives is not None:
-            cache = (self.run_dir or Path(self.data_root)) / "negatives"
-            files = self.negatives.files(epoch, self.cfg.seed, cache) if epoch > 0 else None
-        cfg, ctx = self.cfg, self.ctx
-        return BatchReader(
-            self.data_root, split=cfg.data.train_split, batch_size=self.local_batch, shuffle=cfg.data.shuffle,
-            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=ctx.rank, world_size=ctx.world_size,
-            drop_last=ctx.world_size > 1, prefetch=cfg.data.prefetch, files=files,
-        )
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _ckpt_dir(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path | None:
-        from embtables.sharding.checkpoint import save_checkpoint
-
         root = self._ckpt_dir()
         if root is None:
             return None
@@ -165,8 +339,6 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        from embtables.sharding.checkpoint import load_checkpoint
-
         extra = load_checkpoint(path, self.model, {"dense": self.dense_opt, "fused": self.fused_opt})
         self.step, self.epoch, self.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         self.train_seconds, self.train_samples = extra["train_seconds"], extra["train_samples"]
@@ -176,76 +348,9 @@ class Trainer:
         self.last_checkpoint = path
 
     # ---- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_split(self, split: str, root: Path | None = None, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and labels of a split, in row order, over all ranks together."""
-        root = root or self.data_root
-        self.model.eval()
-        bs = max(1, self.cfg.train.eval_batch_size // self.ctx.world_size)
-        reader = BatchReader(root, split=split, batch_size=bs, shuffle=False, seed=0, rank=self.ctx.rank,
-                             world_size=self.ctx.world_size, drop_last=False, prefetch=self.cfg.data.prefetch)
-        probs, labels, users = [], [], []
-        user_key = self.schema.extra.get("user_feature")
-        batches = iter(reader)
-        n_local = reader.num_batches
-        if max_rows:
-            n_local = min(n_local, -(-max_rows // (bs * self.ctx.world_size)))
-        n_steps = n_local
-        if self.ctx.world_size > 1:
-            t = torch.tensor([n_local])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            n_steps = int(t.item())
-        template = None
-        for _ in range(n_steps):
-            batch = next(batches, None)
-            real = batch is not None
-            if self.ctx.world_size > 1:
-                # Sharded lookups are collectives: every rank runs the same number of
-                # equal-sized steps, padding with copies of a real batch and dropping them.
-                if not real and template is None:  # this rank holds no rows of the split
-                    template = self._any_batch(root, split)
-                batch = batch if real else template
-                template = template or batch
-                n = batch.labels.numel()
-                batch = _pad_batch(batch, bs)
-            else:
-                n = batch.labels.numel()
-            logits = self.model(batch.dense_features, batch.sparse_features)
-            if real:
-                probs.append(torch.sigmoid(logits[:n].float()).numpy())
-                labels.append(batch.labels[:n].numpy())
-                if user_key in batch.sparse_features.keys():
-                    users.append(batch.sparse_features[user_key].values()[:n].numpy())
-        self.model.train()
-        p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-        y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-        u = np.concatenate(users) if users else None
-        if self.ctx.world_size > 1:
-            # Metrics over every rank's predictions together, never an average of per-rank AUCs.
-            pt, yt = gather_predictions(torch.from_numpy(p), torch.from_numpy(y))
-            p, y = pt.numpy().astype(np.float32), yt.numpy().astype(np.float32)
-            if u is not None:
-                u = all_gather_1d(torch.from_numpy(u)).numpy()
-        self.last_users = u
-        return p, y
-
-    def _any_batch(self, root: Path, split: str):
-        """One row of ``split`` (whatever rank holds it): the padding batch of a rank that
-        holds none of the split, so that it can still join the other ranks' lookups."""
-        reader = BatchReader(root, split=split, batch_size=1, shuffle=False, seed=0, rank=0, world_size=1,
-                             drop_last=False, prefetch=0)
-        return next(iter(reader))
-
     def evaluate(self, split: str) -> dict[str, float | None]:
-        p, y = self.predict_split(split, max_rows=self.cfg.data.max_eval_rows)
-        out = {"auc": M.auc(y, p), "logloss": M.logloss(y, p), "rows": int(y.size), "gauc": None}
-        if self.last_users is not None:
-            from embtables.experiments.metrics_gauc import gauc
+        return self.evaluator.evaluate(split)
 
-            out["gauc"] = gauc(self.last_users, y, p)
-        return out
-
-    # ---- training ---------------------------------------------------------------------------
     def _log_eval(self, final: bool = False) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "final": final}
         if self.cfg.data.valid_split and self.cfg.data.valid_split in self.schema.splits:
@@ -265,59 +370,81 @@ class Trainer:
                     self.tb.add_scalar(f"eval/{k}", v, self.step)
         return rec
 
+    # ---- training ---------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        factor = lr_factor(self.cfg.train.schedule, self.step, self.total_steps)
+        set_lr(self.optimizers, self.base_lrs, factor)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.step} (epoch {self.epoch}); "
+                f"last good checkpoint: {self.last_checkpoint or 'none (no evaluation reached yet)'}; "
+                "try a lower train.dense_optimizer.lr / train.embedding_optimizer.lr"
+            )
+
+    def _steps(self) -> _Steps:
+        if self.pipeline == "sparse_dist":
+            self.pipeline_note = why_not_pipelineable(self.model)
+            if self.pipeline_note is not None:
+                log.info("train.pipeline: sparse_dist: %s; training with the loop", self.pipeline_note)
+                self.pipeline = "loop"
+        if self.pipeline == "sparse_dist":
+            return PipelineSteps(self.model, self.opt, self.ctx.device, self._set_lr, self._check_finite)
+        return LoopSteps(self.model, self.opt, self._set_lr, self._check_finite)
+
+    def _segment_end(self) -> int:
+        """The step the current run of batches trains up to: the epoch's end, the last step,
+        or the next evaluation."""
+        tc = self.cfg.train
+        end = min(self.total_steps, self.step + self.steps_per_epoch - self.batch_in_epoch)
+        if tc.eval_every:
+            end = min(end, (self.step // tc.eval_every + 1) * tc.eval_every)
+        return end
+
     def train(self, stop_after_step: int | None = None) -> dict[str, Any]:
+        if self.data is None:
+            raise RuntimeError("internal: this trainer was built without training data")
         tc = self.cfg.train
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (tc.progress and self.ctx.is_main), mininterval=1.0)
+        steps = self.steps = self._steps()
         loss_ema = None
         while self.step < self.total_steps:
-            if self.negatives is not None:
-                self.reader = self._train_reader(self.epoch)
-            self.reader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            batches = iter(self.data.epoch(self.epoch, start_batch=self.batch_in_epoch))
             t0 = time.perf_counter()
-            for batch in self.reader:
-                if self.batch_in_epoch >= self.steps_per_epoch:
-                    break
-                factor = lr_factor(tc.schedule, self.step, self.total_steps)
-                set_lr(self.optimizers, self.base_lrs, factor)
-                logits = self.model(batch.dense_features, batch.sparse_features)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-                for reg in self.regularizers:
-                    loss = loss + reg.regularization_loss(batch.sparse_features)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {self.step} (epoch {self.epoch}); "
-                        f"last good checkpoint: {self.last_checkpoint or 'none (no evaluation reached yet)'}; "
-                        "try a lower train.dense_optimizer.lr / train.embedding_optimizer.lr"
-                    )
-                self.dense_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.dense_opt.step()
-                self.fused_opt.step()  # applies the scheduled LR to FBGEMM's fused update
-                self.step += 1
-                self.batch_in_epoch += 1
-                self.train_samples += batch.labels.numel() * self.ctx.world_size
-                lv = float(loss)
-                if self.step_losses is not None:
-                    self.step_losses.append(lv)
-                loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
-                if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                    el = self.train_seconds + time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{self.train_samples / max(el, 1e-9):,.0f}")
-                    if self.tb is not None:
-                        self.tb.add_scalar("train/loss", lv, self.step)
-                bar.update(1)
-                faults.hit("kill_after_step", str(self.step))
+            while self.step < self.total_steps and self.batch_in_epoch < self.steps_per_epoch:
+                before = self.step
+                for loss, rows in steps.run(islice(batches, self._segment_end() - self.step)):
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.train_samples += rows * self.ctx.world_size
+                    lv = float(loss)
+                    if self.step_losses is not None:
+                        self.step_losses.append(lv)
+                    loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
+                    if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                        el = self.train_seconds + time.perf_counter() - t0
+                        sps = self.train_samples / max(el, 1e-9)
+                        bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{sps:,.0f}")
+                        if self.tb is not None:
+                            self.tb.add_scalar("train/loss", lv, self.step)
+                    bar.update(1)
+                    faults.hit("kill_after_step", str(self.step))
+                    if self.step < self.total_steps and self.should_stop is not None and self.should_stop():
+                        # Batches the pipeline read ahead are read again on --resume.
+                        self.train_seconds += time.perf_counter() - t0
+                        if tc.checkpoint:
+                            self.save_checkpoint()
+                        bar.close()
+                        raise StopRequested(f"stopped at step {self.step} on request")
+                if self.step == before:
+                    break  # the split ran out of batches before the epoch's end
                 done = self.step >= self.total_steps
-                if not done and self.should_stop is not None and self.should_stop():
+                if tc.eval_every and self.step % tc.eval_every == 0 and not done:
                     self.train_seconds += time.perf_counter() - t0
-                    if tc.checkpoint:
-                        self.save_checkpoint()
-                    bar.close()
-                    raise StopRequested(f"stopped at step {self.step} on request")
-                if (tc.eval_every and self.step % tc.eval_every == 0) and not done:
-                    self.train_seconds += time.perf_counter() - t0
+                    steps.pause()
                     self._log_eval()
                     if tc.checkpoint:
                         self.save_checkpoint()
@@ -325,50 +452,16 @@ class Trainer:
                         bar.close()
                         raise StopRequested(f"stopped after step {self.step}")
                     t0 = time.perf_counter()
-                if done:
-                    break
             self.train_seconds += time.perf_counter() - t0
             if self.step < self.total_steps or self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
+        steps.pause()
         bar.close()
         final = self._log_eval(final=True)
         if tc.checkpoint:
             self.save_checkpoint()
         return final
-
-
-def _pad_batch(batch, size: int):
-    """Pad a Batch to ``size`` rows by repeating its first row (for equal-sized collectives)."""
-    from torchrec.datasets.utils import Batch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    n = batch.labels.numel()
-    if n >= size:
-        return batch
-    idx = torch.cat([torch.arange(n), torch.zeros(size - n, dtype=torch.long)])
-    kjt = batch.sparse_features
-    per_key = kjt.to_dict()
-    keys, values, lengths, weights = [], [], [], []
-    for k in kjt.keys():
-        jt = per_key[k]
-        lens = jt.lengths()
-        offs = torch.cat([torch.zeros(1, dtype=lens.dtype), lens.cumsum(0)])
-        new_lens = lens[idx]
-        starts = offs[:-1][idx]
-        rep = torch.repeat_interleave(starts, new_lens) + (
-            torch.arange(int(new_lens.sum())) - torch.repeat_interleave(torch.cumsum(new_lens, 0) - new_lens, new_lens)
-        )
-        keys.append(k)
-        values.append(jt.values()[rep])
-        lengths.append(new_lens)
-        if jt.weights_or_none() is not None:
-            weights.append(jt.weights()[rep])
-    new = KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
-        weights=torch.cat(weights) if weights else None,
-    )
-    return Batch(dense_features=batch.dense_features[idx], sparse_features=new, labels=batch.labels[idx])
 
 
 def peak_rss_bytes() -> int:

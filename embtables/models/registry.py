@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from embtables.registry import Registry
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -23,24 +25,20 @@ class ModelEntry:
     builder: Callable
 
 
-_MODELS: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(name: str, config_cls: type[BaseModel]):
     def deco(fn: Callable) -> Callable:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelEntry(name, config_cls, fn)
+        MODELS.add(name, ModelEntry(name, config_cls, fn))
         return fn
 
     return deco
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def get_model(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name]
+    return MODELS.get(name)

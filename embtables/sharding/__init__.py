@@ -1,7 +1,7 @@
 """Sharding and offload through TorchRec's planner and DistributedModelParallel.
 
 Loaded lazily (PEP 562): a name is imported from its submodule on first use, so the
-torch-free parts (``sharding.config``, ``sharding.cli``) load no torch or torchrec.
+torch-free part (``sharding.config``) loads no torch or torchrec.
 """
 
 import importlib

@@ -169,7 +169,8 @@ def save_checkpoint(
         try:
             _write(work / f"extra-rank{rank}.pt", lambda p: torch.save(dict(extra_state or {}), p))
             if rank == 0:
-                _write(work / "replicated.pt", lambda p: torch.save({k: o.state_dict() for k, o in other.items()}, p))
+                replicated = {k: o.state_dict() for k, o in other.items()}
+                _write(work / "replicated.pt", lambda p: torch.save(replicated, p))
         except Exception as e:  # noqa: BLE001 - reported below, after every rank knows
             error = e
         if not _all_ok(error is None) and error is None:
@@ -198,7 +199,8 @@ def save_checkpoint(
         inner = _unwrap(error)
         if isinstance(inner, CheckpointError):
             raise inner from None
-        raise CheckpointError(f"{path}: saving the checkpoint failed: {type(inner).__name__}: {inner}") from None
+        raise CheckpointError(
+            f"{path}: saving the checkpoint failed: {type(inner).__name__}: {inner}") from None
     _barrier()
     return path
 
@@ -306,11 +308,13 @@ def load_checkpoint(
     _verify_collective(path)
     rank, world = _rank_world()
     keyed, other = _split(optimizers)
-    missing = sorted(set(meta["keyed_optimizers"]) - set(keyed)) + sorted(set(meta["other_optimizers"]) - set(other))
-    extra_opts = sorted(set(keyed) - set(meta["keyed_optimizers"])) + sorted(set(other) - set(meta["other_optimizers"]))
+    saved_keyed, saved_other = set(meta["keyed_optimizers"]), set(meta["other_optimizers"])
+    missing = sorted(saved_keyed - set(keyed)) + sorted(saved_other - set(other))
+    extra_opts = sorted(set(keyed) - saved_keyed) + sorted(set(other) - saved_other)
     if strict and (missing or extra_opts):
         raise CheckpointError(
-            f"{path}: optimizers do not match the checkpoint: saved {meta['keyed_optimizers'] + meta['other_optimizers']}, "
+            f"{path}: optimizers do not match the checkpoint: saved "
+            f"{meta['keyed_optimizers'] + meta['other_optimizers']}, "
             f"given {sorted(optimizers)}"
         )
     state = {"model": dmp.state_dict(), **{f"optim.{k}": o.state_dict() for k, o in keyed.items()}}
@@ -318,11 +322,13 @@ def load_checkpoint(
     state["model"] = {renamed.get(k, k): v for k, v in state["model"].items()}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures; name what most likely differs
+    # DCP wraps per-rank failures; name what most likely differs
+    except (Exception, CheckpointException) as e:
         inner = _unwrap(e)
         first = str(inner).splitlines()[0] if str(inner) else ""
         raise CheckpointError(
-            f"{path}: cannot load this checkpoint (saved at world size {meta['world_size']}, loading at {world}): "
+            f"{path}: cannot load this checkpoint (saved at world size {meta['world_size']}, "
+            f"loading at {world}): "
             f"the model's tables must have the same names and shapes as when saved ({type(inner).__name__}: "
             f"{first[:300]})"
         ) from None

@@ -173,7 +173,8 @@ def table_infos(model: nn.Module) -> list[TableInfo]:
             continue
         for c in configs:
             nbytes = 2 if "16" in c.data_type.name else 4
-            out.append(TableInfo(c.name, kind, c.num_embeddings, c.embedding_dim, tuple(c.feature_names), nbytes, path))
+            out.append(TableInfo(c.name, kind, c.num_embeddings, c.embedding_dim, tuple(c.feature_names),
+                                 nbytes, path))
     return out
 
 
@@ -192,7 +193,8 @@ def _forced_type(cfg: ShardingConfig, t: TableInfo) -> tuple[str, str] | None:
     return None
 
 
-def allowed_types(model: nn.Module, cfg: ShardingConfig, world_size: int, device_type: str) -> dict[str, list[str]]:
+def allowed_types(model: nn.Module, cfg: ShardingConfig, world_size: int,
+                  device_type: str) -> dict[str, list[str]]:
     """Per table, the sharding types the planner may choose. Raises ShardingError,
     naming the config key, for anything that would otherwise fail inside TorchRec."""
     tables = table_infos(model)
@@ -209,7 +211,8 @@ def allowed_types(model: nn.Module, cfg: ShardingConfig, world_size: int, device
     unknown = sorted(set(cfg.per_table) - known)
     if unknown:
         raise ShardingError(
-            f"sharding.per_table: no table or feature named {unknown}; tables: {', '.join(t.name for t in tables)}"
+            f"sharding.per_table: no table or feature named {unknown}; "
+            f"tables: {', '.join(t.name for t in tables)}"
         )
     for path in {t.module_path for t in tables if t.kind == "ec"}:
         dims = {t.dim for t in tables if t.module_path == path}
@@ -244,7 +247,8 @@ def allowed_types(model: nn.Module, cfg: ShardingConfig, world_size: int, device
         if not types:
             raise ShardingError(
                 f"sharding.sharding_types: table {t.name!r} cannot be {' or '.join(wanted)}: a "
-                f"{'sequence (EmbeddingCollection)' if t.kind == 'ec' else 'pooled'} table of {t.rows} rows on "
+                f"{'sequence (EmbeddingCollection)' if t.kind == 'ec' else 'pooled'} table of {t.rows} "
+                f"rows on "
                 f"{world_size} {device_type} rank(s) supports only {', '.join(ok)}"
             )
         out[t.name] = types
@@ -264,7 +268,8 @@ def build_constraints(
 ) -> dict[str, ParameterConstraints]:
     if device_type == "cpu" and cfg.offload != "none":
         # TORCHREC-NOTES: forced uvm kernels on CPU silently run as plain host `fused`.
-        warnings.warn(f"sharding.offload={cfg.offload} has no effect on CPU: tables are in host memory already",
+        warnings.warn(f"sharding.offload={cfg.offload} has no effect on CPU: "
+                      "tables are in host memory already",
                       stacklevel=2)
     kernel = compute_kernel(cfg, device_type)
     infos = {t.name: t for t in table_infos(model)}
@@ -277,7 +282,8 @@ def build_constraints(
             sharding_types=types,
             compute_kernels=kernels,
             pooling_factors=[1.0] * len(infos[name].features),
-            cache_params=CacheParams(load_factor=cfg.cache_load_factor) if kernel.endswith("caching") else None,
+            cache_params=(CacheParams(load_factor=cfg.cache_load_factor) if kernel.endswith("caching")
+                          else None),
         )
     return out
 
@@ -302,7 +308,8 @@ def build_topology(cfg: ShardingConfig, world_size: int, device_type: str) -> To
     )
 
 
-def make_planner(model: nn.Module, cfg: ShardingConfig, world_size: int, device_type: str) -> EmbeddingShardingPlanner:
+def make_planner(model: nn.Module, cfg: ShardingConfig, world_size: int,
+                 device_type: str) -> EmbeddingShardingPlanner:
     return EmbeddingShardingPlanner(
         topology=build_topology(cfg, world_size, device_type),
         batch_size=cfg.batch_size_per_rank,
@@ -374,7 +381,8 @@ def _pooled_key_orders(model: nn.Module) -> dict[str, list[str]]:
     """Output keys of every plain EmbeddingBagCollection, in its own order. The tables of
     an embtables method are skipped: the method selects its lookups by key itself
     (``EmbeddingMethod.pooled_values``), so a user's own stock DMP gets the same result."""
-    inside = {f"{p}.tables" if p else "tables" for p, m in model.named_modules() if isinstance(m, EmbeddingMethod)}
+    inside = {f"{p}.tables" if p else "tables" for p, m in model.named_modules()
+              if isinstance(m, EmbeddingMethod)}
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, EmbeddingBagCollection) and path not in inside:
@@ -418,6 +426,7 @@ def _reorder_hook(expected: list[str]):
         idx, lengths = cache[keys]
         values = kt.values()
         idx = idx.to(values.device)
-        return KeyedTensor(keys=expected, length_per_key=lengths, values=values.index_select(1, idx), key_dim=1)
+        return KeyedTensor(keys=expected, length_per_key=lengths, values=values.index_select(1, idx),
+                           key_dim=1)
 
     return hook

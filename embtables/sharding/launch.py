@@ -1,4 +1,4 @@
-"""`embtables run CONFIG --nproc N`: N local processes, torchrun-style.
+"""N local processes, torchrun-style (what `embtables run CONFIG --nproc N` runs on).
 
 ``launch(fn, nproc, args)`` starts N spawned processes, each with the environment
 torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
@@ -11,10 +11,13 @@ Several machines: use torchrun itself, which sets the same variables, e.g.::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
         --rdzv-endpoint HOST0:29500 --rdzv-id myjob -m embtables.cli run CONFIG
+
+(`launch_run`, the runner on each rank, is in ``embtables.experiments.launch_run``.)
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -23,7 +26,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -64,10 +66,13 @@ def _worker(fn: Callable, rank: int, nproc: int, env: dict[str, str], args: Sequ
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which ends every rank
         results.put((rank, False, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"))
     finally:
-        # Leave the process group so that the ok ranks exit promptly.
+        # Leave the process group so that the ok ranks exit promptly. Sharded models refer to
+        # the group from inside reference cycles: collect them first, so that the group (and
+        # gloo's threads) goes now rather than during interpreter exit, which can abort.
         try:
             import torch.distributed as dist
 
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
@@ -126,16 +131,19 @@ def launch(
                 continue
             except queue.Empty:
                 if stopping and time.monotonic() - stopping[0] > STOP_GRACE_S:
-                    raise LaunchInterrupted("stopped; some ranks did not finish their checkpoint in time") from None
+                    raise LaunchInterrupted(
+                        "stopped; some ranks did not finish their checkpoint in time") from None
                 # A rank that died without reporting (killed, segfault, os._exit).
                 for r, p in enumerate(procs):
                     if r not in done and p.exitcode not in (None, 0):
                         time.sleep(0.5)  # its report may still be in the queue
                         if results.empty():
-                            raise LaunchError(f"rank {r} died with exit code {p.exitcode} and no report", r) from None
+                            raise LaunchError(
+                                f"rank {r} died with exit code {p.exitcode} and no report", r) from None
                         break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise LaunchError(f"launch timed out after {timeout_s:.0f} s; ranks done: {sorted(done)}") from None
+                    raise LaunchError(
+                        f"launch timed out after {timeout_s:.0f} s; ranks done: {sorted(done)}") from None
                 continue
             if ok == "interrupted":
                 raise LaunchInterrupted(payload)
@@ -159,36 +167,3 @@ def launch(
                 p.kill()
                 p.join()
     return [done[r] for r in range(nproc)]
-
-
-def _run_rank(config, overrides, run_dir, resume, options=None) -> dict[str, Any] | None:
-    try:  # the same quiet logs as `embtables run` in the parent
-        from embtables.cli import _quiet_libraries
-
-        _quiet_libraries()
-    except ImportError:
-        pass
-    from embtables.experiments.runner import run
-
-    summary = run(config, overrides=overrides, run_dir=run_dir, resume=resume, **(options or {}))
-    return summary if int(os.environ.get("RANK", "0")) == 0 else None
-
-
-def launch_run(config, overrides: list[str] | None, run_dir: str | None, resume: str | None, nproc: int,
-               timeout_s: float | None = None, *, overwrite: bool = False, from_run: str | None = None,
-               stage: str | None = None) -> int:
-    """`embtables run CONFIG --nproc N`: the runner in N local processes, one run directory."""
-    from embtables.experiments.config import load_config
-    from embtables.experiments.runner import claim_new_run_dir, new_run_dir
-
-    if resume is None and run_dir is None:
-        # Every rank must write to the same directory: name it once, here.
-        run_dir = str(new_run_dir(load_config(config, overrides)))
-    if resume is None:
-        # Checked once, here, before any rank starts (the ranks then see an empty directory).
-        moved = claim_new_run_dir(Path(run_dir), overwrite)
-        if moved is not None:
-            print(f"== --overwrite: moved the old {run_dir} to {moved}")
-    options = {"from_run": from_run, "stage": stage}
-    launch(_run_rank, nproc, (config, overrides, run_dir, resume, options), timeout_s=timeout_s)
-    return 0

@@ -41,7 +41,8 @@ def describe(plan, features) -> list[str]:
         for i, (f, r) in enumerate(zip(features, plan.rows, strict=True)):
             tag = "  identity" if ident is not None and ident[i] else ""
             lines.append(f"{f.name:<16}{f.cardinality:>14,}  {r:>12,} rows{tag}")
-    lines.append(f"total: {format_bytes(plan.bytes)} ({plan.bytes:,} bytes), {plan.num_parameters:,} parameters")
+    lines.append(f"total: {format_bytes(plan.bytes)} ({plan.bytes:,} bytes), "
+                 f"{plan.num_parameters:,} parameters")
     return lines
 
 
@@ -59,7 +60,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("size", help="size an embedding method for a dataset and budget (builds nothing)")
+    p = subparsers.add_parser(
+        "size", help="size an embedding method for a dataset and budget (builds nothing)")
     p.add_argument("data", type=Path, help="dataset directory (schema.json)")
     p.add_argument("--method", required=True, help="embedding method (see `embtables list`)")
     p.add_argument("--budget", type=budget_arg, default=None,

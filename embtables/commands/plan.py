@@ -21,7 +21,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--host-memory", type=size_arg,
                    help="host memory per machine, e.g. 1TiB (default: sharding.host_memory)")
     p.add_argument("--offload", choices=["none", "uvm", "uvm_caching"], help="GPU tables in host memory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=_cmd_plan)
 

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_cmd_run)
     _check_types(r, nproc=positive_int)
 
-    pr = sub.add_parser("predict", help="score a dataset with a trained run")
+    pr = sub.add_parser("predict", help="score a dataset with a trained run or an exported artefact")
     pr.add_argument("run_dir")
     pr.add_argument("data", help="dataset directory (schema.json)")
     pr.add_argument("--out", required=True, help="Parquet file of row ids and probabilities")
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Areas register their own commands.
     for module in ("embtables.datasets.cli", "embtables.commands.size", "embtables.commands.plan",
-                   "embtables.commands.compare"):
+                   "embtables.commands.compare", "embtables.commands.export"):
         try:
             mod = __import__(module, fromlist=["register_commands"])
         except ModuleNotFoundError as e:

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import (
 )
 
 from embtables.embeddings.budget import DTYPE_BYTES, DType, format_bytes
+from embtables.embeddings.quantize import is_quantized, storage_bytes
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import ReshapedFeatureInit, SeededInit, feature_init, module_seed
 
@@ -218,6 +219,10 @@ class EmbeddingMethod(nn.Module):
     #: its forward outside the remap and the tables traces. False: refused there with a
     #: clear error (TrainPipelineBase and plain loops still work).
     pipelineable: bool = True
+    #: Its tables may be swapped for TorchRec's quantized inference collections for serving
+    #: (``embtables export``, embeddings/quantize.py): its forward reaches them only through
+    #: ``lookup()`` / TorchRec's own forward. False: export refuses the method, naming it.
+    quantizable_tables: bool = True
 
     @classmethod
     def capabilities(cls) -> Capabilities:
@@ -566,6 +571,8 @@ class EmbeddingMethod(nn.Module):
 
     # ---- sizes ----------------------------------------------------------------------
     def table_bytes(self) -> int:
+        if is_quantized(getattr(self, "tables", None)):  # served (export): what the storage holds
+            return storage_bytes(self.tables)
         return sum(c.num_embeddings * c.embedding_dim for c in self.table_configs()) * DTYPE_BYTES[self.dtype]
 
     def dense_parameters(self) -> list[nn.Parameter]:

@@ -197,3 +197,18 @@ def test_the_dry_build_leaves_the_initial_weights_as_they_were(tiny_synth, tmp_p
     TrainStage().check(cfg, schema)
     after = build_model(cfg, schema).state_dict()
     assert all(torch.equal(plain[k], after[k]) for k in plain)
+
+
+
+def test_max_eval_rows_scores_exactly_that_many_rows(tiny_synth, tmp_path):
+    # Evaluation reads whole batches (256 rows here); 300 rows must still be 300 rows (not 512), and
+    # the reported AUC that of the first 300 predictions of the 600-row split (scikit-learn).
+    rd = tmp_path / "r"
+    s = run("quickstart", overrides=tiny_overrides(tiny_synth, **{"data.max_eval_rows": 300,
+                                                                      "train.eval_batch_size": 256}),
+            run_dir=rd, quiet=True)
+    predict(rd, tiny_synth, tmp_path / "p.parquet", split="test")
+    d = pq.read_table(tmp_path / "p.parquet").to_pandas()
+    assert len(d) == 600
+    assert s["test_auc"] == pytest.approx(roc_auc_score(d["label"][:300], d["prob"][:300]), abs=1e-6)
+    assert s["test_auc"] != pytest.approx(roc_auc_score(d["label"][:512], d["prob"][:512]), abs=1e-6)

@@ -62,7 +62,8 @@ class DataConfig(Strict):
     prefetch: int = Field(2, ge=0, description="batches read ahead in a background thread")
     max_train_rows: int | None = Field(
         None, ge=1, description="train on N rows per epoch (the first N, or a fresh shuffled N each epoch)")
-    max_eval_rows: int | None = Field(None, ge=1, description="evaluate on the first N rows of a split")
+    max_eval_rows: int | None = Field(None, ge=1, description="evaluate on exactly the first N rows of a "
+                                      "split (on P processes, each rank's first N/P)")
 
 
 class EmbeddingSection(Strict):

@@ -81,6 +81,12 @@ class Evaluator:
         p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
         y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
         u = np.concatenate(users) if users else None
+        if max_rows:
+            # Whole batches were read; keep exactly max_rows rows (one process: the split's first
+            # max_rows; several: each rank's first share of them).
+            keep = max_rows // ctx.world_size + (ctx.rank < max_rows % ctx.world_size)
+            p, y = p[:keep], y[:keep]
+            u = None if u is None else u[:keep]
         if ctx.world_size > 1:
             # Metrics over every rank's predictions together, never an average of per-rank AUCs.
             pt, yt = gather_predictions(torch.from_numpy(p), torch.from_numpy(y))

@@ -28,6 +28,7 @@ from embtables.embeddings.hash import HashEmbedding
 from embtables.embeddings.quantize import (
     BITS,
     NotQuantizable,
+    is_quantized,
     quantization_step,
     quantize_tables,
     row_bytes,
@@ -137,6 +138,19 @@ def test_every_method_serves_its_own_quantized_rows(spec):
                   for c in emb.table_configs())
     assert q.table_bytes() == by_hand
     assert q.memory_bytes() == by_hand + emb.memory_bytes() - emb.table_bytes()
+
+
+def test_narrow_tables_are_refused_for_bit_widths_fbgemm_cannot_pack():
+    # FBGEMM packs a row's codes in 2-byte units: a 4-wide table fits int4 (16 bits) but not
+    # int2 (8 bits). The refusal names the width and the dtypes that work; nothing is changed.
+    emb = build(method_feats(), method="full", dim=4)
+    before = copy.deepcopy(emb.state_dict())
+    with pytest.raises(NotQuantizable, match=r"tables 4 wide cannot be stored as int2.*--dtype int8 or int4"):
+        quantize_tables(emb, "int2")
+    assert type(emb.tables).__name__ == "EmbeddingBagCollection"
+    assert all(torch.equal(v, emb.state_dict()[k]) for k, v in before.items())
+    quantize_tables(emb, "int4")  # 4 x 4 bits = 16: fits
+    assert is_quantized(emb.tables)
 
 
 def test_a_method_declaring_unquantizable_tables_is_refused_by_name():

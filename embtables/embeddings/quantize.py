@@ -123,6 +123,18 @@ def quantize_tables(module: nn.Module, dtype: str, row_alignment: int = DEFAULT_
             f"{name}: its tables are a {type(tables).__name__}, not an unsharded TorchRec "
             "EmbeddingBagCollection / EmbeddingCollection (a DistributedModelParallel-sharded model: "
             "quantize the unsharded module)")
+    if dtype.startswith("int"):
+        # FBGEMM packs a quantized row's codes in 2-byte units: width x bits must be a multiple of 16.
+        configs = (tables.embedding_bag_configs() if isinstance(tables, torchrec.EmbeddingBagCollection)
+                   else tables.embedding_configs())
+        narrow = sorted({c.embedding_dim for c in configs
+                         if c.embedding_dim * BITS[dtype] % 16})
+        if narrow:
+            ok = [d for d in ("int8", "int4", "int2") if all(w * BITS[d] % 16 == 0 for w in narrow)]
+            raise NotQuantizable(
+                f"{name}: tables {narrow[0]} wide cannot be stored as {dtype} (FBGEMM's row-wise {dtype} "
+                f"needs widths that are multiples of {16 // BITS[dtype]}); "
+                + (f"use --dtype {' or '.join(ok)}" if ok else "use --dtype fp16"))
     holder = nn.Module()
     holder.tables = tables
     kinds = [torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection]

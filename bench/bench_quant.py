@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 from embtables.datasets.reader import BatchReader
 from embtables.datasets.schema import load_schema
 from embtables.embeddings import build, features_from_schema
-from embtables.embeddings.quantize import quantize_tables
+from embtables.embeddings.quantize import NotQuantizable, quantize_tables
 from embtables.experiments import run
 from embtables.experiments.export import embedding_modules, load_trained, quantize_model, score
 from embtables.experiments.rundir import RunDir
@@ -131,7 +131,11 @@ def _bytes_by_dim(methods: list[str], budgets: list[str], data: Path) -> list[di
                 rec = {"method": method, "budget": budget, "dim": dim, "fp32": int(emb.memory_bytes())}
                 for align in (16, 4):
                     for dt in DTYPES[1:]:
-                        q = quantize_tables(copy.deepcopy(emb), dt, row_alignment=align)
+                        try:
+                            q = quantize_tables(copy.deepcopy(emb), dt, row_alignment=align)
+                        except NotQuantizable:  # e.g. 4-wide mde tables at int2: refused, not counted
+                            rec[f"{dt}@{align}"] = None
+                            continue
                         rec[f"{dt}@{align}"] = int(q.memory_bytes())
                 rows.append(rec)
                 del emb
@@ -175,7 +179,7 @@ def _markdown(cells: list[dict], by_dim: list[dict], header: str) -> str:
         if "error" in r:
             lines.append(f"| `{r['method']}` | {r['budget']} | {r['dim']} | not built: {r['error']} |")
             continue
-        pct = " | ".join(f"{100 * r[c] / r['fp32']:.1f} %" for c in cols)
+        pct = " | ".join("refused" if r[c] is None else f"{100 * r[c] / r['fp32']:.1f} %" for c in cols)
         lines.append(f"| `{r['method']}` | {r['budget']} | {r['dim']} | {_mib(r['fp32'])} | {pct} |")
     return "\n".join(lines) + "\n"
 

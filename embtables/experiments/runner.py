@@ -7,6 +7,7 @@ artefacts exist. It knows no embedding method by name.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import re
@@ -209,6 +210,9 @@ def run(
         return _run(cfg, ctx, run_dir, resume is not None, stop_after_step, quiet, overwrite, from_run, stage)
     finally:
         if ctx.owns_group and dist.is_initialized():
+            # A sharded model holds the group inside reference cycles: collect them so the group
+            # and gloo's threads end here, not during interpreter exit (which can abort).
+            gc.collect()
             dist.destroy_process_group()
 
 

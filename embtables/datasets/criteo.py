@@ -40,6 +40,7 @@ Distinct counts (``cardinality``, missing not counted) are exact in both modes (
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -913,7 +914,12 @@ class _LinePositions:
         return self._positions
 
     def stop(self) -> None:
+        """End an unfinished count and wait for its thread: a process that exits on an error
+        while the thread is still inside a read can abort at interpreter exit."""
         self._stop.set()
+        if self._counting is not None:
+            with contextlib.suppress(Exception):
+                self._counting.exception(timeout=60)
 
 
 def _count_vocab(inputs: _Inputs, opts: CriteoOptions) -> list[_Vocab]:

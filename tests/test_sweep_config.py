@@ -103,6 +103,41 @@ def test_quick_section(tmp_path):
         load_sweep(_cmp(tmp_path), quick=True)
 
 
+def test_a_method_entry_can_run_at_fewer_budgets(tmp_path):
+    qr = {"method": "qr", "budgets": ["1/4"]}
+    spec = _cmp(tmp_path, methods=["full", "hash", qr], budgets=[1, "1/4", 0.0625])
+    plan = load_sweep(spec)
+    skips = {(c.method.label, c.budget.label): c.skip_reason for c in plan.cells}
+    assert skips[("qr", "1/4")] is None and skips[("hash", "1")] is None and skips[("hash", "1/16")] is None
+    for b in ("1", "1/16"):
+        assert skips[("qr", b)].startswith("not run: not one of this method's budgets (1/4)")
+    assert "cannot compress" in skips[("full", "1/16")]
+    # the label and the cell ids of the budgets it keeps do not depend on the key
+    plain = load_sweep(_cmp(tmp_path, methods=["full", "hash", "qr"], budgets=[1, "1/4", 0.0625]))
+    assert {c.cell_id for c in plain.cells} == {c.cell_id for c in plan.cells}
+    # 0.25 and "1/4" are one budget
+    kept = load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "budgets": [0.25]}]))
+    assert [c.budget.label for c in kept.cells if c.method.label == "hash" and not c.skip_reason] == ["1/4"]
+    # --quick ignores it: a smoke test runs every method at its own budgets
+    quick = load_sweep({**spec, "sweep": {**spec["sweep"], "quick": {"budgets": [1]}}}, quick=True)
+    assert all(c.skip_reason is None for c in quick.cells if c.method.label == "qr")
+    not_one = r"sweep\.methods\[1\]\.budgets: 1/8 is not one of sweep\.budgets \(1, 1/4\)"
+    with pytest.raises(ConfigError, match=not_one):
+        load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "budgets": ["1/8"]}]))
+    with pytest.raises(ConfigError, match=r"sweep\.methods\[1\]\.budgets: empty"):
+        load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "budgets": []}]))
+    with pytest.raises(ConfigError, match=r"sweep\.methods\[1\]\.budgets\[0\]"):
+        load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "budgets": ["lots"]}]))
+    proto = {"epochs": [1], "lr_grid": ["1x"], "budget": "1/4"}
+    with pytest.raises(ConfigError, match=r"must include the protocol's tuning budget 1/4"):
+        load_sweep(_cmp(tmp_path, methods=["full", {"method": "hash", "budgets": [1]}], protocol=proto))
+    # under the protocol the method's LR is tuned at the tuning budget it keeps
+    hash_q = {"method": "hash", "budgets": ["1/4"]}
+    tuned = load_sweep(_cmp(tmp_path, methods=["full", hash_q], protocol=proto))
+    lr_cells = tuned.lr_cells({tuned.groups[0]: 1})
+    assert [c.budget.label for c in lr_cells if c.method.label == "hash"] == ["1/4"]
+
+
 @pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
 def test_shipped_comparisons_parse(name):
     from embtables.embeddings import list_methods
@@ -205,6 +240,18 @@ def test_report_from_hand_made_cells(tmp_path):
     assert pd.read_parquet(out["results"]).shape == df.shape
     # without sweep.json the cells are found by their cell.json
     assert not (r / "sweep.json").exists() and len(out["plots"]) == 2
+
+
+def test_report_says_why_a_cell_was_not_run(tmp_path):
+    r = tmp_path / "sweep"
+    _fake_cell(r, "full_b1_s0", "full", "1", 0, auc=0.70, nbytes=4000)
+    _fake_cell(r, "full_b1-4_s0", "full", "1/4", 0, status="skipped", err="cannot compress: `full` ...")
+    err = "not run: not one of this method's budgets (1/4)"
+    _fake_cell(r, "dhe_b1_s0", "dhe", "1", 0, status="skipped", err=err)
+    _fake_cell(r, "dhe_b1-4_s0", "dhe", "1/4", 0, auc=0.66, nbytes=900)
+    md = Path(build_report(r)["report"]).read_text()
+    assert "| full | **0.7000** | n/a (cannot compress) |" in md
+    assert "| dhe | not run (method's budgets) | **0.6600** |" in md
 
 
 @pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])

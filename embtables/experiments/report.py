@@ -21,7 +21,14 @@ from embtables.experiments.claims import evaluate_claims, render_claims
 from embtables.experiments.jsonfile import read_json
 from embtables.experiments.protocol import PROTOCOL_FILE, group_key
 from embtables.experiments.stats import LEVEL, Paired, paired, t_quantile
-from embtables.experiments.sweep_dir import CELL_FILE, PLAN_FILE, STATUS_FILE, SUMMARY_FILE, cell_state
+from embtables.experiments.sweep_dir import (
+    CELL_FILE,
+    PLAN_FILE,
+    SKIP_NOT_LISTED,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    cell_state,
+)
 
 METRIC = "auc"
 META_COLUMNS = ["cell_id", "method_label", "method", "knobs", "budget", "budget_fraction", "budget_bytes",
@@ -149,7 +156,8 @@ def _empty_reason(cells: pd.DataFrame) -> str:
     if st & {"pending", "running"}:
         return "pending"
     if st == {"skipped"}:
-        return "n/a (cannot compress)"
+        reasons = " ".join(str(e) for e in cells["error"].dropna())
+        return "not run (method's budgets)" if SKIP_NOT_LISTED in reasons else "n/a (cannot compress)"
     if st == {"done"}:
         return "n/a (no AUC)"
     failed = cells[cells["status"] == "failed"]

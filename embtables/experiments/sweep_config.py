@@ -53,6 +53,7 @@ from embtables.experiments.config import (
     read_yaml,
     resolve_config_path,
 )
+from embtables.experiments.sweep_dir import SKIP_NOT_LISTED
 
 _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 # Config fields that never change a result: a rerun with another --jobs finds the same cells.
@@ -79,6 +80,11 @@ class MethodEntry(BaseModel):
     method: str
     label: str | None = None
     set: dict[str, Any] = Field(default_factory=dict, description="extra overrides for this method's cells")
+    budgets: list[Budget] | None = Field(
+        None,
+        description="the sweep budgets this method runs at (default: all); a costly method can "
+        "run at fewer, which must include the protocol's tuning budget; --quick ignores it",
+    )
 
     @field_validator("label")
     @classmethod
@@ -90,7 +96,8 @@ class MethodEntry(BaseModel):
         for key, val in (self.model_extra or {}).items():
             if key != self.method:
                 raise ValueError(
-                    f"unknown key {key!r}: an entry holds method, label, set and {self.method}: {{knobs}}"
+                    f"unknown key {key!r}: an entry holds method, label, set, budgets "
+                    f"and {self.method}: {{knobs}}"
                 )
             if val is not None and not isinstance(val, dict):
                 raise ValueError(f"{key} must be a mapping of knobs, got {type(val).__name__}")
@@ -269,6 +276,7 @@ class Variant:
     overrides: dict[str, Any]
     name: str = ""  # method or model name, dataset path
     knobs: dict[str, Any] = field(default_factory=dict)
+    budgets: tuple[str, ...] | None = None  # labels of the budgets a method runs at (None: all)
 
 
 @dataclass
@@ -539,6 +547,40 @@ def _method_variant(
     return Variant(label, ov, entry.method, knobs)
 
 
+def _restrict_budgets(
+    entries: list[MethodEntry | str],
+    variants: list[Variant],
+    budgets: list[BudgetSpec],
+    protocol: Protocol | None,
+    source: str,
+) -> list[Variant]:
+    """Apply each entry's ``budgets:``: every one must be a sweep budget, and under the
+    protocol the tuning budget must be among them (the method's LR is chosen there)."""
+    out = []
+    sweep_slugs = {b.slug: b.label for b in budgets}
+    for i, (entry, var) in enumerate(zip(entries, variants, strict=True)):
+        if isinstance(entry, str) or entry.budgets is None:
+            out.append(var)
+            continue
+        where = f"{source + ' ' if source else ''}sweep.methods[{i}].budgets"
+        own = [parse_budget(b, f"{where}[{j}]") for j, b in enumerate(entry.budgets)]
+        if not own:
+            raise ConfigError(f"{where}: empty; leave the method out, or drop the key for every budget")
+        for b in own:
+            if b.slug not in sweep_slugs:
+                raise ConfigError(
+                    f"{where}: {b.label} is not one of sweep.budgets ({', '.join(sweep_slugs.values())})"
+                )
+        labels = tuple(sweep_slugs[b.slug] for b in own)
+        if protocol is not None and protocol.budget.label not in labels and var.name != "full":
+            raise ConfigError(
+                f"{where}: must include the protocol's tuning budget {protocol.budget.label} "
+                "(sweep.protocol.budget), where this method's learning rate is chosen"
+            )
+        out.append(Variant(var.label, var.overrides, var.name, var.knobs, labels))
+    return out
+
+
 def _model_variant(entry: ModelEntry | str) -> Variant:
     if isinstance(entry, str):
         entry = ModelEntry(name=entry)
@@ -626,6 +668,13 @@ def load_sweep(
 
     all_mvars = [_method_variant(m, base, extra_knobs) for m in method_entries]
     _unique([v.label for v in all_mvars], "sweep.methods", "label")
+    budgets = [parse_budget(b, f"sweep.budgets[{i}]") for i, b in enumerate(budget_values)]
+    _unique([b.slug for b in budgets], "sweep.budgets", "value")
+    protocol = None
+    if sweep.protocol is not None and (not quick or q.protocol):
+        protocol = _protocol(sweep.protocol, base, source)
+    if not quick:
+        all_mvars = _restrict_budgets(method_entries, all_mvars, budgets, protocol, source)
     mvars = list(all_mvars)
     if methods:
         wanted = set(methods)
@@ -635,8 +684,6 @@ def load_sweep(
                 f"--methods: {sorted(unknown)} not in sweep.methods ({', '.join(v.label for v in mvars)})"
             )
         mvars = [v for v in mvars if v.label in wanted or v.name in wanted]
-    budgets = [parse_budget(b, f"sweep.budgets[{i}]") for i, b in enumerate(budget_values)]
-    _unique([b.slug for b in budgets], "sweep.budgets", "value")
     _unique([str(s) for s in seeds], "sweep.seeds", "seed")
     models = [_model_variant(m) for m in model_entries] if model_entries else [None]
     datasets = [_dataset_variant(d) for d in dataset_entries] if dataset_entries else [None]
@@ -645,9 +692,6 @@ def load_sweep(
     if dataset_entries:
         _unique([d.label for d in datasets if d], "sweep.datasets", "label")
 
-    protocol = None
-    if sweep.protocol is not None and (not quick or q.protocol):
-        protocol = _protocol(sweep.protocol, base, source)
     reference = sweep.protocol.reference if sweep.protocol is not None else "hash"
     index = {v.label: i for i, v in enumerate(all_mvars)}
     axes = [_Axis(d, m, v, index[v.label]) for d in datasets for m in models for v in mvars]
@@ -713,11 +757,13 @@ def _full_size_cached(cfg: ExperimentConfig, cache: dict[str, int | None]) -> in
 
 
 def _skip_reason(cell: Cell) -> str | None:
-    """`full` stores every row, so it runs only where the budget holds the full tables.
-
-    By design such cells are not run at all (no point training a model only to learn
-    it does not fit); the report shows them as "n/a (cannot compress)".
+    """Cells not run by design: budgets outside a method entry's ``budgets:``, and `full`
+    below the full tables' size (it stores every row; no point training a model only to
+    learn it does not fit). The report shows the first as "not run", the second as
+    "n/a (cannot compress)".
     """
+    if cell.method.budgets is not None and cell.budget.label not in cell.method.budgets:
+        return f"{SKIP_NOT_LISTED} ({', '.join(cell.method.budgets)})"
     if cell.method.name != "full":
         return None
     if cell.budget.fraction is not None:

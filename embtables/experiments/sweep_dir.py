@@ -31,3 +31,6 @@ def cell_state(cell_dir: Path) -> str:
         return "done"
     st = read_json(cell_dir / STATUS_FILE)
     return st["status"] if st and st.get("status") in ("failed", "skipped", "running") else "pending"
+
+# The status text of a cell outside its method entry's `budgets:` (the report keys on it).
+SKIP_NOT_LISTED = "not run: not one of this method's budgets"

@@ -199,3 +199,32 @@ def test_top_k_never_selects_padding():
     torch.testing.assert_close(torch.zeros(5).index_add_(0, row, w)[counts > 0], torch.ones(4))
     # and the model runs end to end with histories shorter than k
     model(torch.zeros(4, 1), kjt(*BATCH, HIST, HCAT)).sum().backward()
+
+
+def _build_with(name: str, embedding: EmbeddingSection, **knobs):
+    entry = get_model(name)
+    torch.manual_seed(0)
+    return entry.builder(entry.config_cls(**knobs), SCHEMA, embedding_factory(embedding))
+
+
+def test_dare_attention_share_holds_dins_memory():
+    """With attention_share, DARE's two behaviour modules together fit the one budget DIN's
+    behaviour module gets: (10 + 4 rows) x 8 wide x 4 bytes = 448 bytes at budget 1."""
+    emb = EmbeddingSection(method="hash", dim=8, budget=1)
+    din = _build_with("din", emb)
+    dare = _build_with("dare", emb, attention_share=0.25)
+    whole = (10 + 4) * 8 * 4  # the behaviour tables' full size at dim 8: budget 1
+    assert din.embedding_modules()["behavior"].memory_bytes() <= whole
+    att = dare.embedding_modules()["attention"].memory_bytes()
+    rep = dare.embedding_modules()["representation"].memory_bytes()
+    assert att <= whole // 4 and rep <= whole - whole // 4 and att + rep <= whole
+    assert rep > att  # the bigger share went to the representation module
+    # the context module is sized as DIN's
+    ctx = dare.embedding_modules()["context"].memory_bytes()
+    assert ctx == din.embedding_modules()["context"].memory_bytes()
+    # without a share each module gets a whole budget: twice the memory
+    plain = _build_with("dare", emb)
+    two = sum(plain.embedding_modules()[k].memory_bytes() for k in ("attention", "representation"))
+    assert two > whole
+    with pytest.raises(ValueError, match="attention_budget and attention_share exclude each other"):
+        get_model("dare").config_cls(attention_share=0.5, attention_budget=0.1)

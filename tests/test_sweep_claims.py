@@ -129,3 +129,18 @@ def test_one_seed_is_inconclusive_and_dare_against_din():
     assert (
         d.verdict == HOLDS and d.dataset == "beauty" and d.figure == "+0.0200 at hash 1; +0.0200 at hash 1/4"
     )
+
+
+def test_dare_is_paired_with_din_only_at_equal_memory():
+    seq = []
+    for b in ("1", "1/4"):
+        seq += _rows("hash", b, _seeds(0.700), model="din", dataset="beauty", nbytes=1000)
+    # at 1 DARE holds twice DIN's bytes (two whole modules); at 1/4 it fits in DIN's
+    jit = (0.001, -0.001, 0.0)
+    seq += _rows("hash", "1", _seeds(0.730, jit), model="dare", dataset="beauty", nbytes=2000)
+    seq += _rows("hash", "1/4", _seeds(0.690, jit), model="dare", dataset="beauty", nbytes=990)
+    (d,) = _by(evaluate_claims(pd.DataFrame(seq)), "`dare`")
+    assert d.figure == "-0.0100 at hash 1/4" and d.verdict == NOT_HOLD
+    only_more = [r for r in seq if not (r["model"] == "dare" and r["budget"] == "1/4")]
+    (n,) = _by(evaluate_claims(pd.DataFrame(only_more)), "`dare`")
+    assert n.verdict.startswith(NOT_RUN) and "attention_share" in n.verdict

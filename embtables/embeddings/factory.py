@@ -26,9 +26,13 @@ class MakeEmbedding(Protocol):
         method: str | None = None,
         dim: int | None = None,
         budget: float | int | str | None = None,
+        share: float | None = None,
     ) -> EmbeddingMethod:
         """One embedding module over ``features``: pooled (``EmbeddingBagCollection``'s
         face) or ``sequence`` (``EmbeddingCollection``'s). ``method``, ``dim`` and
         ``budget`` override the bound ones for this module (DARE's attention table);
-        None keeps them."""
+        None keeps them. ``share`` (instead of ``budget``) gives the module that fraction
+        of the bound budget in bytes, resolved against ``features`` at the bound width, so
+        two modules with shares summing to 1 hold what one module would (DARE at DIN's
+        memory)."""
         ...

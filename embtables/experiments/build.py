@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from embtables.embeddings import EmbeddingMethod, FeatureSpec, build
+from embtables.embeddings.budget import full_bytes, resolve_budget
 from embtables.embeddings.factory import MakeEmbedding
 from embtables.experiments.config import EmbeddingSection, ExperimentConfig
 from embtables.experiments.evaluate import Evaluator
@@ -26,8 +27,15 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
     dtype, knobs) and a device."""
 
     def make(features: Sequence[FeatureSpec], *, sequence: bool = False, method: str | None = None,
-             dim: int | None = None, budget: float | int | str | None = None) -> EmbeddingMethod:
+             dim: int | None = None, budget: float | int | str | None = None,
+             share: float | None = None) -> EmbeddingMethod:
         method = method or embedding_cfg.method
+        if share is not None:
+            if budget is not None:
+                raise ValueError("make_embedding: a budget or a share of the bound one, not both")
+            whole = resolve_budget(embedding_cfg.budget, list(features), embedding_cfg.dim)
+            budget = max(2, int(share * (whole if whole is not None else full_bytes(list(features),
+                                                                                 embedding_cfg.dim))))
         return build(
             list(features),
             method=method,

@@ -18,7 +18,8 @@ Student-t intervals (:mod:`embtables.experiments.stats`), by these rules (docs/c
   table is smaller; *does not hold* if its upper end is below -SMALL (or the table is not
   smaller); else *inconclusive*.
 - **DARE beats DIN at equal memory**: dare - din for the same method, budget and seed
-  (the same dataset), over every (method, budget) both ran, with the rule of A >= B.
+  (the same dataset), over every (method, budget) both ran where DARE's embedding bytes
+  are at most DIN's (``model.dare.attention_share`` makes them so), with the rule of A >= B.
 
 A claim whose methods (or models) are not in the comparison is *not run*; one with a
 single seed has no interval and is *inconclusive*.
@@ -232,13 +233,16 @@ def _dare_claims(done: pd.DataFrame, df: pd.DataFrame) -> list[Claim]:
     name, paper = "`dare` > `din` at equal memory", "DARE (Feng et al. 2024)"
     if "model" not in done:
         return [Claim(name, paper, "—", "—", "—", NOT_RUN)]
-    out = []
+    out, unequal = [], 0
     for dataset in dict.fromkeys(df["dataset_label"]):
         d = done[done["dataset_label"] == dataset]
         din, dare = d[d["model"] == "din"], d[d["model"] == "dare"]
         items: list[tuple[str, Paired]] = []
         for (label, bud), a in dare.groupby(["method_label", "budget"], sort=False):
             b = din[(din["method_label"] == label) & (din["budget"] == bud)]
+            if not _within_memory(a, b):
+                unequal += 1
+                continue
             p = paired(
                 {int(s): float(x) for s, x in zip(a["seed"], a["auc"], strict=True)},
                 {int(s): float(x) for s, x in zip(b["seed"], b["auc"], strict=True)},
@@ -257,7 +261,19 @@ def _dare_claims(done: pd.DataFrame, df: pd.DataFrame) -> list[Claim]:
                 _at_least([p for _, p in items]),
             )
         )
-    return out or [Claim(name, paper, "—", "—", "—", NOT_RUN + " (needs `din` and `dare` in one comparison)")]
+    if out:
+        return out
+    why = (f"{unequal} (method, budget) pairs where `dare` holds more embedding memory than `din`: "
+           "set model.dare.attention_share" if unequal else "needs `din` and `dare` in one comparison")
+    return [Claim(name, paper, "—", "—", "—", f"{NOT_RUN} ({why})")]
+
+
+def _within_memory(mine: pd.DataFrame, ref: pd.DataFrame) -> bool:
+    """Whether ``mine``'s embedding bytes are at most ``ref``'s (means over seeds; a cell
+    without a size counts as not equal)."""
+    a = pd.to_numeric(mine["embedding_bytes"], errors="coerce").mean()
+    b = pd.to_numeric(ref["embedding_bytes"], errors="coerce").mean()
+    return bool(a <= b) if not (math.isnan(a) or math.isnan(b)) else False
 
 
 def render_claims(claims: list[Claim]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -46,9 +46,20 @@ class DAREConfig(SeqModelConfig):
         None, description="embedding method of the attention module (default embedding.method)")
     attention_budget: float | int | str | None = Field(
         None, description="budget of the attention module (default embedding.budget)")
+    attention_share: float | None = Field(
+        None, gt=0, lt=1, description="DARE at DIN's memory: the attention module gets this share of "
+        "embedding.budget and the representation module the rest (both in bytes of the behaviour "
+        "tables' full size at embedding.dim); null: each module gets a whole budget")
     top_k: int | None = Field(
         None, ge=1, description="aggregate only the k highest-scoring behaviours (soft search)")
     target_product: bool = True
+
+    @model_validator(mode="after")
+    def _one_way_to_size_attention(self) -> DAREConfig:
+        if self.attention_share is not None and self.attention_budget is not None:
+            raise ValueError("attention_budget and attention_share exclude each other (a share divides "
+                             "embedding.budget between the two modules)")
+        return self
 
 
 class DARE(BehaviorModel):
@@ -107,8 +118,11 @@ class DARE(BehaviorModel):
 
 @register_model("dare", DAREConfig)
 def build_dare(cfg: DAREConfig, schema, make_embedding: MakeEmbedding, device=None) -> DARE:
-    rep, context = build_behavior_embeddings(schema, make_embedding, cfg)
+    share = cfg.attention_share
+    rep, context = build_behavior_embeddings(schema, make_embedding, cfg,
+                                             share=None if share is None else 1 - share)
     att, _ = build_behavior_embeddings(schema, make_embedding, cfg, method=cfg.attention_method,
-                                       dim=cfg.attention_dim, budget=cfg.attention_budget, context=False)
+                                       dim=cfg.attention_dim, budget=cfg.attention_budget, share=share,
+                                       context=False)
     model = DARE(schema, cfg, att, rep, context)
     return model.to(device) if device is not None else model

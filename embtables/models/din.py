@@ -94,11 +94,12 @@ class DIN(BehaviorModel):
 
 
 def build_behavior_embeddings(schema, make_embedding: MakeEmbedding, inputs_cfg: SeqModelConfig, *,
-                              method=None, dim=None, budget=None, context: bool = True):
+                              method=None, dim=None, budget=None, share=None, context: bool = True):
     """(behaviour sequence module over the target features, pooled context module or None)."""
     inputs = BehaviorInputs(schema, inputs_cfg.behavior_features, inputs_cfg.context_features,
                             inputs_cfg.padding_id)
-    behavior = make_embedding(inputs.behavior_specs, sequence=True, method=method, dim=dim, budget=budget)
+    behavior = make_embedding(inputs.behavior_specs, sequence=True, method=method, dim=dim, budget=budget,
+                              **({"share": share} if share is not None else {}))
     context = make_embedding(inputs.context_specs) if inputs.context_specs and context else None
     return behavior, context
 

@@ -33,6 +33,17 @@ from embtables.models import get_model, list_models
 from embtables.registry import Registry
 from embtables.sharding.config import ShardingConfig
 
+# Settings that cannot change results: they may differ on --resume and between runs that
+# share a stage.
+RESULT_NEUTRAL = frozenset({
+    "name", "train.threads", "train.progress", "train.log_every", "train.tensorboard", "train.checkpoint",
+    "data.prefetch", "sharding.timeout_s",
+    # Same numbers either way (tests/test_train_pipeline.py); run directories written before the
+    # key existed resume.
+    "train.pipeline",
+})
+
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 #: Method -> the settings its experiment's stages read from ``embedding.<method>``, beside

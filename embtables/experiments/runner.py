@@ -25,12 +25,11 @@ import torch
 import torch.distributed as dist
 
 from embtables.datasets.schema import load_schema
-from embtables.experiments.config import ConfigError, ExperimentConfig, load_config, read_yaml
+from embtables.experiments.config import RESULT_NEUTRAL, ConfigError, ExperimentConfig, load_config, read_yaml
 from embtables.experiments.datacheck import VOCAB_FILE, check_parts, vocab_fingerprints
 from embtables.experiments.jsonfile import write_json
 from embtables.experiments.rundir import RunDir, RunDirError
 from embtables.experiments.stages import (
-    RESULT_NEUTRAL,
     StageContext,
     adopt_stages,
     config_diff,

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from embtables.errors import CheckpointError
 from embtables.experiments.build import build_model, build_trainer
 from embtables.experiments.config import (
+    RESULT_NEUTRAL,
     STAGE_SETTINGS,
     ConfigError,
     ExperimentConfig,
@@ -267,15 +268,6 @@ def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str,
     return copied
 
 
-# Settings that cannot change results: they may differ on --resume and between runs that
-# share a stage.
-RESULT_NEUTRAL = frozenset({
-    "name", "train.threads", "train.progress", "train.log_every", "train.tensorboard", "train.checkpoint",
-    "data.prefetch", "sharding.timeout_s",
-    # Same numbers either way (tests/test_train_pipeline.py); run directories written before the
-    # key existed resume.
-    "train.pipeline",
-})
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

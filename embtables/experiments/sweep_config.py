@@ -45,6 +45,7 @@ from embtables.datasets.schema import load_schema
 from embtables.embeddings.budget import DTYPE_BYTES, format_bytes, full_bytes, parse_budget_value, parse_bytes
 from embtables.embeddings.spec import features_from_schema
 from embtables.experiments.config import (
+    RESULT_NEUTRAL,
     ConfigError,
     ExperimentConfig,
     _format_validation,
@@ -56,11 +57,11 @@ from embtables.experiments.config import (
 from embtables.experiments.sweep_dir import SKIP_NOT_LISTED
 
 _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
-# Config fields that never change a result: a rerun with another --jobs finds the same cells.
-# Settings that cannot change a result (stages.RESULT_NEUTRAL); `train.pipeline` gives the same
-# numbers either way, and cells written before it existed keep their ids.
-_HASH_IGNORED = (("train", "threads"), ("train", "progress"), ("train", "tensorboard"), ("data", "prefetch"),
-                 ("train", "pipeline"))
+# The result-neutral settings a cell id ignores, so a rerun with another --jobs finds the same
+# cells. These four are result-neutral too but were hashed from the start: ignoring them now
+# would change every existing cell id.
+_HASHED_FROM_THE_START = frozenset({"name", "train.log_every", "train.checkpoint", "sharding.timeout_s"})
+_HASH_IGNORED = tuple(tuple(k.split(".")) for k in sorted(RESULT_NEUTRAL - _HASHED_FROM_THE_START))
 
 
 class _Strict(BaseModel):

@@ -43,8 +43,12 @@ from embtables.experiments.rundir import RunDir
 DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
 # Methods whose default knobs do not build on the synthetic data (the shipped comparison's).
 KNOBS = {"hybrid": {"counts": "data/synth-criteo/id_counts.npz"}, "qr": {"operation": "mult"}}
+# Settings of a method's training stages (not module knobs): OptEmbed's search shortened as in
+# the quick comparison (budget-synth-criteo's sweep.quick.knobs).
+STAGE_KNOBS = {"optembed": {"population": 8, "mutation_num": 4, "crossover_num": 4, "parents": 4,
+                            "search_iterations": 4, "search_rows": 20000}}
 KERNEL = "fp32 kernel"  # unquantized rows in TorchRec's inference kernels: the speed of the kernel alone
-DEFAULT_METHODS = "hash,qr,unified,mch,tt,mde,hybrid,dhe"
+DEFAULT_METHODS = "hash,qr,unified,mch,tt,mde,hybrid,dhe,optembed"
 
 
 def _train(method: str, budget: str, rows: int, runs: Path) -> Path:
@@ -53,8 +57,8 @@ def _train(method: str, budget: str, rows: int, runs: Path) -> Path:
         return rd
     over = {"embedding.method": method, "embedding.budget": budget, "data.max_train_rows": rows,
             "data.max_eval_rows": 20000, "train.progress": False}
-    if method in KNOBS:
-        over[f"embedding.{method}"] = KNOBS[method]
+    if method in KNOBS or method in STAGE_KNOBS:
+        over[f"embedding.{method}"] = {**KNOBS.get(method, {}), **STAGE_KNOBS.get(method, {})}
     run("quickstart", overrides=over, run_dir=rd, quiet=True, overwrite=rd.exists())
     return rd
 

@@ -138,7 +138,15 @@ def test_a_method_entry_can_run_at_fewer_budgets(tmp_path):
     assert [c.budget.label for c in lr_cells if c.method.label == "hash"] == ["1/4"]
 
 
-@pytest.mark.parametrize("name", ["budget-synth-criteo", "budget-ml100k", "budget-amazon-beauty"])
+# Every shipped comparison file (a config with a `sweep:` section).
+COMPARISONS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "\nsweep:" in p.read_text())
+
+
+def test_the_comparison_list_is_not_empty():
+    assert {"budget-synth-criteo", "budget-amazon-beauty", "dare-din-beauty"} <= set(COMPARISONS)
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
 def test_shipped_comparisons_parse(name):
     from embtables.embeddings import list_methods
     from embtables.models import list_models
@@ -148,7 +156,7 @@ def test_shipped_comparisons_parse(name):
         pytest.skip(f"model {raw['model']['name']!r} is not registered in this tree yet")
     wanted = [m if isinstance(m, str) else m["method"] for m in raw["sweep"]["methods"]]
     have = [m for m in wanted if m in list_methods()]
-    for quick in (False, True):
+    for quick in (False, True) if "quick" in raw["sweep"] else (False,):
         plan = load_sweep(name, quick=quick, methods=have)
         # under the protocol the cells wait for the tuning; the grid itself is validated
         assert (plan.protocol is not None) == ("protocol" in raw["sweep"] and not quick)

@@ -420,7 +420,7 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     self.train_samples += rows * self.ctx.world_size
-                    lv = float(loss)
+                    lv = float(loss.detach())
                     if self.step_losses is not None:
                         self.step_losses.append(lv)
                     loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv

@@ -99,6 +99,11 @@ def test_quick_section(tmp_path):
     ]
     assert all(c.config.data.max_train_rows == 99 for c in quick.cells)
     assert quick.cells[1].config.embedding.knobs() == {"rows": 64}
+    # quick knobs shorten what an entry sets: they win over the entry's own
+    entry = {"method": "hash", "hash": {"rows": 500}}
+    own = _cmp(tmp_path, methods=[entry], quick={"knobs": {"hash": {"rows": 64}}})
+    assert load_sweep(own, quick=True).cells[0].config.embedding.knobs() == {"rows": 64}
+    assert load_sweep(own).cells[0].config.embedding.knobs() == {"rows": 500}
     with pytest.raises(ConfigError, match="no sweep.quick"):
         load_sweep(_cmp(tmp_path), quick=True)
 

@@ -541,7 +541,8 @@ def _method_variant(
 ) -> Variant:
     if isinstance(entry, str):
         entry = MethodEntry(method=entry)
-    knobs = {**base.embedding.knobs(entry.method), **extra_knobs.get(entry.method, {}), **entry.knobs()}
+    # --quick's knobs shorten what the entry sets, so they win over it
+    knobs = {**base.embedding.knobs(entry.method), **entry.knobs(), **extra_knobs.get(entry.method, {})}
     label = entry.label or "-".join([entry.method, *(_slug(v) for v in entry.knobs().values())])
     ov: dict[str, Any] = {"embedding.method": entry.method, f"embedding.{entry.method}": knobs or None}
     ov.update(entry.set)

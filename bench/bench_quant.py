@@ -57,8 +57,9 @@ def _train(method: str, budget: str, rows: int, runs: Path) -> Path:
         return rd
     over = {"embedding.method": method, "embedding.budget": budget, "data.max_train_rows": rows,
             "data.max_eval_rows": 20000, "train.progress": False}
-    if method in KNOBS or method in STAGE_KNOBS:
-        over[f"embedding.{method}"] = {**KNOBS.get(method, {}), **STAGE_KNOBS.get(method, {})}
+    knobs = {**KNOBS.get(method, {}), **STAGE_KNOBS.get(method, {})}
+    if knobs:
+        over[f"embedding.{method}"] = knobs
     run("quickstart", overrides=over, run_dir=rd, quiet=True, overwrite=rd.exists())
     return rd
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from embtables.embeddings import EmbeddingMethod, FeatureSpec, build
-from embtables.embeddings.budget import full_bytes, resolve_budget
+from embtables.embeddings.budget import resolve_budget
 from embtables.embeddings.factory import MakeEmbedding
 from embtables.experiments.config import EmbeddingSection, ExperimentConfig
 from embtables.experiments.evaluate import Evaluator
@@ -33,9 +33,9 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
         if share is not None:
             if budget is not None:
                 raise ValueError("make_embedding: a budget or a share of the bound one, not both")
-            whole = resolve_budget(embedding_cfg.budget, list(features), embedding_cfg.dim)
-            budget = max(2, int(share * (whole if whole is not None else full_bytes(list(features),
-                                                                                 embedding_cfg.dim))))
+            bound = 1 if embedding_cfg.budget is None else embedding_cfg.budget  # none: the full size
+            whole = resolve_budget(bound, list(features), embedding_cfg.dim)
+            budget = max(2, int(share * whole))  # bytes: 0 and 1 would read as fractions
         return build(
             list(features),
             method=method,

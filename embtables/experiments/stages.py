@@ -268,8 +268,6 @@ def adopt_stages(src: RunDir, dest: RunDir, stages: list[Stage], upto: str,
     return copied
 
 
-
-
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted key paths whose values differ between two config dicts."""
     if isinstance(a, dict) and isinstance(b, dict):

@@ -34,7 +34,7 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -579,7 +579,7 @@ def _restrict_budgets(
                 f"{where}: must include the protocol's tuning budget {protocol.budget.label} "
                 "(sweep.protocol.budget), where this method's learning rate is chosen"
             )
-        out.append(Variant(var.label, var.overrides, var.name, var.knobs, labels))
+        out.append(replace(var, budgets=labels))
     return out
 
 

@@ -18,6 +18,8 @@ from embtables.experiments.rundir import RunDir
 PLAN_FILE = "sweep.json"
 CELL_FILE = "cell.json"
 STATUS_FILE = "status.json"
+# The status text of a cell outside its method entry's `budgets:` (the report keys on it).
+SKIP_NOT_LISTED = "not run: not one of this method's budgets"
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.txt"
 # Sweep records (cell metadata, knobs, statuses) may hold values JSON has no type for: they
@@ -31,6 +33,3 @@ def cell_state(cell_dir: Path) -> str:
         return "done"
     st = read_json(cell_dir / STATUS_FILE)
     return st["status"] if st and st.get("status") in ("failed", "skipped", "running") else "pending"
-
-# The status text of a cell outside its method entry's `budgets:` (the report keys on it).
-SKIP_NOT_LISTED = "not run: not one of this method's budgets"

@@ -99,7 +99,7 @@ def build_behavior_embeddings(schema, make_embedding: MakeEmbedding, inputs_cfg:
     inputs = BehaviorInputs(schema, inputs_cfg.behavior_features, inputs_cfg.context_features,
                             inputs_cfg.padding_id)
     behavior = make_embedding(inputs.behavior_specs, sequence=True, method=method, dim=dim, budget=budget,
-                              **({"share": share} if share is not None else {}))
+                              share=share)
     context = make_embedding(inputs.context_specs) if inputs.context_specs and context else None
     return behavior, context
 

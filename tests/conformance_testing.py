@@ -70,13 +70,14 @@ def spec_id(spec: tuple[str, dict]) -> str:
     return name + "".join(f"-{k}={v}" for k, v in sorted(knobs.items()))
 
 
-def build_conf(spec: tuple[str, dict], sequence: bool = False, weighted: bool = False, seed: int = 0):
+def build_conf(spec: tuple[str, dict], sequence: bool = False, weighted: bool = False, seed: int = 0,
+               init_scale: float = 1.0):
     name, knobs = spec
     budget = CONF_BUDGET if name not in NO_BUDGET else None
     knobs = {**BUILD_KNOBS.get(name, {}), **knobs}
     torch.manual_seed(seed)
     return build(CONF_FEATURES, method=name, dim=8, budget=budget, sequence=sequence, weighted=weighted,
-                 **knobs)
+                 init_scale=init_scale, **knobs)
 
 
 def conf_batch(step: int, batch: int, rank: int = 0, world: int = 1, weighted: bool = False):

@@ -175,6 +175,25 @@ def test_int32_ids_and_lengths_equal_int64(spec, sequence):
 
 
 @pytest.mark.parametrize(("spec", "sequence"), SUP, ids=SUP_IDS)
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+def test_init_scale_multiplies_every_vector_at_init(spec, sequence, scale):
+    """``embedding.init_scale``: the same module (same seed) with every vector it returns
+    multiplied by the scale, whatever its tables, products of tables or decoder."""
+    base = build_conf(spec, sequence).eval()
+    scaled = build_conf(spec, sequence, init_scale=scale).eval()
+    kjt, _ = conf_batch(3, 8)
+    want = _flat(base(kjt), base)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(_flat(scaled(kjt), scaled), scale * want, rtol=2e-5, atol=1e-7)
+
+
+def test_init_scale_must_be_positive():
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="init_scale must be a positive number"):
+            build(CONF_FEATURES, method="hash", dim=8, budget=0.3, init_scale=bad)
+
+
+@pytest.mark.parametrize(("spec", "sequence"), SUP, ids=SUP_IDS)
 def test_any_key_order_and_extra_keys(spec, sequence):
     emb = build_conf(spec, sequence).eval()
     kjt, _ = conf_batch(4, 8)

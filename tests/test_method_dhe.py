@@ -84,6 +84,30 @@ def test_bag_is_weighted_sum_of_per_id_mlp_outputs():
     assert all(p.grad is not None for p in mod.mlp.parameters())
 
 
+def test_repeated_ids_decoded_once_give_the_per_id_function_and_gradient():
+    """A batch's distinct keys are decoded once: outputs and MLP gradients equal decoding
+    every id (the oracle below), including an id repeated across bags and features."""
+    feats = [FeatureSpec("a", 100), FeatureSpec("b", 100)]
+    mod = build(feats, method="dhe", dim=8, hidden=16, hashes=64, weighted=True)
+    ids = torch.tensor([7, 7, 3, 7, 3, 3, 7, 9])  # a: bags [7,7],[3,7]; b: [3,3],[7,9]
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, -1.0, 2.0, 0.25])
+    x = KeyedJaggedTensor.from_lengths_sync(["a", "b"], ids, torch.tensor([2, 2, 2, 2]), weights=w)
+    out = mod(x).values()
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g_out).sum(), list(mod.mlp.parameters()))
+    ref = build(feats, method="dhe", dim=8, hidden=16, hashes=64, weighted=True)
+    ref.load_state_dict(mod.state_dict())
+    cols = []
+    for name, lo in (("a", 0), ("b", 4)):
+        per_id = ref.mlp(ref.encoder(ids[lo : lo + 4], salt_of(name, 0))) * w[lo : lo + 4, None]
+        cols.append(torch.stack([per_id[:2].sum(0), per_id[2:].sum(0)]))
+    want = torch.cat(cols, dim=1)
+    torch.testing.assert_close(out, want)
+    want_grads = torch.autograd.grad((want * g_out).sum(), list(ref.mlp.parameters()))
+    for g, wg in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, wg)
+
+
 def test_sequence_face_mean_pooling_and_int32():
     mod = build(FEATS, method="dhe", dim=8, hidden=16, hashes=64).eval()
     seq = build(FEATS, method="dhe", dim=8, hidden=16, hashes=64, sequence=True)

@@ -279,7 +279,9 @@ def test_shipped_comparisons_dry_run_the_protocol(name, capsys):
     assert cli_main(["compare", name, "--dry-run", "--methods", keep]) == 0
     text = capsys.readouterr().out
     n_epochs = len(raw["sweep"]["protocol"]["epochs"])
-    assert f"stage 1/3, epochs: {n_epochs} cells" in text and "stage 3/3, reported:" in text
+    n = 4 if raw["sweep"]["protocol"].get("init_scale") else 3
+    assert f"stage 1/{n}, epochs: {n_epochs} cells" in text and f"stage {n}/{n}, reported:" in text
+    assert ("init scales:" in text) == (n == 4)
     assert cli_main(["compare", name, "--dry-run", "--quick", "--methods", keep]) == 0
     assert "(quick: 1 seed, smoke test)" in capsys.readouterr().out
 

@@ -17,7 +17,8 @@ from conftest import tiny_overrides
 from scipy import stats as sps
 
 from embtables.cli import main as cli_main
-from embtables.experiments.protocol import choose_epochs, choose_lr
+from embtables.experiments.config import ConfigError
+from embtables.experiments.protocol import choose_epochs, choose_init, choose_lr
 from embtables.experiments.sweep import run_sweep
 from embtables.experiments.sweep_config import load_sweep
 
@@ -197,3 +198,107 @@ def test_choices_from_hand_made_summaries(tmp_path):
     cells = plan.build_cells(chosen, lrs)
     assert {c.config.train.embedding_optimizer.lr for c in cells if c.method.label == "hash"} == {0.025}
     assert {c.config.train.epochs for c in cells} == {1}
+
+
+# ---- the init-scale stage ------------------------------------------------------------------
+def test_cell_ids_are_those_written_before_init_scale_existed():
+    """Golden ids computed by the code before ``embedding.init_scale`` was added: at its
+    default the key leaves every cell id (and so every finished sweep directory) as it was."""
+    spec = {"name": "t", "data": {"path": "/nonexistent"}, "embedding": {"dim": 8},
+            "sweep": {"methods": ["full", "hash", {"method": "tt", "tt": {"rank": 8}}], "budgets": [1, "1/4"],
+                      "protocol": {"epochs": [1, 2], "lr_grid": [0.5, 1, 2], "budget": "1/4"}}}
+    plan = load_sweep(spec)
+    ep = plan.epoch_cells()
+    assert [c.cell_id for c in ep] == ["full_b1_s0_e1_lr0.05-a1779fa4", "full_b1_s0_e2_lr0.05-342043ef"]
+    lr = {c.cell_id for c in plan.lr_cells({ep[0].group: 1})}
+    assert {"hash_b1-4_s0_e1_lr0.05-c20ab0fb", "tt-8_b1-4_s0_e1_lr0.1-e50f192f"} <= lr
+
+
+def _init_spec(tmp_path, **init) -> dict:
+    return {
+        "name": "t", "data": {"path": str(tmp_path / "none")}, "embedding": {"dim": 8},
+        "sweep": {"methods": ["full", "hash", {"method": "qr", "label": "qr-mult"}], "budgets": [1, "1/4"],
+                  "protocol": {"epochs": [1], "lr_grid": [0.5, 1, 2], "budget": "1/4", "init_scale": init}},
+    }
+
+
+def test_init_scale_section_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep.protocol.init_scale.methods\[0\]: 'nope' is not a label"):
+        load_sweep(_init_spec(tmp_path, methods=["nope"]))
+    with pytest.raises(ConfigError, match=r"init_scale.grid: must include 1x"):
+        load_sweep(_init_spec(tmp_path, methods=["hash"], grid=["0.5x", "2x"]))
+    with pytest.raises(ConfigError, match=r"init_scale.grid: duplicate factors"):
+        load_sweep(_init_spec(tmp_path, methods=["hash"], grid=[1, "1x"]))
+    with pytest.raises(ConfigError, match=r"sweep.protocol.init_scale.methods"):
+        load_sweep(_init_spec(tmp_path, grid=[1, 2]))  # methods is required
+
+
+def test_init_choice_from_hand_made_summaries(tmp_path):
+    """The init stage runs at each listed method's chosen LR; its factor-1 cell is that LR
+    cell; ties go to the factor nearest 1; the reported cells carry the chosen scale, the
+    others none (their ids as before)."""
+    plan = load_sweep(_init_spec(tmp_path, methods=["qr-mult", "hash"], grid=["0.25x", "1x", "4x"]))
+    epochs = {plan.epoch_cells()[0].group: 1}
+    g = plan.epoch_cells()[0].group
+    lrs = {(*g, "full"): 1.0, (*g, "hash"): 2.0, (*g, "qr-mult"): 0.5}
+    cells = plan.init_cells(epochs, lrs)
+    assert sorted({c.method.label for c in cells}) == ["hash", "qr-mult"] and len(cells) == 6
+    lr_ids = {c.cell_id for c in plan.lr_cells(epochs)}
+    by = {(c.method.label, c.init_factor): c for c in cells}
+    assert by[("hash", 1.0)].cell_id in lr_ids and by[("qr-mult", 1.0)].cell_id in lr_ids
+    assert by[("hash", 4.0)].config.embedding.init_scale == 4.0
+    assert by[("hash", 4.0)].config.train.embedding_optimizer.lr == pytest.approx(0.1)
+    assert "_i0.25-" in by[("qr-mult", 0.25)].cell_id
+    sums = {
+        by[("hash", 0.25)].cell_id: {"valid_auc": 0.7},
+        by[("hash", 1.0)].cell_id: {"valid_auc": 0.6},
+        by[("hash", 4.0)].cell_id: {"valid_auc": 0.7},  # tie 0.25x / 4x: equally far from 1 -> 0.25x
+        by[("qr-mult", 0.25)].cell_id: {"valid_auc": 0.5},
+        by[("qr-mult", 1.0)].cell_id: {"valid_auc": 0.6},
+        by[("qr-mult", 4.0)].cell_id: {"valid_auc": 0.6},  # tie 1x / 4x -> 1x
+    }
+    inits, rec, waiting = choose_init(cells, sums, set())
+    assert inits == {(*g, "hash"): 0.25, (*g, "qr-mult"): 1.0} and not waiting
+    assert rec[f"{g[0]} on {g[1]}"]["hash"]["chosen_init"] == 0.25
+    reported = plan.build_cells(epochs, lrs, inits)
+    scales = {(c.method.label, c.config.embedding.init_scale) for c in reported}
+    assert scales == {("full", 1.0), ("hash", 0.25), ("qr-mult", 1.0)}
+    assert all("_i" not in c.cell_id for c in reported if c.method.label != "hash")
+
+
+def test_init_stage_end_to_end(tiny_synth, tmp_path, capsys):
+    """A protocol that tunes `hash`'s init scale on tiny data: the stage trains its two new
+    cells, chooses the validation argmax, the reported cells use it, and the report and the
+    dry run show the stage."""
+    path = _write(tmp_path, tiny_synth)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sweep"]["seeds"] = [0, 1]
+    cfg["sweep"]["protocol"] = {"epochs": [1], "lr_grid": ["1x"], "budget": "1/4",
+                                "init_scale": {"grid": ["0.5x", "1x", "2x"], "methods": ["hash"]}}
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["compare", str(path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "stage 3/4, init scales: 2 cells (hash x factors ['0.5x', '2x']" in text
+    out_dir = tmp_path / "out"
+    run_sweep(load_sweep(path), out_dir, threads=1, progress=False)
+    proto = json.loads((out_dir / "protocol.json").read_text())
+    assert proto["complete"]
+    assert proto["protocol"]["init_scale"] == {"grid": [0.5, 1.0, 2.0], "methods": ["hash"]}
+    (per,) = proto["init_scale"].values()
+    vals = {c["factor"]: _summary(out_dir / c["cell_id"])["valid_auc"] for c in per["hash"]["candidates"]}
+    assert sorted(vals) == [0.5, 1.0, 2.0]
+    best = max(vals, key=lambda f: (vals[f], -abs(math.log(f)), -f))
+    assert per["hash"]["chosen_init"] == best
+    for c in per["hash"]["candidates"]:
+        saved = yaml.safe_load((out_dir / c["cell_id"] / "config.yaml").read_text())
+        assert saved["embedding"]["init_scale"] == c["factor"]
+    assert len(set(vals.values())) > 1  # the scale changed what trained
+    reported = [d for d in out_dir.iterdir() if (d / "cell.json").exists()
+                and json.loads((d / "cell.json").read_text())["method_label"] == "hash"
+                and json.loads((d / "cell.json").read_text())["budget"] == "1/4"]
+    res = pd.read_csv(out_dir / "results.csv")
+    rows = res[(res["method_label"] == "hash") & (res["budget"] == "1/4")]
+    assert sorted(rows["seed"]) == [0, 1]  # one reported cell per seed: the other scales are tuning only
+    assert len(reported) >= 2
+    md = (out_dir / "report.md").read_text()
+    assert "Init scale (`embedding.init_scale`) of `hash`" in md

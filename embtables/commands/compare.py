@@ -81,25 +81,34 @@ def _print_protocol_plan(plan) -> None:
             if pr.budget.label in {b.label for b in plan.budgets} and pr.seed in plan.seeds
         }
     )
+    init_axes = [a for a in plan.axes if pr.tunes_init(a.method)]
+    init_n = len(init_axes) * (len(pr.init_factors) - 1)  # factor 1 is the method's LR cell
+    n = 4 if init_axes else 3
     print(
-        f"== stage 1/3, epochs: {len(ep)} cells "
+        f"== stage 1/{n}, epochs: {len(ep)} cells "
         f"(`full` at budget 1, seed {pr.seed}, epochs {list(pr.epochs)})"
     )
     for c in ep:
         print(f"  {c.cell_id}")
     print(
-        f"== stage 2/3, learning rates: {lr_n} cells ({len(plan.axes)} methods x factors "
+        f"== stage 2/{n}, learning rates: {lr_n} cells ({len(plan.axes)} methods x factors "
         f"{list(pr.lr_grid_text)} of the base embedding LR at budget {pr.budget.label} (`full`: 1), seed "
         f"{pr.seed}, the chosen epochs; `full`'s cell with factor 1 is a stage-1 cell when the chosen epochs "
         "are its)"
     )
+    if init_axes:
+        print(
+            f"== stage 3/{n}, init scales: {init_n} cells ({', '.join(a.method.label for a in init_axes)} x "
+            f"factors {[f'{f:g}x' for f in pr.init_factors if f != 1]} of embedding.init_scale at its chosen "
+            "LR; factor 1 is its stage-2 cell)"
+        )
     print(
-        f"== stage 3/3, reported: {len(grid)} cells ({skipped} not run by design; {reused} of them are "
-        f"stage-2 cells, those with the chosen LR at budget {pr.budget.label}, seed {pr.seed})"
+        f"== stage {n}/{n}, reported: {len(grid)} cells ({skipped} not run by design; {reused} of them are "
+        f"tuning cells, those with the chosen settings at budget {pr.budget.label}, seed {pr.seed})"
     )
     full_dup = len(plan.groups) if any(a.method.name == "full" for a in plan.axes) else 0
     print(
-        f"== at most {len(ep) + lr_n - full_dup + len(grid) - skipped - reused} cells train; "
+        f"== at most {len(ep) + lr_n + init_n - full_dup + len(grid) - skipped - reused} cells train; "
         "each trains for the chosen "
         f"epochs ({'/'.join(map(str, pr.epochs))})"
     )

@@ -73,6 +73,9 @@ class TableSpec:
     init: SeededInit | ReshapedFeatureInit | Callable[[torch.Tensor], torch.Tensor] | None = None
     #: None: TorchRec's default (SUM).
     pooling: PoolingType | None = None
+    #: How many tables' rows multiply into one vector (QR ``mult``: 2; a TT feature's cores:
+    #: their count): ``init_scale`` s scales each of them by s ** (1 / product_of).
+    product_of: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -307,6 +310,7 @@ class EmbeddingMethod(nn.Module):
                    for t in specs]
             self.tables = EmbeddingBagCollection(tables=ebc, is_weighted=self.weighted, device=device)
         self._shared = any(len(t.features) > 1 for t in specs)  # see lookup()
+        self._product_of = {t.name: t.product_of for t in specs}
         # The physical plan, kept here: after DMP ``self.tables`` is a sharded module without
         # the unsharded configs (repr, sizes and table_configs() read these).
         self._table_configs = list(
@@ -324,6 +328,17 @@ class EmbeddingMethod(nn.Module):
                 f"{self.method_name}: built {format_bytes(self.memory_bytes())} which exceeds the budget "
                 f"{format_bytes(self.budget_bytes)}"
             )
+
+    @torch.no_grad()
+    def scale_init(self, scale: float) -> None:
+        """Multiply every vector the module returns by ``scale``, at initialisation
+        (``embedding.init_scale``): each table by ``scale``, or by its root where rows of
+        several tables multiply (``TableSpec.product_of``). Every combine is linear in a
+        table's rows (a product of k tables is linear in each), so the output scales
+        exactly. Methods with parameters of another kind override this."""
+        for name, param in self.tables.named_parameters():
+            table = name.split(".")[-2]
+            param.mul_(scale ** (1.0 / self._product_of.get(table, 1)))
 
     # ---- the public face ------------------------------------------------------------
     @property

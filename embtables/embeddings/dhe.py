@@ -17,7 +17,8 @@ k-element splitmix64, microseconds), so the module holds nothing but the MLP.
 The declared exception to remap -> TorchRec tables -> combine (DESIGN.md): all the
 parameters are dense and data-parallel (DDP under DistributedModelParallel), so there is
 nothing for the planner to shard. The MLP is not linear, so ids are decoded one by one
-and then pooled.
+and then pooled; a batch's
+distinct keys are decoded once each (the same function, a fraction of the compute).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, split_features
+from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
 from embtables.embeddings.budget import BudgetTooSmall
 from embtables.embeddings.hashing import MASK64, hash_ids, mix64, mix64_int, salt
 from embtables.embeddings.registry import Knobs, register
@@ -137,9 +138,13 @@ class DHEEncoder(nn.Module):
         self.hashes = hashes
 
     def forward(self, ids: torch.Tensor, salt_value: int) -> torch.Tensor:
-        j = torch.arange(self.hashes, dtype=torch.int64, device=ids.device)
+        return self.encode(hash_ids(ids.to(torch.int64), salt_value))
+
+    def encode(self, keys: torch.Tensor) -> torch.Tensor:
+        """Salted, mixed int64 keys (``hash_ids``) -> their [N, hashes] encodings."""
+        j = torch.arange(self.hashes, dtype=torch.int64, device=keys.device)
         a, b = mix64(2 * j + 1) | 1, mix64(2 * j + 2)  # = hash_constants(hashes)
-        h = hash_ids(ids.to(torch.int64), salt_value).unsqueeze(1) * a  # int64 products wrap mod 2^64
+        h = keys.unsqueeze(1) * a  # int64 products wrap mod 2^64
         h += b
         h >>= SHIFT  # arithmetic shift; the mask makes it the logical one
         h &= M - 1
@@ -187,6 +192,13 @@ class DHEEmbedding(EmbeddingMethod):
         mods.append(nn.Linear(width, dim, device=device))
         self.mlp = nn.Sequential(*mods)
 
+    @torch.no_grad()
+    def scale_init(self, scale: float) -> None:
+        """``embedding.init_scale``: the decoder's last (linear) layer, so every vector scales."""
+        last = self.mlp[-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+
     # ---- no TorchRec tables: hashes -> MLP -> pool ---------------------------------------
     def feature_tables(self) -> dict[str, list[str]]:
         """Every logical feature maps to no physical table (planner constraints: none)."""
@@ -195,8 +207,14 @@ class DHEEmbedding(EmbeddingMethod):
     def lookup(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Per-id vectors [N, dim], feature by feature in the module's order."""
         vals, _, _, _ = split_features(kjt, self.feature_names, False)
-        enc = torch.cat([self.encoder(vals[i], s) for i, s in enumerate(self.salts)])
-        return self.mlp(enc)
+        keys = torch.cat([hash_ids(vals[i], s) for i, s in enumerate(self.salts)])
+        if is_tracing():  # a data-dependent number of rows: traced graphs decode every id
+            return self.mlp(self.encoder.encode(keys))
+        # An id's vector depends on its key alone, and a batch repeats keys (popular ids,
+        # small vocabularies): decoding each distinct key once is the same function, and its
+        # gradient sums the repeats (index_select's backward) as the per-id decode would.
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        return self.mlp(self.encoder.encode(uniq)).index_select(0, inverse)
 
     def combine(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> KeyedTensor:
         _, lens, ws, lpk = split_features(features, self.feature_names, self.weighted)

@@ -269,7 +269,8 @@ class QREmbedding(EmbeddingMethod):
                 else:
                     bound = math.sqrt(1 / n)
                 tables += [TableSpec(f"t_{f.name}@{j}", r, p.width, (f"{f.name}@{j}",),
-                                     feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling)
+                                     feature_init(f"{f.name}@{j}", r, p.width, bound), f.pooling,
+                                     product_of=k if operation == "mult" else 1)
                            for j, r in enumerate(rad)]
         self._make_tables(tables, device, unpooled=sequence or operation == "mult")
         self.weighted = weighted

@@ -3,6 +3,7 @@ sizing function; ``build`` makes one, ``plan`` sizes one without building it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -124,6 +125,7 @@ def build(
     sequence: bool = False,
     device=None,
     weighted: bool | None = None,
+    init_scale: float = 1.0,
     **knobs: Any,
 ):
     """Build an embedding module.
@@ -135,6 +137,8 @@ def build(
     ``dim`` defaults to the width of the EBC/configs passed as ``features`` (else 16).
     ``weighted`` mirrors ``EmbeddingBagCollection(is_weighted=...)``: pool with
     ``kjt.weights()``; None takes it from an EBC passed as ``features``, else False.
+    ``init_scale`` multiplies every vector the module returns at initialisation (the
+    method's ``scale_init``; 1: the method's own init).
     ``knobs`` are the method's (its knobs model: ``knobs_model(method)``).
     """
     entry = METHODS.get(method)
@@ -154,10 +158,15 @@ def build(
     # One draw of the caller's RNG whatever the method builds (see table_init): the dense
     # layers a model builds next start from the same RNG state for every method.
     seed = module_seed()
+    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        raise ValueError(f"embedding.init_scale must be a positive number, got {init_scale!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return entry.cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
-                         device=device, weighted=weighted, **checked.values())
+        module = entry.cls(specs, dim=dim, budget_bytes=budget_bytes, dtype=dtype, sequence=sequence,
+                           device=device, weighted=weighted, **checked.values())
+    if init_scale != 1:
+        module.scale_init(float(init_scale))
+    return module
 
 
 def plan(features, method: str = "full", dim: int | None = None, budget: float | int | str | None = None,

@@ -323,7 +323,7 @@ class TTEmbedding(EmbeddingMethod):
             std = (1 / (3 * n * p.rank ** (k - 1))) ** (1 / (2 * k))
             tables += [
                 TableSpec(f"t_{f.name}@{j}", s[j] * (widths[j] // p.chunk), p.chunk, (f"{f.name}@{j}",),
-                          _normal(std))
+                          _normal(std), product_of=k)
                 for j in range(k)
             ]
         self._make_tables(tables, device, unpooled=True)

@@ -44,6 +44,7 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
             dtype=embedding_cfg.dtype,
             sequence=sequence,
             device=device,
+            init_scale=embedding_cfg.init_scale,
             **embedding_cfg.module_knobs(method),
         )
 

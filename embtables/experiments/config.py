@@ -86,6 +86,9 @@ class EmbeddingSection(Strict):
     budget: float | int | str | None = Field(
         None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
+    init_scale: float = Field(
+        1.0, gt=0, description="multiplies every embedding vector at initialisation (1: the method's own "
+        "init); the comparison protocol can tune it per method")
 
     @field_validator("dim")
     @classmethod
@@ -111,7 +114,7 @@ class EmbeddingSection(Strict):
         for key, val in (self.model_extra or {}).items():
             if key not in sections:
                 raise ValueError(
-                    f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, "
+                    f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, init_scale, "
                     f"or a method name holding its knobs ({', '.join(sections)})"
                 )
             if val is None:

@@ -5,7 +5,10 @@
 2. **Embedding learning rate**, per method: one cell per factor of the method's base LR at
    the tuning budget (budget 1 for `full`, which cannot compress), the tuning seed and the
    chosen epochs; the factor with the highest validation AUC is used for all its cells.
-3. The reported cells: every method, budget and seed with those settings.
+3. **Init scale**, for the methods ``protocol.init_scale`` lists: one cell per factor of
+   ``embedding.init_scale`` at that method's LR cell (tuning budget and seed, chosen epochs
+   and LR; the factor-1 cell is the LR cell itself), chosen the same way.
+4. The reported cells: every method, budget and seed with those settings.
 
 The choice is a pure function of the tuning cells' summaries (``valid_auc``), recomputed
 on every invocation and written to ``protocol.json``. Ties: the equal AUC closest to
@@ -85,6 +88,26 @@ def choose_lr(
 ) -> tuple[dict[tuple[str, str, str], float], dict[str, Any], list[tuple[str, str, str]]]:
     """Per (group, method label): the chosen LR factor, the record, and the methods whose
     tuning cells are not all finished or failed yet. ``failed``: ids of failed cells."""
+    return _choose_factor(cells, summaries, failed, "lr")
+
+
+def choose_init(
+    cells: list[Cell], summaries: Summaries, failed: set[str]
+) -> tuple[dict[tuple[str, str, str], float], dict[str, Any], list[tuple[str, str, str]]]:
+    """As :func:`choose_lr`, for the init-scale factor of the methods that tune it."""
+    return _choose_factor(cells, summaries, failed, "init")
+
+
+def _choose_factor(
+    cells: list[Cell], summaries: Summaries, failed: set[str], what: str
+) -> tuple[dict[tuple[str, str, str], float], dict[str, Any], list[tuple[str, str, str]]]:
+    def factor(c: Cell) -> float:
+        f = c.lr_factor if what == "lr" else c.init_factor
+        return 1.0 if f is None else float(f)
+
+    def value(c: Cell) -> float:
+        return c.config.train.embedding_optimizer.lr if what == "lr" else c.config.embedding.init_scale
+
     chosen: dict[tuple[str, str, str], float] = {}
     record: dict[str, Any] = {}
     waiting: list[tuple[str, str, str]] = []
@@ -94,8 +117,8 @@ def choose_lr(
     for key, cs in by_method.items():
         cands = [
             {
-                "factor": c.lr_factor,
-                "lr": c.config.train.embedding_optimizer.lr,
+                "factor": factor(c),
+                what: value(c),
                 "budget": c.budget.label,
                 "cell_id": c.cell_id,
                 METRIC: _score(summaries.get(c.cell_id)),
@@ -103,7 +126,7 @@ def choose_lr(
             }
             for c in cs
         ]
-        rec: dict[str, Any] = {"candidates": cands, "chosen_factor": None, "chosen_lr": None}
+        rec: dict[str, Any] = {"candidates": cands, "chosen_factor": None, f"chosen_{what}": None}
         record.setdefault(group_key(key[:2]), {})[key[2]] = rec
         if any(x["state"] == "pending" for x in cands):
             waiting.append(key)
@@ -114,18 +137,20 @@ def choose_lr(
             best = max(scored, key=lambda x: (x[METRIC], -abs(math.log(x["factor"])), -x["factor"]))
         else:
             best = min(cands, key=lambda x: (abs(math.log(x["factor"])), x["factor"]))
-            rec["note"] = "no tuning cell finished with a validation AUC: the base LR (factor 1) is kept"
-            best = {**best, "factor": 1.0, "lr": best["lr"] / best["factor"]}
+            base = "LR" if what == "lr" else "init scale"
+            rec["note"] = f"no tuning cell finished with a validation AUC: the base {base} (factor 1) is kept"
+            best = {**best, "factor": 1.0, what: best[what] / best["factor"]}
         chosen[key] = rec["chosen_factor"] = float(best["factor"])
-        rec["chosen_lr"] = float(best["lr"])
+        rec[f"chosen_{what}"] = float(best[what])
     return chosen, record, waiting
 
 
 def protocol_record(
-    plan: SweepPlan, epochs_rec: dict[str, Any], lr_rec: dict[str, Any] | None, complete: bool
+    plan: SweepPlan, epochs_rec: dict[str, Any], lr_rec: dict[str, Any] | None, complete: bool,
+    init_rec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     assert plan.protocol is not None
-    return {
+    out = {
         "protocol": plan.protocol.to_json(),
         "complete": complete,
         "epochs": epochs_rec,
@@ -133,3 +158,7 @@ def protocol_record(
         "base_lr": plan.base.train.embedding_optimizer.lr,
         "base_epochs": plan.base.train.epochs,
     }
+    if plan.protocol.init_methods:
+        out["init_scale"] = init_rec or {}
+        out["base_init_scale"] = plan.base.embedding.init_scale
+    return out

@@ -63,11 +63,15 @@ def _chosen(meta: dict[str, Any], proto: dict[str, Any]) -> bool:
     g = group_key((meta.get("model_label", ""), meta.get("dataset_label", "")))
     ep = (proto.get("epochs", {}).get(g) or {}).get("chosen")
     lr = ((proto.get("lr", {}).get(g) or {}).get(meta.get("method_label")) or {}).get("chosen_lr")
+    init_rec = (proto.get("init_scale", {}).get(g) or {}).get(meta.get("method_label"))
+    init = (init_rec or {}).get("chosen_init") if init_rec is not None else proto.get("base_init_scale", 1.0)
     return (
         ep is not None
         and lr is not None
+        and init is not None
         and meta.get("epochs") == ep
         and math.isclose(float(meta.get("embedding_lr") or 0), float(lr), rel_tol=1e-9)
+        and math.isclose(float(meta.get("init_scale", 1.0)), float(init), rel_tol=1e-9)
     )
 
 
@@ -320,6 +324,13 @@ def _protocol_section(proto: dict[str, Any] | None, plan: dict[str, Any]) -> lis
         f"{pr['budget']} (`full`: 1), seed {pr['seed']}; both on validation AUC and then fixed for the "
         f"method's cells (docs/compare.md). Recorded in `{PROTOCOL_FILE}`.",
     ]
+    if pr.get("init_scale"):
+        init = pr["init_scale"]
+        out[-1] = out[-1][: -len(f" Recorded in `{PROTOCOL_FILE}`.")] + (
+            f" Then the init scale of {', '.join(f'`{m}`' for m in init['methods'])} from "
+            f"{', '.join(f'{x:g}x' for x in init['grid'])}, at that learning rate, the same way. "
+            f"Recorded in `{PROTOCOL_FILE}`."
+        )
     if proto is None:
         return out + ["", "Not chosen yet: the tuning cells have not finished."]
     if not proto.get("complete"):
@@ -335,31 +346,41 @@ def _protocol_section(proto: dict[str, Any] | None, plan: dict[str, Any]) -> lis
             + (f"; {rec['note']}" if rec.get("note") else ""),
         ]
     for g, per in (proto.get("lr") or {}).items():
-        out += [
-            "",
-            f"Embedding learning rate, {g} (valid AUC per factor; chosen in bold):",
-            "",
-            "| method | tuned at | " + " | ".join(f"{x:g}x" for x in pr["lr_grid"]) + " | chosen LR |",
-            "| --- | --- |" + " ---: |" * len(pr["lr_grid"]) + " ---: |",
-        ]
-        for m, rec in per.items():
-            by = {c["factor"]: c for c in rec.get("candidates", [])}
-            texts = []
-            for f in pr["lr_grid"]:
-                c = by.get(f)
-                t = "—" if c is None else (_f(c.get("valid_auc")) if c["state"] == "done" else c["state"])
-                texts.append(
-                    f"**{t}**" if rec.get("chosen_factor") == f and c and c["state"] == "done" else t
-                )
-            tuned = ", ".join(dict.fromkeys(c["budget"] for c in rec.get("candidates", [])))
-            chosen = f"{rec['chosen_lr']:g}" if rec.get("chosen_lr") is not None else "—"
-            out.append(
-                f"| {m} | {tuned} | "
-                + " | ".join(texts)
-                + f" | {chosen}"
-                + (f" ({rec['note']})" if rec.get("note") else "")
-                + " |"
-            )
+        out += _factor_table(f"Embedding learning rate, {g}", pr["lr_grid"], per, "chosen LR", "chosen_lr")
+    init = pr.get("init_scale")
+    for g, per in (proto.get("init_scale") or {}).items():
+        out += _factor_table(
+            f"Init scale (`embedding.init_scale`) of {', '.join(f'`{m}`' for m in init['methods'])}, {g}, at "
+            "the chosen learning rate",
+            init["grid"], per, "chosen scale", "chosen_init",
+        )
+    return out
+
+
+def _factor_table(title: str, grid: list[float], per: dict[str, Any], head: str, key: str) -> list[str]:
+    out = [
+        "",
+        f"{title} (valid AUC per factor; chosen in bold):",
+        "",
+        "| method | tuned at | " + " | ".join(f"{x:g}x" for x in grid) + f" | {head} |",
+        "| --- | --- |" + " ---: |" * len(grid) + " ---: |",
+    ]
+    for m, rec in per.items():
+        by = {c["factor"]: c for c in rec.get("candidates", [])}
+        texts = []
+        for f in grid:
+            c = by.get(f)
+            t = "—" if c is None else (_f(c.get("valid_auc")) if c["state"] == "done" else c["state"])
+            texts.append(f"**{t}**" if rec.get("chosen_factor") == f and c and c["state"] == "done" else t)
+        tuned = ", ".join(dict.fromkeys(c["budget"] for c in rec.get("candidates", [])))
+        chosen = f"{rec[key]:g}" if rec.get(key) is not None else "—"
+        out.append(
+            f"| {m} | {tuned} | "
+            + " | ".join(texts)
+            + f" | {chosen}"
+            + (f" ({rec['note']})" if rec.get("note") else "")
+            + " |"
+        )
     return out
 
 

@@ -33,6 +33,7 @@ from embtables.experiments.jsonfile import read_json
 from embtables.experiments.protocol import (
     PROTOCOL_FILE,
     choose_epochs,
+    choose_init,
     choose_lr,
     group_key,
     protocol_record,
@@ -267,11 +268,13 @@ def run_sweep(
 def _run_protocol(
     plan: SweepPlan, sweep_dir: Path, stage: Callable[[list[Cell], str], None], progress: bool
 ) -> bool:
-    """Stages 1-3 of the protocol; False if it stopped before the reported cells."""
+    """The protocol's stages; False if it stopped before the reported cells."""
     assert plan.protocol is not None
+    tunes_init = any(plan.protocol.tunes_init(a.method) for a in plan.axes)
+    n = 4 if tunes_init else 3
     ep_cells = plan.epoch_cells()
     write_plan(plan, sweep_dir, ep_cells)
-    stage(ep_cells, f"compare {plan.name} [1/3 epochs]")
+    stage(ep_cells, f"compare {plan.name} [1/{n} epochs]")
     epochs, ep_rec, waiting = choose_epochs(
         ep_cells, _summaries(sweep_dir, ep_cells), _failed(sweep_dir, ep_cells)
     )
@@ -280,9 +283,9 @@ def _run_protocol(
         _say_waiting(progress, "the epochs", [group_key(g) for g in waiting], sweep_dir)
         return False
     lr_cells = plan.lr_cells(epochs)
-    tuning = ep_cells + [c for c in lr_cells if c.cell_id not in {x.cell_id for x in ep_cells}]
+    tuning = _union(ep_cells, lr_cells)
     write_plan(plan, sweep_dir, tuning)
-    stage(lr_cells, f"compare {plan.name} [2/3 learning rates]")
+    stage(lr_cells, f"compare {plan.name} [2/{n} learning rates]")
     lrs, lr_rec, waiting_lr = choose_lr(
         lr_cells, _summaries(sweep_dir, lr_cells), _failed(sweep_dir, lr_cells)
     )
@@ -292,11 +295,35 @@ def _run_protocol(
             progress, "the learning rates", [f"{k[2]} ({group_key(k[:2])})" for k in waiting_lr], sweep_dir
         )
         return False
-    write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=True))
-    plan.cells = plan.build_cells(epochs, lrs)
+    inits: dict[tuple[str, str, str], float] = {}
+    init_rec: dict[str, Any] | None = None
+    if tunes_init:
+        init_cells = plan.init_cells(epochs, lrs)
+        tuning = _union(tuning, init_cells)
+        write_plan(plan, sweep_dir, tuning)
+        stage(init_cells, f"compare {plan.name} [3/{n} init scales]")
+        inits, init_rec, waiting_init = choose_init(
+            init_cells, _summaries(sweep_dir, init_cells), _failed(sweep_dir, init_cells)
+        )
+        if waiting_init:
+            write_json(sweep_dir / PROTOCOL_FILE,
+                       protocol_record(plan, ep_rec, lr_rec, complete=False, init_rec=init_rec))
+            _say_waiting(
+                progress, "the init scales", [f"{k[2]} ({group_key(k[:2])})" for k in waiting_init], sweep_dir
+            )
+            return False
+    write_json(
+        sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=True, init_rec=init_rec)
+    )
+    plan.cells = plan.build_cells(epochs, lrs, inits)
     write_plan(plan, sweep_dir, tuning)
-    stage(plan.cells, f"compare {plan.name} [3/3 reported cells]")
+    stage(plan.cells, f"compare {plan.name} [{n}/{n} reported cells]")
     return True
+
+
+def _union(cells: list[Cell], more: list[Cell]) -> list[Cell]:
+    ids = {c.cell_id for c in cells}
+    return cells + [c for c in more if c.cell_id not in ids]
 
 
 def _say_waiting(progress: bool, what: str, items: list[str], sweep_dir: Path) -> None:

@@ -17,6 +17,7 @@ A comparison file holds the same sections as a run config (``name``, ``seed``, `
         epochs: [1, 2, 3]
         lr_grid: [0.5x, 1x, 2x]
         budget: 1/16
+        init_scale: {grid: [0.5x, 1x, 2x], methods: [tt]}   # optional: then tt's init scale
       quick:                       # what --quick changes
         budgets: [1, 1/16]
         seeds: [0]
@@ -61,6 +62,8 @@ _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 # cells. These four are result-neutral too but were hashed from the start: ignoring them now
 # would change every existing cell id.
 _HASHED_FROM_THE_START = frozenset({"name", "train.log_every", "train.checkpoint", "sharding.timeout_s"})
+# Keys added after comparisons were run: at their default a cell hashes as before they existed.
+_ADDED_LATER = {("embedding", "init_scale"): 1.0}
 _HASH_IGNORED = tuple(tuple(k.split(".")) for k in sorted(RESULT_NEUTRAL - _HASHED_FROM_THE_START))
 
 
@@ -176,6 +179,17 @@ def parse_multiplier(value: float | int | str, where: str) -> float:
     return float(m.group(1))
 
 
+class InitScaleSection(_Strict):
+    """``sweep.protocol.init_scale``: the methods whose init scale is tuned too."""
+
+    grid: list[float | str] = Field(
+        default_factory=lambda: ["0.5x", "1x", "2x"],
+        min_length=2,
+        description="factors of embedding.init_scale tried per listed method (must include 1x)",
+    )
+    methods: list[str] = Field(min_length=1, description="labels (or method names) of sweep.methods")
+
+
 class ProtocolSection(_Strict):
     """The tuning protocol (docs/compare.md, "The protocol")."""
 
@@ -192,6 +206,9 @@ class ProtocolSection(_Strict):
     budget: Budget = Field("1/16", description="the budget the LR is chosen at (`full`: budget 1)")
     seed: int = Field(0, description="the seed of the tuning cells")
     reference: str = Field("hash", description="method label the paired differences are taken against")
+    init_scale: InitScaleSection | None = Field(
+        None, description="after the LR, the init scale of these methods on the same cells (optional)"
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -293,7 +310,8 @@ class Cell:
     full_bytes: int | None = None  # the full tables' size fractional budgets refer to (None: data absent)
     skip_reason: str | None = None  # set when the cell is not run by design
     lr_factor: float | None = None  # the protocol's factor of the method's base embedding LR
-    stage: str = "report"  # the protocol's stage that made it: "epochs", "lr" or "report"
+    init_factor: float | None = None  # the protocol's factor of embedding.init_scale (None: not tuned)
+    stage: str = "report"  # the protocol's stage that made it: "epochs", "lr", "init" or "report"
 
     @property
     def group(self) -> tuple[str, str]:
@@ -324,6 +342,8 @@ class Cell:
             "epochs": self.config.train.epochs,
             "embedding_lr": self.config.train.embedding_optimizer.lr,
             "lr_factor": self.lr_factor,
+            "init_scale": self.config.embedding.init_scale,
+            "init_factor": self.init_factor,
             "overrides": self.overrides,
             "config_hash": cell_hash(self.config),
         }
@@ -338,13 +358,18 @@ class Protocol:
     budget: BudgetSpec
     seed: int
     reference: str
+    init_factors: tuple[float, ...] = ()
+    init_methods: tuple[str, ...] = ()  # labels or method names whose init scale is tuned
 
     @property
     def lr_grid_text(self) -> list[str]:
         return [f"{f:g}x" for f in self.lr_factors]
 
+    def tunes_init(self, method: Variant) -> bool:
+        return method.label in self.init_methods or method.name in self.init_methods
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "epochs": list(self.epochs),
             "lr_grid": list(self.lr_factors),
             "budget": self.budget.label,
@@ -352,6 +377,9 @@ class Protocol:
             "reference": self.reference,
             "metric": "valid_auc",
         }
+        if self.init_methods:
+            out["init_scale"] = {"grid": list(self.init_factors), "methods": list(self.init_methods)}
+        return out
 
 
 @dataclass(frozen=True)
@@ -400,10 +428,12 @@ class SweepPlan:
         method: Variant | None = None,
         epochs: int | None = None,
         lr_factor: float | None = None,
+        init_factor: float | None = None,
     ) -> Cell:
         """One cell: the base config plus the axis' overrides, the budget and the seed; under
-        the protocol also its epochs and its factor of the method's embedding LR (both in the
-        cell id, so a tuning cell and a reported cell with the same settings are one cell)."""
+        the protocol also its epochs, its factor of the method's embedding LR and, where
+        tuned, of its init scale (all in the cell id, so a tuning cell and a reported cell
+        with the same settings are one cell; an init factor of 1 leaves the id as it was)."""
         mvar = method or axis.method
         ov: dict[str, Any] = {}
         for v in (axis.dataset, axis.model):
@@ -425,8 +455,12 @@ class SweepPlan:
                 ov["train.epochs"] = epochs
             factor = 1.0 if lr_factor is None else lr_factor
             ov["train.embedding_optimizer.lr"] = cfg.train.embedding_optimizer.lr * factor
+            if init_factor is not None and init_factor != 1:
+                ov["embedding.init_scale"] = cfg.embedding.init_scale * init_factor
             cfg = self._load(ov, where, mvar.label)
             parts += [f"e{cfg.train.epochs}", f"lr{cfg.train.embedding_optimizer.lr:g}"]
+            if cfg.embedding.init_scale != 1:
+                parts.append(f"i{cfg.embedding.init_scale:g}")
         cell = Cell(
             f"{'_'.join(parts)}-{cell_hash(cfg)}",
             mvar,
@@ -437,6 +471,7 @@ class SweepPlan:
             ov,
             cfg,
             lr_factor=lr_factor if self.protocol is not None else None,
+            init_factor=init_factor if self.protocol is not None else None,
         )
         cell.full_bytes = _full_size_cached(cfg, self._sizes)
         cell.skip_reason = _skip_reason(cell)
@@ -467,9 +502,10 @@ class SweepPlan:
         self,
         epochs: dict[tuple[str, str], int] | None = None,
         lr: dict[tuple[str, str, str], float] | None = None,
+        init: dict[tuple[str, str, str], float] | None = None,
     ) -> list[Cell]:
         """Every (dataset, model, method, budget, seed) cell; under the protocol with the
-        chosen epochs per group and LR factor per (group, method label)."""
+        chosen epochs per group and LR (and init-scale) factor per (group, method label)."""
         cells = []
         for a in self.axes:
             g = self._group(a.dataset, a.model)
@@ -482,6 +518,7 @@ class SweepPlan:
                             seed,
                             epochs=(epochs or {}).get(g),
                             lr_factor=(lr or {}).get((*g, a.method.label)) if self.protocol else None,
+                            init_factor=(init or {}).get((*g, a.method.label)) if self.protocol else None,
                         )
                     )
         return cells
@@ -522,12 +559,35 @@ class SweepPlan:
                 out.append(c)
         return out
 
+    def init_cells(
+        self, epochs: dict[tuple[str, str], int], lr: dict[tuple[str, str, str], float]
+    ) -> list[Cell]:
+        """The methods of ``protocol.init_scale`` at their LR cell's settings (chosen epochs
+        and LR), each init-scale factor; the factor-1 cell is that LR cell."""
+        assert self.protocol is not None
+        out = []
+        for a in self.axes:
+            if not self.protocol.tunes_init(a.method):
+                continue
+            g = self._group(a.dataset, a.model)
+            for f in self.protocol.init_factors:
+                kw = {"epochs": epochs[g], "lr_factor": lr[(*g, a.method.label)], "init_factor": f}
+                c = self.make_cell(a, self.protocol.budget, self.protocol.seed, **kw)
+                if c.skip_reason is not None:
+                    c = self.make_cell(a, parse_budget(1, "budget"), self.protocol.seed, **kw)
+                c.stage = "init"
+                out.append(c)
+        return out
+
 
 def cell_hash(cfg: ExperimentConfig) -> str:
     """Short hash of everything in the resolved config that can change a result."""
     d = cfg.model_dump(mode="json")
     for section, key in _HASH_IGNORED:
         d.get(section, {}).pop(key, None)
+    for (section, key), default in _ADDED_LATER.items():
+        if d.get(section, {}).get(key) == default:
+            d[section].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -675,6 +735,14 @@ def load_sweep(
     protocol = None
     if sweep.protocol is not None and (not quick or q.protocol):
         protocol = _protocol(sweep.protocol, base, source)
+    if protocol is not None:
+        known = {v.label for v in all_mvars} | {v.name for v in all_mvars}
+        for i, m in enumerate(protocol.init_methods):
+            if m not in known:
+                raise ConfigError(
+                    f"{source + ' ' if source else ''}sweep.protocol.init_scale.methods[{i}]: {m!r} is not a "
+                    f"label or method of sweep.methods ({', '.join(v.label for v in all_mvars)})"
+                )
     if not quick:
         all_mvars = _restrict_budgets(method_entries, all_mvars, budgets, protocol, source)
     mvars = list(all_mvars)
@@ -732,7 +800,23 @@ def _protocol(section: ProtocolSection, base: ExperimentConfig, source: str) -> 
     if len(set(factors)) != len(factors):
         raise ConfigError(f"{where}.lr_grid: duplicate factors {section.lr_grid}")
     budget = parse_budget(section.budget, f"{where}.budget")
-    return Protocol(tuple(section.epochs), tuple(factors), budget, section.seed, section.reference)
+    init_factors: tuple[float, ...] = ()
+    init_methods: tuple[str, ...] = ()
+    if section.init_scale is not None:
+        iw = f"{where}.init_scale"
+        init_factors = tuple(
+            parse_multiplier(v, f"{iw}.grid[{i}]") for i, v in enumerate(section.init_scale.grid)
+        )
+        if len(set(init_factors)) != len(init_factors):
+            raise ConfigError(f"{iw}.grid: duplicate factors {section.init_scale.grid}")
+        if 1.0 not in init_factors:
+            raise ConfigError(
+                f"{iw}.grid: must include 1x (the method's own init, the cell its LR was chosen on), "
+                f"got {section.init_scale.grid}"
+            )
+        init_methods = tuple(section.init_scale.methods)
+    return Protocol(tuple(section.epochs), tuple(factors), budget, section.seed, section.reference,
+                    init_factors, init_methods)
 
 
 def _unique(values: list[str], where: str, what: str) -> None:

@@ -23,7 +23,9 @@ from conftest import method_feats, method_kjt, tiny_overrides
 from sklearn.metrics import roc_auc_score
 
 from embtables.cli import main
+from embtables.datasets.schema import load_schema
 from embtables.embeddings import FeatureSpec, build, get_method
+from embtables.embeddings.budget import full_bytes
 from embtables.embeddings.hash import HashEmbedding
 from embtables.embeddings.quantize import (
     BITS,
@@ -34,6 +36,7 @@ from embtables.embeddings.quantize import (
     row_bytes,
     stored_rows,
 )
+from embtables.embeddings.spec import features_from_schema
 from embtables.experiments import run
 from embtables.experiments.export import (
     MANIFEST,
@@ -283,3 +286,59 @@ def test_existing_out_is_never_overwritten(trained, tmp_path):
         export_run(rd, "int8", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.")]
+
+
+# ---- embedding.serve_dtype: a budget met at serving precision -------------------------------------
+@pytest.mark.parametrize("spec", [s for s in conformance_specs() if get_method(s[0]).quantizable_tables
+                                  and get_method(s[0]).has_tables], ids=spec_id)
+def test_serving_bytes_are_the_quantized_modules_bytes(spec):
+    """``serving_bytes(dtype)`` (from the table shapes, before quantizing) is what the
+    quantized module's storage holds, for every method with quantizable tables."""
+    for dtype in ("fp16", "int8", "int4"):
+        emb = build_conf(spec)
+        want = emb.serving_bytes(dtype)
+        try:
+            quantize_tables(emb, dtype)
+        except NotQuantizable:  # a bit width its narrow tables cannot pack: refused elsewhere
+            continue
+        assert emb.memory_bytes() == want, dtype
+
+
+def test_serve_dtype_sizes_for_serving_and_scores_the_quantized_model(tiny_synth, tmp_path):
+    """At the same budget, `hash` with serve_dtype int4 holds more rows than plain `hash`
+    (its rows cost their int4 bytes), its served tables fit the budget, and the summary's AUC
+    is the int4 model's: the same as exporting the run at int4 and scoring it (sklearn)."""
+    over = {"embedding.method": "hash", "embedding.budget": 0.25, "train.max_steps": 12}
+    plain = run("quickstart", overrides=tiny_overrides(tiny_synth, **over), run_dir=tmp_path / "plain",
+                quiet=True)
+    over4 = {**over, "embedding.serve_dtype": "int4"}
+    served = run("quickstart", overrides=tiny_overrides(tiny_synth, **over4), run_dir=tmp_path / "int4",
+                 quiet=True)
+    budget = plain["embedding_bytes"]  # hash fills the budget: its bytes are (within a row of) it
+    whole = full_bytes(features_from_schema(load_schema(tiny_synth)), 8)
+    assert plain["embedding_bytes"] <= 0.25 * whole and served["embedding_bytes"] <= 0.25 * whole
+    # an int4 row at dim 8 is 4 bytes of codes + 4 of scale and bias, padded to 16; fp32's is 32
+    ratio = 8 * 4 / row_bytes(8, "int4")
+    assert ratio == 2 and 0.95 * ratio * budget < served["training_embedding_bytes"] <= ratio * budget
+    assert served["serving"]["dtype"] == "int4" and served["serving"]["trained"]["embedding_bytes"] > budget
+    art = tmp_path / "art"
+    export_run(tmp_path / "int4", "int4", art)
+    p = tmp_path / "p.parquet"
+    predict(art, tiny_synth, p, split="test")
+    got = pq.read_table(p).to_pandas()
+    want = roc_auc_score(got["label"], got["prob"])
+    assert served["test_auc"] == served["auc"] == pytest.approx(want, abs=1e-6)
+    assert served["serving"]["trained"]["auc"] != served["auc"]  # the headline is the quantized model's
+
+
+def test_serve_dtype_refusals(tiny_synth, tmp_path):
+    from embtables.experiments.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="serve_dtype needs train.checkpoint: true"):
+        load_config("quickstart", overrides={"embedding.serve_dtype": "int4", "train.checkpoint": False})
+    with pytest.raises(ConfigError, match="embedding.serve_dtype"):
+        load_config("quickstart", overrides={"embedding.serve_dtype": "int3"})
+    over = {"embedding.method": "dhe", "embedding.budget": 0.25, "embedding.serve_dtype": "int8"}
+    with pytest.raises(ValueError, match="dhe has no tables to serve quantized"):
+        run("quickstart", overrides=tiny_overrides(tiny_synth, **over), run_dir=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()

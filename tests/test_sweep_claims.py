@@ -144,3 +144,19 @@ def test_dare_is_paired_with_din_only_at_equal_memory():
     only_more = [r for r in seq if not (r["model"] == "dare" and r["budget"] == "1/4")]
     (n,) = _by(evaluate_claims(pd.DataFrame(only_more)), "`dare`")
     assert n.verdict.startswith(NOT_RUN) and "attention_share" in n.verdict
+
+
+def test_rows_trained_for_serving_are_checked_against_the_same_method():
+    """A `hash` row sized for int4 serving (it has training bytes of its own) is paired with
+    plain `hash` at each budget below 1; without such rows there is no such claim."""
+    rows = _rows("hash", "1", _seeds(0.760), nbytes=4000)
+    rows += _rows("hash", "1/4", _seeds(0.750), nbytes=1000)
+    rows += _rows("hash", "1/16", _seeds(0.720), nbytes=250)
+    assert not _by(evaluate_claims(pd.DataFrame(rows)), "`hash-int4`")
+    served = _rows("hash", "1/4", _seeds(0.755), label="hash-int4", nbytes=990)
+    served += _rows("hash", "1/16", _seeds(0.735), label="hash-int4", nbytes=245)
+    for r in served:
+        r["training_embedding_bytes"] = 4 * r["embedding_bytes"]
+    (c,) = _by(evaluate_claims(pd.DataFrame(rows + served)), "`hash-int4` ≥ `hash`")
+    assert c.verdict == "holds" and c.figure == "+0.0050 at 1/4; +0.0150 at 1/16"
+    assert c.paper.startswith("4-bit row-wise tables")

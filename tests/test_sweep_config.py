@@ -185,12 +185,14 @@ def _fake_cell(
     err=None,
     min_bytes=None,
     nbytes=1000,
+    label=None,
+    extra=None,
 ) -> None:
     d = root / cid
     d.mkdir(parents=True)
     meta = {
         "cell_id": cid,
-        "method_label": method,
+        "method_label": label or method,
         "method": method,
         "knobs": {},
         "budget": budget,
@@ -220,6 +222,7 @@ def _fake_cell(
                     "eval_split": "test",
                     "seed": seed,
                     "versions": {"torch": "x"},
+                    **(extra or {}),
                 }
             )
         )
@@ -253,6 +256,20 @@ def test_report_from_hand_made_cells(tmp_path):
     assert pd.read_parquet(out["results"]).shape == df.shape
     # without sweep.json the cells are found by their cell.json
     assert not (r / "sweep.json").exists() and len(out["plots"]) == 2
+
+
+def test_report_shows_what_rows_trained_for_serving_held(tmp_path):
+    r = tmp_path / "sweep"
+    _fake_cell(r, "hash_b1-4_s0", "hash", "1/4", 0, auc=0.70, nbytes=1000)
+    for s, (auc, before) in enumerate([(0.71, 0.712), (0.73, 0.734)]):
+        serving = {"dtype": "int4", "auc": auc, "trained": {"auc": before, "embedding_bytes": 4096}}
+        extra = {"training_embedding_bytes": 4096, "optimizer_state_bytes": 2048, "serving": serving}
+        _fake_cell(r, f"hash-int4_b1-4_s{s}", "hash", "1/4", s, auc=auc, nbytes=990, label="hash-int4",
+                   extra=extra)
+    md = Path(build_report(r)["report"]).read_text()
+    assert "Rows trained for serving (`embedding.serve_dtype`)" in md
+    assert "| hash-int4 | int4 | 4.00 KiB + 2.00 KiB optimizer; AUC 0.7230 before |" in md
+    assert "| hash-int4 | **0.7200 ± 0.0141** |" in md  # the headline is the served AUC
 
 
 def test_report_says_why_a_cell_was_not_run(tmp_path):

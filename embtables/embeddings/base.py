@@ -26,7 +26,12 @@ from torchrec.sparse.jagged_tensor import (
 )
 
 from embtables.embeddings.budget import DTYPE_BYTES, DType, format_bytes
-from embtables.embeddings.quantize import is_quantized, storage_bytes
+from embtables.embeddings.quantize import (
+    DEFAULT_ROW_ALIGNMENT,
+    is_quantized,
+    storage_bytes,
+    table_storage_bytes,
+)
 from embtables.embeddings.spec import FeatureSpec
 from embtables.embeddings.table_init import ReshapedFeatureInit, SeededInit, feature_init, module_seed
 
@@ -611,6 +616,15 @@ class EmbeddingMethod(nn.Module):
     def memory_bytes(self) -> int:
         dense = sum(p.numel() * p.element_size() for p in self.dense_parameters())
         return self.table_bytes() + dense + self.buffer_bytes()
+
+    def serving_bytes(self, dtype: str, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
+        """What ``memory_bytes()`` will be once the tables are served at ``dtype``
+        (``quantize_tables``), from the table shapes: FBGEMM's padded rows and table blocks;
+        dense parameters and remap buffers as they are."""
+        dense = sum(p.numel() * p.element_size() for p in self.dense_parameters())
+        tables = sum(table_storage_bytes(c.num_embeddings, c.embedding_dim, dtype, row_alignment)
+                     for c in self.table_configs()) if self.has_tables else 0
+        return tables + dense + self.buffer_bytes()
 
     def extra_repr(self) -> str:
         return (f"method={self.method_name}, features={len(self.features)}, dim={self.dim}, "

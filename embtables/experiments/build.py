@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from embtables.embeddings import EmbeddingMethod, FeatureSpec, build
-from embtables.embeddings.budget import resolve_budget
+from embtables.embeddings.budget import DTYPE_BYTES, resolve_budget
 from embtables.embeddings.factory import MakeEmbedding
+from embtables.embeddings.quantize import row_bytes
 from embtables.experiments.config import EmbeddingSection, ExperimentConfig
 from embtables.experiments.evaluate import Evaluator
 from embtables.experiments.optim import attach_embedding_optimizer, build_optimizers
@@ -36,19 +37,40 @@ def embedding_factory(embedding_cfg: EmbeddingSection, device=None) -> MakeEmbed
             bound = 1 if embedding_cfg.budget is None else embedding_cfg.budget  # none: the full size
             whole = resolve_budget(bound, list(features), embedding_cfg.dim)
             budget = max(2, int(share * whole))  # bytes: 0 and 1 would read as fractions
-        return build(
-            list(features),
-            method=method,
-            dim=dim or embedding_cfg.dim,
-            budget=embedding_cfg.budget if budget is None else budget,
-            dtype=embedding_cfg.dtype,
-            sequence=sequence,
-            device=device,
-            init_scale=embedding_cfg.init_scale,
-            **embedding_cfg.module_knobs(method),
-        )
+        kw = dict(method=method, dim=dim or embedding_cfg.dim, dtype=embedding_cfg.dtype, sequence=sequence,
+                  init_scale=embedding_cfg.init_scale, **embedding_cfg.module_knobs(method))
+        budget = embedding_cfg.budget if budget is None else budget
+        if embedding_cfg.serve_dtype is not None and budget is not None:
+            budget = training_budget_for_serving(list(features), budget, embedding_cfg.serve_dtype, kw)
+        return build(list(features), budget=budget, device=device, **kw)
 
     return make
+
+
+def training_budget_for_serving(features: list[FeatureSpec], budget: float | int | str, serve_dtype: str,
+                                kw: dict[str, Any]) -> int:
+    """The training budget (bytes at ``embedding.dtype``) at which the method's tables,
+    served at ``serve_dtype``, fill ``budget``: each row costs its quantized bytes, not its
+    training ones. Found by sizing on the meta device (nothing allocated, the caller's RNG
+    untouched); the module's own sizing stays the method's."""
+    target = resolve_budget(budget, features, kw["dim"])
+    train_row = kw["dim"] * DTYPE_BYTES[kw["dtype"]]
+    trial = max(2, target * train_row // row_bytes(kw["dim"], serve_dtype))
+    for _ in range(12):
+        with torch.random.fork_rng(devices=[]):
+            m = build(features, budget=trial, device=torch.device("meta"), **kw)
+        if not m.has_tables:
+            raise ValueError(
+                f"embedding.serve_dtype={serve_dtype}: {m.method_name} has no tables to serve quantized"
+            )
+        served = m.serving_bytes(serve_dtype)
+        if served <= target:
+            return trial
+        trial = max(2, int(trial * target / served * 0.999))
+    raise ValueError(
+        f"embedding.serve_dtype={serve_dtype}: no size of {m.method_name} fits the budget "
+        f"{target} bytes at {serve_dtype} (the nearest served {served} bytes)"
+    )
 
 
 def build_model(cfg: ExperimentConfig, schema, device=None) -> nn.Module:

@@ -17,6 +17,9 @@ Student-t intervals (:mod:`embtables.experiments.stats`), by these rules (docs/c
   lower end is above -SMALL (the loss is smaller than SMALL AUC) and, for OptEmbed, the
   table is smaller; *does not hold* if its upper end is below -SMALL (or the table is not
   smaller); else *inconclusive*.
+- **Quantized rows beat fewer rows** (4-bit row-wise tables, Guan et al. 2019): a method
+  trained for serving at lower precision (``embedding.serve_dtype``: more rows in the same
+  serving bytes) against the same method at training precision, with the rule of A >= B.
 - **DARE beats DIN at equal memory**: dare - din for the same method, budget and seed
   (the same dataset), over every (method, budget) both ran where DARE's embedding bytes
   are at most DIN's (``model.dare.attention_share`` makes them so), with the rule of A >= B.
@@ -225,7 +228,27 @@ def evaluate_claims(df: pd.DataFrame, reference: str = "hash", small: float = SM
             verdict = NOT_HOLD if ratio is not None and ratio <= 1 else _noninferior(p, small)
             fig = f"{p.mean:+.4f} vs `{full}` at {bud}" + (f", {ratio:.1f}× smaller" if ratio else "")
             out.append(Claim(name, "OptEmbed (Lyu et al. 2022)", ds, fig, _iv(p), verdict))
+        out += _served_claims(d, h, ds)
     out += _dare_claims(done, df)
+    return out
+
+
+def _served_claims(d: pd.DataFrame, h: str | None, ds: str) -> list[Claim]:
+    """Rows trained for serving quantized (``embedding.serve_dtype``) against the same method
+    at training precision, at equal (serving) memory; only where such rows ran."""
+    if "training_embedding_bytes" not in d:
+        return []
+    served = pd.to_numeric(d["training_embedding_bytes"], errors="coerce").notna()
+    out = []
+    for s in dict.fromkeys(d[served]["method_label"]):
+        method = d[d["method_label"] == s]["method"].iloc[0]
+        plain = list(dict.fromkeys(d[~served & (d["method"] == method)]["method_label"]))
+        base = h if method == "hash" and h in plain else (plain[0] if plain else None)
+        paper = "4-bit row-wise tables (Guan et al. 2019)"
+        if base is None:
+            out.append(Claim(f"`{s}` ≥ `{method}` at equal memory", paper, ds, "—", "—", NOT_RUN))
+            continue
+        out += _at_least_rows(d, s, base, f"`{s}` ≥ `{base}` at equal memory", paper, ds, widening=False)
     return out
 
 

@@ -86,6 +86,10 @@ class EmbeddingSection(Strict):
     budget: float | int | str | None = Field(
         None, description="fraction of full size (0.1, '1/16') or bytes ('4MiB')")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="table weight dtype, counted in the budget")
+    serve_dtype: Literal["fp16", "int8", "int4", "int2"] | None = Field(
+        None, description="size the tables for serving at this precision: the budget counts their "
+        "quantized storage (TorchRec's row-wise inference tables), the run trains at `dtype` and reports "
+        "the quantized model's AUC and bytes (docs/serving.md)")
     init_scale: float = Field(
         1.0, gt=0, description="multiplies every embedding vector at initialisation (1: the method's own "
         "init); the comparison protocol can tune it per method")
@@ -114,7 +118,8 @@ class EmbeddingSection(Strict):
         for key, val in (self.model_extra or {}).items():
             if key not in sections:
                 raise ValueError(
-                    f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, init_scale, "
+                    f"unknown key embedding.{key}; valid keys: method, dim, budget, dtype, serve_dtype, "
+                    "init_scale, "
                     f"or a method name holding its knobs ({', '.join(sections)})"
                 )
             if val is None:
@@ -233,6 +238,15 @@ class ExperimentConfig(Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+
+    @model_validator(mode="after")
+    def _serving_needs_a_checkpoint(self) -> ExperimentConfig:
+        if self.embedding.serve_dtype is not None and not self.train.checkpoint:
+            raise ValueError(
+                "embedding.serve_dtype needs train.checkpoint: true (the served model is the final "
+                "checkpoint with its tables quantized)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -33,7 +33,7 @@ from embtables.experiments.sweep_dir import (
 METRIC = "auc"
 META_COLUMNS = ["cell_id", "method_label", "method", "knobs", "budget", "budget_fraction", "budget_bytes",
                 "full_bytes", "seed", "model_label", "dataset_label", "epochs", "embedding_lr", "lr_factor",
-                "status", "error", "error_type", "min_bytes", "attempts", "cell_seconds"]
+                "init_scale", "status", "error", "error_type", "min_bytes", "attempts", "cell_seconds"]
 
 
 # ---- results ------------------------------------------------------------------------------
@@ -147,6 +147,42 @@ def aggregate(df: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     out = agg.join(total, how="right").reset_index()
     out["n"] = out["n"].fillna(0).astype(int)
     return out
+
+
+def _serving_section(gdf: pd.DataFrame, methods: list[str], budgets: list[str]) -> list[str]:
+    """Rows trained for serving (``embedding.serve_dtype``): their AUC and bytes above are
+    the quantized model's; what training held is here, beside the AUC before quantizing."""
+    if "training_embedding_bytes" not in gdf:
+        return []
+    served = gdf[(gdf["status"] == "done") & gdf["training_embedding_bytes"].notna()]
+    if not len(served):
+        return []
+    out = [
+        "Rows trained for serving (`embedding.serve_dtype`): their AUC and memory above are the quantized "
+        "model's, at the budget. What training held (tables at training precision, then the optimizer "
+        "state) and the AUC before quantizing, mean over seeds:",
+        "",
+        "| method | serving dtype | " + " | ".join(budgets) + " |",
+        "| --- | --- |" + " ---: |" * len(budgets),
+    ]
+    for m in [m for m in methods if m in set(served["method_label"])]:
+        sub = served[served["method_label"] == m]
+        dtypes = {json.loads(s)["dtype"] for s in sub["serving"] if isinstance(s, str)}
+        cells = []
+        for b in budgets:
+            c = sub[sub["budget"] == b]
+            if not len(c):
+                cells.append("—")
+                continue
+            trained = [json.loads(s)["trained"]["auc"] for s in c["serving"] if isinstance(s, str)]
+            auc = f"; AUC {np.mean(trained):.4f} before" if trained and None not in trained else ""
+            opt = pd.to_numeric(c.get("optimizer_state_bytes"), errors="coerce").mean()
+            cells.append(
+                f"{format_bytes(c['training_embedding_bytes'].astype(float).mean())} + "
+                f"{format_bytes(opt)} optimizer{auc}"
+            )
+        out.append(f"| {m} | {', '.join(sorted(dtypes))} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def fmt_mean_std(mean: float, std: float, n: int) -> str:
@@ -473,6 +509,7 @@ def render_markdown(
             _table(gdf, gagg, methods, budgets, "bytes"),
             "",
         ]
+        out += _serving_section(gdf, methods, budgets)
         out += ["Train seconds (mean over seeds):", "", _table(gdf, gagg, methods, budgets, "seconds")]
         for p in plots.get(g, []):
             out += ["", f"![{p.stem}]({p.name})"]

@@ -41,6 +41,7 @@ from embtables.experiments.config import (
     read_yaml,
 )
 from embtables.experiments.rundir import RunDir, checkpoint_step
+from embtables.experiments.served import apply_served, evaluate_served
 from embtables.experiments.summary import make_summary
 from embtables.experiments.trainer import StopRequested, Trainer
 from embtables.registry import Registry
@@ -153,10 +154,21 @@ class TrainStage(Stage):
         return sc.run.is_finished()
 
     def run(self, sc: StageContext) -> dict[str, Any]:
+        serve = sc.cfg.embedding.serve_dtype
+        if serve is not None and sc.ctx.world_size > 1:
+            raise ValueError(
+                f"embedding.serve_dtype={serve} runs in one process (it scores the quantized model "
+                "unsharded); train with world_size 1, or train without it and use `embtables export` "
+                "then `embtables predict`"
+            )
         trainer = build_trainer(sc.cfg, sc.schema, sc.data_root, sc.ctx, sc.run.path)
         final = train_with_resume(sc, trainer, sc.run, resume=sc.resume)
         summary = make_summary(sc.cfg, trainer, final, sc.data_root, sc.ctx.world_size, sc.threads)
         summary["run_dir"] = str(sc.run.path)
+        if serve is not None and summary["eval_split"]:
+            sc.say(f"== serving: the final checkpoint with its tables at {serve}, on {summary['eval_split']}")
+            summary = apply_served(summary, evaluate_served(sc.cfg, sc.run.path, sc.data_root,
+                                                            summary["eval_split"]))
         if sc.ctx.is_main:
             sc.run.write_summary(summary)  # atomic: its presence means "finished"
             sc.run.prune()

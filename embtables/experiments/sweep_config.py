@@ -63,7 +63,7 @@ _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 # would change every existing cell id.
 _HASHED_FROM_THE_START = frozenset({"name", "train.log_every", "train.checkpoint", "sharding.timeout_s"})
 # Keys added after comparisons were run: at their default a cell hashes as before they existed.
-_ADDED_LATER = {("embedding", "init_scale"): 1.0}
+_ADDED_LATER = {("embedding", "init_scale"): 1.0, ("embedding", "serve_dtype"): None}
 _HASH_IGNORED = tuple(tuple(k.split(".")) for k in sorted(RESULT_NEUTRAL - _HASHED_FROM_THE_START))
 
 

@@ -107,9 +107,31 @@ def quantize_tables(module: nn.Module, dtype: str, row_alignment: int = DEFAULT_
     ``quantizable_tables=False`` is refused, naming it."""
     qdtype = check_dtype(dtype)
     check_alignment(row_alignment)
-    name = getattr(module, "method_name", type(module).__name__)
     if not getattr(module, "has_tables", True):
         return module
+    check_quantizable(module, dtype)
+    holder = nn.Module()
+    holder.tables = module.tables
+    kinds = [torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection]
+    quant_modules.quant_prep_customize_row_alignment(holder, kinds, row_alignment)
+    quantize_embeddings(
+        holder, qdtype, inplace=True, additional_qconfig_spec_keys=[torchrec.EmbeddingCollection],
+        additional_mapping={torchrec.EmbeddingCollection: quant_modules.EmbeddingCollection})
+    # TorchRec keeps the staging copies it filled the kernels' storage from: a second copy
+    # of every table (in memory and in a saved artefact). Serving reads only the storage.
+    holder.tables._table_name_to_quantized_weights = None
+    module.tables = holder.tables
+    module.serving_dtype = dtype
+    module.row_alignment = row_alignment
+    return module
+
+
+def check_quantizable(module: nn.Module, dtype: str) -> None:
+    """Raise ``NotQuantizable`` (naming the method and what to do) if ``quantize_tables``
+    would refuse ``module`` at ``dtype``; reads only the table shapes, so a module built on
+    the meta device can be checked before anything trains."""
+    check_dtype(dtype)
+    name = getattr(module, "method_name", type(module).__name__)
     if not getattr(module, "quantizable_tables", True):
         raise NotQuantizable(
             f"{name}: its tables cannot be served quantized (it declares quantizable_tables=False: its "
@@ -135,20 +157,6 @@ def quantize_tables(module: nn.Module, dtype: str, row_alignment: int = DEFAULT_
                 f"{name}: tables {narrow[0]} wide cannot be stored as {dtype} (FBGEMM's row-wise {dtype} "
                 f"needs widths that are multiples of {16 // BITS[dtype]}); "
                 + (f"use --dtype {' or '.join(ok)}" if ok else "use --dtype fp16"))
-    holder = nn.Module()
-    holder.tables = tables
-    kinds = [torchrec.EmbeddingBagCollection, torchrec.EmbeddingCollection]
-    quant_modules.quant_prep_customize_row_alignment(holder, kinds, row_alignment)
-    quantize_embeddings(
-        holder, qdtype, inplace=True, additional_qconfig_spec_keys=[torchrec.EmbeddingCollection],
-        additional_mapping={torchrec.EmbeddingCollection: quant_modules.EmbeddingCollection})
-    # TorchRec keeps the staging copies it filled the kernels' storage from: a second copy
-    # of every table (in memory and in a saved artefact). Serving reads only the storage.
-    holder.tables._table_name_to_quantized_weights = None
-    module.tables = holder.tables
-    module.serving_dtype = dtype
-    module.row_alignment = row_alignment
-    return module
 
 
 def quantization_step(weight: torch.Tensor, dtype: str) -> torch.Tensor:

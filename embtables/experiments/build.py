@@ -14,7 +14,7 @@ from torch import nn
 from embtables.embeddings import EmbeddingMethod, FeatureSpec, build
 from embtables.embeddings.budget import DTYPE_BYTES, resolve_budget
 from embtables.embeddings.factory import MakeEmbedding
-from embtables.embeddings.quantize import row_bytes
+from embtables.embeddings.quantize import NotQuantizable, check_quantizable, row_bytes
 from embtables.experiments.config import EmbeddingSection, ExperimentConfig
 from embtables.experiments.evaluate import Evaluator
 from embtables.experiments.optim import attach_embedding_optimizer, build_optimizers
@@ -63,6 +63,10 @@ def training_budget_for_serving(features: list[FeatureSpec], budget: float | int
             raise ValueError(
                 f"embedding.serve_dtype={serve_dtype}: {m.method_name} has no tables to serve quantized"
             )
+        try:
+            check_quantizable(m, serve_dtype)
+        except NotQuantizable as e:
+            raise ValueError(f"embedding.serve_dtype={serve_dtype}: {e}") from None
         served = m.serving_bytes(serve_dtype)
         if served <= target:
             return trial

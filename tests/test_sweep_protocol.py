@@ -222,6 +222,20 @@ def _init_spec(tmp_path, **init) -> dict:
     }
 
 
+def test_a_method_without_tables_is_not_tuned_on_the_embedding_lr(tmp_path):
+    """`dhe`'s parameters are dense (the dense optimizer trains them): the embedding LR grid
+    would give identical cells, so its LR stage is the 1x cell alone."""
+    spec = _init_spec(tmp_path, methods=["dhe"])
+    spec["sweep"]["methods"].append("dhe")
+    plan = load_sweep(spec)
+    epochs = {plan.epoch_cells()[0].group: 1}
+    factors = {}
+    for c in plan.lr_cells(epochs):
+        factors.setdefault(c.method.label, []).append(c.lr_factor)
+    grid = [0.5, 1.0, 2.0]
+    assert factors == {"full": grid, "hash": grid, "qr-mult": grid, "dhe": [1.0]}
+
+
 def test_init_scale_section_is_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep.protocol.init_scale.methods\[0\]: 'nope' is not a label"):
         load_sweep(_init_spec(tmp_path, methods=["nope"]))

@@ -71,7 +71,7 @@ def _print_protocol_plan(plan) -> None:
     LR, hence their ids, are chosen by the stages before)."""
     pr = plan.protocol
     ep = plan.epoch_cells()
-    lr_n = len(plan.axes) * len(pr.lr_factors)
+    lr_n = sum(len(plan.lr_factors(a.method)) for a in plan.axes)
     grid = plan.build_cells()
     skipped = sum(c.skip_reason is not None for c in grid)
     reused = len(
@@ -93,8 +93,8 @@ def _print_protocol_plan(plan) -> None:
     print(
         f"== stage 2/{n}, learning rates: {lr_n} cells ({len(plan.axes)} methods x factors "
         f"{list(pr.lr_grid_text)} of the base embedding LR at budget {pr.budget.label} (`full`: 1), seed "
-        f"{pr.seed}, the chosen epochs; `full`'s cell with factor 1 is a stage-1 cell when the chosen epochs "
-        "are its)"
+        f"{pr.seed}, the chosen epochs; a method without tables runs 1x only; `full`'s cell with factor 1 is "
+        "a stage-1 cell when the chosen epochs are its)"
     )
     if init_axes:
         print(

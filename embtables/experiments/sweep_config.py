@@ -43,6 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embtables.datasets.schema import load_schema
+from embtables.embeddings import get_method
 from embtables.embeddings.budget import DTYPE_BYTES, format_bytes, full_bytes, parse_budget_value, parse_bytes
 from embtables.embeddings.spec import features_from_schema
 from embtables.experiments.config import (
@@ -542,6 +543,13 @@ class SweepPlan:
                 out.append(c)
         return out
 
+    def lr_factors(self, method: Variant) -> tuple[float, ...]:
+        """The LR factors tried for ``method``: the grid, or only 1 for a method without
+        tables (``has_tables = False``: its parameters are dense and train with the dense
+        optimizer, so the embedding LR cannot change its cells)."""
+        assert self.protocol is not None
+        return self.protocol.lr_factors if get_method(method.name).has_tables else (1.0,)
+
     def lr_cells(self, epochs: dict[tuple[str, str], int]) -> list[Cell]:
         """Each method at the tuning budget (budget 1 where the method cannot run there by
         design: `full`), the tuning seed, the chosen epochs, each LR factor."""
@@ -549,7 +557,7 @@ class SweepPlan:
         out = []
         for a in self.axes:
             g = self._group(a.dataset, a.model)
-            for f in self.protocol.lr_factors:
+            for f in self.lr_factors(a.method):
                 c = self.make_cell(a, self.protocol.budget, self.protocol.seed, epochs=epochs[g], lr_factor=f)
                 if c.skip_reason is not None:
                     c = self.make_cell(

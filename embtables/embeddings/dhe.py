@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embtables.embeddings.base import EmbeddingMethod, is_tracing, split_features
+from embtables.embeddings.base import EmbeddingMethod, split_features
 from embtables.embeddings.budget import BudgetTooSmall
 from embtables.embeddings.hashing import MASK64, hash_ids, mix64, mix64_int, salt
 from embtables.embeddings.registry import Knobs, register
@@ -208,13 +208,15 @@ class DHEEmbedding(EmbeddingMethod):
         """Per-id vectors [N, dim], feature by feature in the module's order."""
         vals, _, _, _ = split_features(kjt, self.feature_names, False)
         keys = torch.cat([hash_ids(vals[i], s) for i, s in enumerate(self.salts)])
-        if is_tracing():  # a data-dependent number of rows: traced graphs decode every id
+        if torch.compiler.is_compiling() or torch.jit.is_scripting():
+            # torch.export / compile: a data-dependent number of rows; decode every id
             return self.mlp(self.encoder.encode(keys))
         # An id's vector depends on its key alone, and a batch repeats keys (popular ids,
         # small vocabularies): decoding each distinct key once is the same function, and its
         # gradient sums the repeats (index_select's backward) as the per-id decode would.
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        return self.mlp(self.encoder.encode(uniq)).index_select(0, inverse)
+        # fx records these ops as they are, so a traced graph computes exactly this.
+        unique = torch.unique(keys, return_inverse=True)
+        return self.mlp(self.encoder.encode(unique[0])).index_select(0, unique[1])
 
     def combine(self, vec: torch.Tensor, features: KeyedJaggedTensor) -> KeyedTensor:
         _, lens, ws, lpk = split_features(features, self.feature_names, self.weighted)

@@ -282,36 +282,36 @@ def _run_protocol(
         write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, None, complete=False))
         _say_waiting(progress, "the epochs", [group_key(g) for g in waiting], sweep_dir)
         return False
-    lr_cells = plan.lr_cells(epochs)
-    tuning = _union(ep_cells, lr_cells)
-    write_plan(plan, sweep_dir, tuning)
-    stage(lr_cells, f"compare {plan.name} [2/{n} learning rates]")
-    lrs, lr_rec, waiting_lr = choose_lr(
-        lr_cells, _summaries(sweep_dir, lr_cells), _failed(sweep_dir, lr_cells)
-    )
-    if waiting_lr:
-        write_json(sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=False))
-        _say_waiting(
-            progress, "the learning rates", [f"{k[2]} ({group_key(k[:2])})" for k in waiting_lr], sweep_dir
-        )
+    tuning = ep_cells
+
+    def factor_stage(cells: list[Cell], desc: str, choose, what: str, record) -> tuple | None:
+        """Run one factor stage's cells and make its choice; None (protocol.json written,
+        the user told) while a choice cannot be made yet."""
+        nonlocal tuning
+        tuning = _union(tuning, cells)
+        write_plan(plan, sweep_dir, tuning)
+        stage(cells, desc)
+        chosen, rec, waiting = choose(cells, _summaries(sweep_dir, cells), _failed(sweep_dir, cells))
+        if waiting:
+            write_json(sweep_dir / PROTOCOL_FILE, record(rec))
+            _say_waiting(progress, what, [f"{k[2]} ({group_key(k[:2])})" for k in waiting], sweep_dir)
+            return None
+        return chosen, rec
+
+    got = factor_stage(plan.lr_cells(epochs), f"compare {plan.name} [2/{n} learning rates]", choose_lr,
+                       "the learning rates", lambda r: protocol_record(plan, ep_rec, r, complete=False))
+    if got is None:
         return False
+    lrs, lr_rec = got
     inits: dict[tuple[str, str, str], float] = {}
     init_rec: dict[str, Any] | None = None
     if tunes_init:
-        init_cells = plan.init_cells(epochs, lrs)
-        tuning = _union(tuning, init_cells)
-        write_plan(plan, sweep_dir, tuning)
-        stage(init_cells, f"compare {plan.name} [3/{n} init scales]")
-        inits, init_rec, waiting_init = choose_init(
-            init_cells, _summaries(sweep_dir, init_cells), _failed(sweep_dir, init_cells)
-        )
-        if waiting_init:
-            write_json(sweep_dir / PROTOCOL_FILE,
-                       protocol_record(plan, ep_rec, lr_rec, complete=False, init_rec=init_rec))
-            _say_waiting(
-                progress, "the init scales", [f"{k[2]} ({group_key(k[:2])})" for k in waiting_init], sweep_dir
-            )
+        got = factor_stage(
+            plan.init_cells(epochs, lrs), f"compare {plan.name} [3/{n} init scales]", choose_init,
+            "the init scales", lambda r: protocol_record(plan, ep_rec, lr_rec, complete=False, init_rec=r))
+        if got is None:
             return False
+        inits, init_rec = got
     write_json(
         sweep_dir / PROTOCOL_FILE, protocol_record(plan, ep_rec, lr_rec, complete=True, init_rec=init_rec)
     )

@@ -342,6 +342,10 @@ def test_serve_dtype_refusals(tiny_synth, tmp_path):
     with pytest.raises(ValueError, match="dhe has no tables to serve quantized"):
         run("quickstart", overrides=tiny_overrides(tiny_synth, **over), run_dir=tmp_path / "r", quiet=True)
     assert not (tmp_path / "r").exists()
+    over = {"embedding.method": "optembed", "embedding.serve_dtype": "int8"}
+    with pytest.raises(ValueError, match="optembed runs its own stages, which do not score a served model"):
+        run("quickstart", overrides=tiny_overrides(tiny_synth, **over), run_dir=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
     over = {"embedding.method": "hash", "embedding.dim": 4, "embedding.budget": 0.25,
             "embedding.serve_dtype": "int2"}  # FBGEMM packs int2 codes in 2-byte units: 8 wide at least
     with pytest.raises(ValueError, match="serve_dtype=int2: hash: tables 4 wide cannot be stored as int2"):

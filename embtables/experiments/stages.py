@@ -206,6 +206,12 @@ def register_pipeline(method: str, factory: Callable[[ExperimentConfig], list[St
 
 def pipeline_for(cfg: ExperimentConfig) -> list[Stage]:
     pipeline = PIPELINES.find(cfg.embedding.method)
+    if pipeline is not None and cfg.embedding.serve_dtype is not None:
+        raise ValueError(
+            f"embedding.serve_dtype: {cfg.embedding.method} runs its own stages, which do not score a "
+            "served model; drop the key, train, then `embtables export RUN_DIR --dtype "
+            f"{cfg.embedding.serve_dtype}` and `embtables predict`"
+        )
     return pipeline.stages(cfg) if pipeline is not None else [TrainStage()]
 
 

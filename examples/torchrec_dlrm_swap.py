@@ -19,6 +19,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.random import RandomRecDataset
@@ -47,7 +48,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--print-every", type=int, default=5)
     p.add_argument("--backend", default="gloo")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="a knob of the method, e.g. --knob frequency_ranked=true for hybrid (repeatable)")
     return p.parse_args()
+
+
+def parse_knobs(items: list[str]) -> dict:
+    knobs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--knob {item!r}: expected NAME=VALUE")
+        knobs[name] = yaml.safe_load(value)  # true, 8, 0.5, a path: as in a config file
+    return knobs
 
 
 def train(args: argparse.Namespace) -> None:
@@ -61,15 +74,22 @@ def train(args: argparse.Namespace) -> None:
         EmbeddingBagConfig(name=f"t_{k}", num_embeddings=n, embedding_dim=args.dim, feature_names=[k])
         for k, n in zip(keys, CARDINALITIES, strict=True)])
     # The one-line swap: same features, sizes and width as the EBC, within a memory budget.
-    emb = build(ebc, method=args.method, budget=None if args.method in ("full", "mch") else args.budget)
+    emb = build(ebc, method=args.method, budget=None if args.method in ("full", "mch") else args.budget,
+                **parse_knobs(args.knob))
     model = DLRMTrain(DLRM(embedding_bag_collection=emb, dense_in_features=NUM_DENSE,
                            dense_arch_layer_sizes=[64, args.dim], over_arch_layer_sizes=[64, 1]))
 
-    # Fused embedding optimizer, attached before DMP so that DMP fuses it into the kernels.
-    _apply_optimizer_in_backward(RowWiseAdagrad, emb.tables.parameters(), {"lr": 0.05})
+    # Fused embedding optimizer, attached before DMP so that DMP fuses it into the kernels. A
+    # method without tables (dhe: hashes -> MLP) has only dense parameters: the dense
+    # optimizer below trains them.
+    if emb.has_tables:
+        _apply_optimizer_in_backward(RowWiseAdagrad, emb.tables.parameters(), {"lr": 0.05})
     model = DistributedModelParallel(model, device=device)  # TorchRec's default sharders and planner
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
-                                  lambda params: torch.optim.Adagrad(params, lr=0.05))
+    # Adagrad at the tables' rate suits DLRM's small MLPs; a table-free method's decoder
+    # (1,024 inputs per id) diverges at it, and trains with Adam at 1e-3 instead.
+    dense_opt = ((lambda params: torch.optim.Adagrad(params, lr=0.05)) if emb.has_tables
+                 else (lambda params: torch.optim.Adam(params, lr=1e-3)))
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())), dense_opt)
     # pipeline_postproc=True lets the pipeline run a method's parameter-free id remap in its
     # input stage, so the sharded tables are pipelined.
     pipeline = TrainPipelineSparseDist(model, dense, device, pipeline_postproc=True)

@@ -613,18 +613,20 @@ class EmbeddingMethod(nn.Module):
             p.numel() for p in self.dense_parameters()
         )
 
+    def dense_bytes(self) -> int:
+        """Bytes of the parameters outside the TorchRec tables (``dense_parameters()``)."""
+        return sum(p.numel() * p.element_size() for p in self.dense_parameters())
+
     def memory_bytes(self) -> int:
-        dense = sum(p.numel() * p.element_size() for p in self.dense_parameters())
-        return self.table_bytes() + dense + self.buffer_bytes()
+        return self.table_bytes() + self.dense_bytes() + self.buffer_bytes()
 
     def serving_bytes(self, dtype: str, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
         """What ``memory_bytes()`` will be once the tables are served at ``dtype``
         (``quantize_tables``), from the table shapes: FBGEMM's padded rows and table blocks;
         dense parameters and remap buffers as they are."""
-        dense = sum(p.numel() * p.element_size() for p in self.dense_parameters())
         tables = sum(table_storage_bytes(c.num_embeddings, c.embedding_dim, dtype, row_alignment)
                      for c in self.table_configs()) if self.has_tables else 0
-        return tables + dense + self.buffer_bytes()
+        return tables + self.dense_bytes() + self.buffer_bytes()
 
     def extra_repr(self) -> str:
         return (f"method={self.method_name}, features={len(self.features)}, dim={self.dim}, "

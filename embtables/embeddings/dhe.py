@@ -17,8 +17,8 @@ k-element splitmix64, microseconds), so the module holds nothing but the MLP.
 The declared exception to remap -> TorchRec tables -> combine (DESIGN.md): all the
 parameters are dense and data-parallel (DDP under DistributedModelParallel), so there is
 nothing for the planner to shard. The MLP is not linear, so ids are decoded one by one
-and then pooled; a batch's
-distinct keys are decoded once each (the same function, a fraction of the compute).
+and then pooled; a batch's distinct keys are decoded once each (the same function, a
+fraction of the compute).
 """
 
 from __future__ import annotations

@@ -105,11 +105,10 @@ def quantize_model(model: nn.Module, dtype: str, row_alignment: int = DEFAULT_RO
 
 def module_report(m: EmbeddingMethod, fp32: tuple[int, int] | None = None) -> dict[str, Any]:
     """Bytes of one (quantized) embedding module, from its storage, and its tables' rows."""
-    dense = sum(p.numel() * p.element_size() for p in m.dense_parameters())
     rep: dict[str, Any] = {
         "method": m.method_name, "dim": m.dim, "dtype": getattr(m, "serving_dtype", m.dtype),
         "has_tables": m.has_tables, "memory_bytes": int(m.memory_bytes()),
-        "table_bytes": int(m.table_bytes()) if m.has_tables else 0, "dense_bytes": int(dense),
+        "table_bytes": int(m.table_bytes()) if m.has_tables else 0, "dense_bytes": int(m.dense_bytes()),
         "buffer_bytes": int(m.buffer_bytes()),
     }
     if fp32 is not None:  # (memory_bytes, table_bytes) of the fp32 module

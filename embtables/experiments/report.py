@@ -358,15 +358,14 @@ def _protocol_section(proto: dict[str, Any] | None, plan: dict[str, Any]) -> lis
         f"Epochs chosen from {pr['epochs']} for `full` at budget 1, seed {pr['seed']}; then each method's "
         f"embedding learning rate from {', '.join(f'{x:g}x' for x in pr['lr_grid'])} of its base at budget "
         f"{pr['budget']} (`full`: 1), seed {pr['seed']}; both on validation AUC and then fixed for the "
-        f"method's cells (docs/compare.md). Recorded in `{PROTOCOL_FILE}`.",
-    ]
-    if pr.get("init_scale"):
-        init = pr["init_scale"]
-        out[-1] = out[-1][: -len(f" Recorded in `{PROTOCOL_FILE}`.")] + (
-            f" Then the init scale of {', '.join(f'`{m}`' for m in init['methods'])} from "
-            f"{', '.join(f'{x:g}x' for x in init['grid'])}, at that learning rate, the same way. "
-            f"Recorded in `{PROTOCOL_FILE}`."
+        f"method's cells (docs/compare.md)."
+        + (
+            f" Then the init scale of {', '.join(f'`{m}`' for m in pr['init_scale']['methods'])} from "
+            f"{', '.join(f'{x:g}x' for x in pr['init_scale']['grid'])}, at that learning rate, the same way."
+            if pr.get("init_scale") else ""
         )
+        + f" Recorded in `{PROTOCOL_FILE}`.",
+    ]
     if proto is None:
         return out + ["", "Not chosen yet: the tuning cells have not finished."]
     if not proto.get("complete"):

@@ -804,27 +804,27 @@ def _protocol(section: ProtocolSection, base: ExperimentConfig, source: str) -> 
             f"{where}: the protocol chooses epochs and learning rates on the validation split, "
             "but data.valid_split is null"
         )
-    factors = [parse_multiplier(v, f"{where}.lr_grid[{i}]") for i, v in enumerate(section.lr_grid)]
-    if len(set(factors)) != len(factors):
-        raise ConfigError(f"{where}.lr_grid: duplicate factors {section.lr_grid}")
+    factors = _factor_grid(section.lr_grid, f"{where}.lr_grid")
     budget = parse_budget(section.budget, f"{where}.budget")
     init_factors: tuple[float, ...] = ()
     init_methods: tuple[str, ...] = ()
     if section.init_scale is not None:
-        iw = f"{where}.init_scale"
-        init_factors = tuple(
-            parse_multiplier(v, f"{iw}.grid[{i}]") for i, v in enumerate(section.init_scale.grid)
-        )
-        if len(set(init_factors)) != len(init_factors):
-            raise ConfigError(f"{iw}.grid: duplicate factors {section.init_scale.grid}")
+        init_factors = _factor_grid(section.init_scale.grid, f"{where}.init_scale.grid")
         if 1.0 not in init_factors:
             raise ConfigError(
-                f"{iw}.grid: must include 1x (the method's own init, the cell its LR was chosen on), "
-                f"got {section.init_scale.grid}"
+                f"{where}.init_scale.grid: must include 1x (the method's own init, the cell its LR was "
+                f"chosen on), got {section.init_scale.grid}"
             )
         init_methods = tuple(section.init_scale.methods)
-    return Protocol(tuple(section.epochs), tuple(factors), budget, section.seed, section.reference,
+    return Protocol(tuple(section.epochs), factors, budget, section.seed, section.reference,
                     init_factors, init_methods)
+
+
+def _factor_grid(values: list[float | str], where: str) -> tuple[float, ...]:
+    factors = tuple(parse_multiplier(v, f"{where}[{i}]") for i, v in enumerate(values))
+    if len(set(factors)) != len(factors):
+        raise ConfigError(f"{where}: duplicate factors {values}")
+    return factors
 
 
 def _unique(values: list[str], where: str, what: str) -> None:
